@@ -1,0 +1,229 @@
+"""One-pass capture of every decoder layer's hidden states on calibration prompts, cached on disk.
+
+`capture_hidden_states` returns a tensor ``[L+1, n, D]`` (float32, CPU): index 0 is the input of
+layer 0 (the embeddings as the first layer sees them, e.g. Gemma's scaled embeddings) and index
+``i+1`` is the output of layer ``i``. Every layer is captured with forward hooks during ONE forward
+pass per batch, and the pass stops right after the last decoder layer (no final norm, no LM head).
+
+Why hooks and not ``output_hidden_states``: in transformers 5.x (``capture_outputs`` with
+``tie_last_hidden_states=True``, checked on 5.17 Llama) the last entry of ``hidden_states`` is
+overwritten by ``last_hidden_state``, i.e. the final norm is applied to it; the hook sees the last
+layer's raw output, like every other layer's.
+
+Rows are "points": every non-pad token (``tokens``, capped at ``max_points`` by a seeded sample
+that is the same for every layer, so rows align across layers), the last non-pad token of each
+prompt (``last``) or the mean over the non-pad tokens of each prompt (``mean``). Padding never
+enters a point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mka_exp.calibration import CalibrationSet
+from mka_exp.layers import decoder_layers
+
+REPRESENTATIONS = ("tokens", "last", "mean")
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the decoder stack is needed."""
+
+
+def check_representation(representation: str) -> None:
+    if representation not in REPRESENTATIONS:
+        raise ValueError(
+            f"unknown representation {representation!r}; allowed: {', '.join(REPRESENTATIONS)}"
+        )
+
+
+def num_points(calib: CalibrationSet, representation: str, max_points: int) -> int:
+    """How many rows `capture_hidden_states` returns, known before any forward pass."""
+    check_representation(representation)
+    if representation == "tokens":
+        return min(int(calib.attention_mask.sum()), max_points)
+    return len(calib)
+
+
+def select_token_positions(
+    attention_mask: torch.Tensor, max_points: int, seed: int
+) -> torch.Tensor:
+    """(prompt, position) of the sampled non-pad tokens, sorted; [n, 2] long."""
+    positions = attention_mask.bool().nonzero()  # row-major, so already sorted
+    if len(positions) <= max_points:
+        return positions
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(positions), generator=generator)[:max_points]
+    return positions[chosen.sort().values]
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last non-pad token of each row (works for left or right padding)."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * (columns + 1)).argmax(dim=1)
+
+
+def _reduce(hidden: torch.Tensor, mask: torch.Tensor, representation: str, picks) -> torch.Tensor:
+    """The batch's points [m, D] from one layer's hidden states [b, T, D]."""
+    mask = mask.to(hidden.device)
+    if representation == "tokens":
+        rows, cols = picks
+        points = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    elif representation == "last":
+        points = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
+    else:
+        weights = mask.to(torch.float32).unsqueeze(-1)
+        points = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return points.detach().to("cpu", torch.float32)
+
+
+def _batch_picks(positions: torch.Tensor, start: int, size: int):
+    """The sampled (row, col) pairs that fall in prompts [start, start+size), batch-local rows."""
+    inside = (positions[:, 0] >= start) & (positions[:, 0] < start + size)
+    return positions[inside, 0] - start, positions[inside, 1]
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _install_hooks(layers: nn.ModuleList, store: dict, reduce) -> list:
+    """Pre-hook on layer 0 (its input) and a forward hook on every layer (its output)."""
+    last = len(layers) - 1
+
+    def on_input(module, args, kwargs):
+        store[0] = reduce(_first_arg(args, kwargs))
+
+    def on_output(index):
+        def hook(module, args, output):
+            store[index + 1] = reduce(output[0] if isinstance(output, tuple) else output)
+            if index == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(on_output(i)) for i, layer in enumerate(layers)]
+    return handles
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _forward_to_last_layer(model: nn.Module, batch: dict, device: torch.device) -> None:
+    with contextlib.suppress(_StopForward):
+        model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+
+
+def _run_capture(model, calib, representation, max_points, batch_size, seed) -> torch.Tensor:
+    layers = decoder_layers(model)
+    positions = select_token_positions(calib.attention_mask, max_points, seed)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
+    current: dict = {}  # the batch being run, read by the hooks
+
+    def reduce(hidden):
+        return _reduce(hidden, current["mask"], representation, current["picks"])
+
+    store: dict[int, torch.Tensor] = {}
+    handles = _install_hooks(layers, store, reduce)
+    device, start = _input_device(model), 0
+    try:
+        for batch in calib.batches(batch_size):
+            size = len(batch["input_ids"])
+            current.update(mask=batch["attention_mask"], picks=_batch_picks(positions, start, size))
+            _forward_to_last_layer(model, batch, device)
+            for index, points in store.items():
+                per_layer[index].append(points)
+            store.clear()
+            start += size
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([torch.cat(chunks) for chunks in per_layer])
+
+
+def weight_fingerprint(model: nn.Module) -> str:
+    """Cheap key of the current weights: the sum of every parameter tensor, in order.
+
+    One read of the weights (no copies); any merge or edit of a tensor changes its sum.
+    """
+    sums = [float(p.detach().sum(dtype=torch.float32)) for p in model.parameters()]
+    return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
+
+
+def activation_key(model, calib: CalibrationSet, representation: str, max_points: int, seed: int):
+    """Hash of everything the captured tensor depends on (used as a cache file name)."""
+    config = model.config
+    parts = {
+        "name": getattr(config, "_name_or_path", ""),
+        "config": config.to_json_string(use_diff=False),
+        "weights": weight_fingerprint(model),
+        "calib": calib.fingerprint(),
+        "representation": representation,
+        "max_points": max_points if representation == "tokens" else None,
+        "seed": seed if representation == "tokens" else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def capture_hidden_states(
+    model: nn.Module,
+    calib: CalibrationSet,
+    representation: str = "tokens",
+    max_points: int = 2048,
+    batch_size: int | None = None,
+    cache: str | Path | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Hidden states [L+1, n, D] (float32, CPU) of every layer boundary on `calib`.
+
+    With `cache` (a directory) the tensor is loaded if an identical capture was saved before,
+    else computed and saved there.
+    """
+    check_representation(representation)
+    if max_points < 1:
+        raise ValueError(f"max_points={max_points} must be >= 1")
+    path = None
+    if cache is not None:
+        key = activation_key(model, calib, representation, max_points, seed)
+        path = Path(cache).expanduser() / f"hidden_{key}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+    with torch.inference_mode():
+        states = _run_capture(model, calib, representation, max_points, batch_size, seed)
+    if path is not None:
+        save_atomic(states, path)
+    return states
+
+
+def token_cosine(states: torch.Tensor, gap: int = 1) -> torch.Tensor:
+    """Per-point cosine between boundary l and boundary l+gap: [L+1-gap, n].
+
+    With `capture_hidden_states` rows, entry [l] compares the input of layer l with the output
+    of layer l+gap-1 (ShortGPT: gap 1; angular distance: gap n). One layer at a time keeps the
+    extra memory at one [n, D] pair.
+    """
+    if not 1 <= gap < len(states):
+        raise ValueError(f"gap={gap} must be in [1, {len(states) - 1}]")
+    rows = [
+        F.cosine_similarity(states[i].double(), states[i + gap].double(), dim=-1)
+        for i in range(len(states) - gap)
+    ]
+    return torch.stack(rows).clamp(-1.0, 1.0)

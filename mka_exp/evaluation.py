@@ -1,0 +1,362 @@
+"""Score an in-memory model with lm-evaluation-harness's own tasks (prompts, splits, metrics).
+
+Why this shape:
+- The model is wrapped with `HFLM(pretrained=model)`, never saved and reloaded, so a sweep can
+  evaluate after every compression step of one loaded model.
+- Tasks are built by lm-eval's `TaskManager` inside `offline_datasets(data_root)`, so the same
+  task YAMLs read the offline mirror instead of the hub; only where the data comes from changes.
+- Few-shot counts are per task (the paper's MMLU is 5-shot, the rest 0-shot), which lm-eval's
+  `simple_evaluate` cannot do, so tasks are loaded here and run with `evaluator.evaluate`
+  (that also skips `simple_evaluate`'s ~3 s environment report per call).
+- Results come back as one flat `{"<task>/<metric>": float}` dict for run records and wandb;
+  for a group (MMLU) both lm-eval's size-weighted score and the macro average over its
+  subtasks (`mmlu/acc_macro`, as the paper's script averaged per subject).
+
+Nothing here reads Hydra config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mka_exp.data import check_data_root, offline_datasets
+
+log = logging.getLogger(__name__)
+
+# Our task names -> lm-eval task names. Any other lm-eval task/group/tag name passes through.
+TASK_ALIASES: dict[str, str] = {
+    "mmlu": "mmlu",  # group of 57 subjects, weighted by size in lm-eval's score
+    "piqa": "piqa",
+    "hellaswag": "hellaswag",
+    "race": "race",  # lm-eval's `race` is EleutherAI/race, config `high` (RACE-high)
+    "boolq": "boolq",  # SuperGLUE BoolQ
+}
+MACRO_METRICS = ("acc", "acc_norm")
+CPU_AUTO_BATCH_SIZE = 8
+# lm-eval warns about these on every call with an in-memory model, which is what we intend.
+EXPECTED_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    num_fewshot: dict[str, int] | None = None,
+    data_root: str | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+) -> dict[str, float]:
+    """Run lm-eval `tasks` on the model as it is in memory; return `{"<task>/<metric>": value}`.
+
+    `limit`: int = examples per task (per subtask of a group), float in (0, 1] = fraction,
+    None = all. `num_fewshot`: per-task shots; tasks not named use their lm-eval default
+    (0 for ours). `data_root`: offline mirror to read instead of the hub. `log_samples` keeps
+    per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
+    """
+    if not tasks:
+        return {}
+    start = time.perf_counter()
+    check_limit(limit)
+    check_data_root(data_root)  # both before the slow task index, so bad values fail at once
+    names = resolve_tasks(tasks)
+    results = run_lm_eval(
+        model, tokenizer, list(names), limit, batch_size, num_fewshot, data_root, seed, log_samples
+    )
+    flat = flatten_results(results, names)
+    log_summary(flat, names, results, time.perf_counter() - start)
+    return flat
+
+
+def run_lm_eval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    lm_tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    num_fewshot: dict[str, int] | None = None,
+    data_root: str | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...)."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    limit = check_limit(limit)
+    check_data_root(data_root)
+    shots = resolve_fewshot(num_fewshot or {}, lm_tasks)
+    seed_everything(seed)
+    with quiet_lm_eval(), offline_datasets(data_root):
+        # In-memory model: HFLM keeps model.device and takes max_length from the config.
+        batch_size = resolve_batch_size(batch_size, model.device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        task_dict = load_tasks(lm_tasks, shots, seed)
+        try:
+            return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
+        except AssertionError as err:
+            raise explain_empty_fewshot(err, shots, data_root) from err
+
+
+def check_limit(limit: int | float | None) -> int | float | None:
+    """lm-eval reads a float < 1 as a fraction and anything else as a count (1.0 -> 1 example)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise ValueError(
+            f"eval limit={limit!r}: use an int > 0 (examples per task), "
+            "a float in (0, 1] (fraction) or null (all)"
+        )
+    if isinstance(limit, float):
+        if limit > 1:
+            raise ValueError(
+                f"eval limit={limit!r}: a float is a fraction in (0, 1]; "
+                "use an int for a number of examples"
+            )
+        return None if limit == 1.0 else limit
+    return limit
+
+
+def resolve_batch_size(batch_size: int | str, device: torch.device) -> int | str:
+    """lm-eval's "auto" tries 5 forwards at batch 64 and halves on CUDA out-of-memory errors; a
+    CPU never raises one (it swaps or gets killed), so there "auto" means a fixed size."""
+    if str(batch_size).startswith("auto") and torch.device(device).type == "cpu":
+        log.info("eval batch_size=%s on CPU: using %d", batch_size, CPU_AUTO_BATCH_SIZE)
+        return CPU_AUTO_BATCH_SIZE
+    return batch_size
+
+
+@functools.cache
+def task_manager() -> Any:
+    """lm-eval's task index; building it scans ~15k YAMLs (~10 s), so once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@functools.cache
+def known_tasks() -> frozenset[str]:
+    return frozenset(task_manager().all_tasks)
+
+
+def resolve_task(name: str) -> str:
+    """lm-eval name for one of our names or an lm-eval task/group/tag; ValueError if unknown."""
+    lm_name = TASK_ALIASES.get(name, name)
+    if lm_name in known_tasks():
+        return lm_name
+    close = difflib.get_close_matches(name, [*TASK_ALIASES, *task_manager().all_tasks], n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "no close match"
+    raise ValueError(f"unknown eval task {name!r} ({hint})")
+
+
+def resolve_tasks(tasks: list[str]) -> dict[str, str]:
+    """lm-eval name -> our name, for every requested task; one ValueError for all unknowns."""
+    names, errors = {}, []
+    for name in tasks:
+        try:
+            names[resolve_task(name)] = name
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return names
+
+
+def resolve_fewshot(num_fewshot: dict[str, int], lm_tasks: list[str]) -> dict[str, int]:
+    """Shots per requested lm-eval task. Keys must be task names; those not requested are
+    ignored (so a profile's `{mmlu: 5}` survives a `tasks=[piqa]` override)."""
+    shots = {}
+    for name, count in num_fewshot.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"num_fewshot[{name!r}]={count!r}: must be an int >= 0")
+        lm_name = resolve_task(name)
+        if lm_name in lm_tasks:
+            shots[lm_name] = count
+    return shots
+
+
+def load_tasks(lm_tasks: list[str], shots: dict[str, int], seed: int) -> dict[str, Any]:
+    """Build the tasks (this reads the data) with per-task few-shot counts, as lm-eval's
+    `TaskManager.load` result; duplicate subtasks across requests are an lm-eval error."""
+    tm = task_manager()
+    top = []
+    for name in lm_tasks:
+        part = tm.load([name])
+        for task in part["tasks"].values():
+            set_fewshot(task, shots.get(name), seed)
+        # A group comes back with its subtasks; a tag expands to plain tasks.
+        top += [part["groups"][name]] if name in part["groups"] else list(part["tasks"].values())
+    return tm.load(top)
+
+
+def set_fewshot(task: Any, shots: int | None, seed: int) -> None:
+    """The rule of lm-eval's `simple_evaluate`: a YAML that pins 0 shots wins; unset means 0."""
+    default = task.get_config("num_fewshot")
+    if shots is not None and default == 0 and shots != 0:
+        log.warning("%s pins num_fewshot=0 in its YAML; ignoring %d", task.task_name, shots)
+    elif shots is not None:
+        task.set_config(key="num_fewshot", value=shots)
+    elif default is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=seed)
+
+
+def seed_everything(seed: int) -> None:
+    """What `simple_evaluate` seeds; loglikelihood tasks are deterministic, sampling is not."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def explain_empty_fewshot(
+    err: AssertionError, shots: dict[str, int], data_root: str | None
+) -> Exception:
+    """lm-eval's sampler asserts on an empty pool; say which tasks asked for shots and why."""
+    if "no documents available for sampling" not in str(err):
+        return err
+    asked = {name: n for name, n in shots.items() if n > 0}
+    return ValueError(
+        f"few-shot examples requested ({asked}) but a task's few-shot split is empty: the "
+        f"mirror at {data_root} has no train split for it; use 0 shots for that task"
+    )
+
+
+class DropRepeats(logging.Filter):
+    """Drop lm-eval's expected in-memory-model warnings and repeats of a warning that differ only
+    in numbers (e.g. one "context exceeds max length" line per request), counting the drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(EXPECTED_WARNINGS):
+            return False
+        kind = re.sub(r"\d+", "#", message)
+        if kind in self.seen:
+            self.dropped += 1
+            return False
+        self.seen.add(kind)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval logs INFO per task, can warn per request and draws a progress bar per task; keep
+    each kind of warning once, one bar for the model calls, and no `datasets` map bars."""
+    import lm_eval.api.task as lm_task
+    from tqdm import tqdm
+
+    root = logging.getLogger("lm_eval")
+    level = root.level
+    loggers = [
+        logging.getLogger(n)
+        for n in list(logging.root.manager.loggerDict)
+        if n == "lm_eval" or n.startswith("lm_eval.")
+    ]
+    dedup = DropRepeats()
+    bars_on = datasets.is_progress_bar_enabled()
+    task_tqdm = lm_task.tqdm
+    if level == logging.NOTSET or level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+    for logger in loggers:
+        logger.addFilter(dedup)
+    datasets.disable_progress_bars()
+    lm_task.tqdm = functools.partial(tqdm, disable=True)  # the per-task "building contexts" bar
+    try:
+        yield
+    finally:
+        lm_task.tqdm = task_tqdm
+        if bars_on:
+            datasets.enable_progress_bars()
+        for logger in loggers:
+            logger.removeFilter(dedup)
+        root.setLevel(level)
+        if dedup.dropped:
+            log.warning("%d repeats of lm-eval warnings shown above were dropped", dedup.dropped)
+
+
+def flatten_results(results: dict[str, Any], names: dict[str, str]) -> dict[str, float]:
+    """`{"<task>/<metric>": value}` for each requested task (under our name) and each leaf
+    subtask, plus `<group>/<metric>_macro` for groups. lm-eval's intermediate groups (the four
+    MMLU categories) are left out; so is any metric reported as "N/A"."""
+    leaves = set(results.get("configs", {}))
+    flat: dict[str, float] = {}
+    for task, metrics in results["results"].items():
+        if task in names or task in leaves:
+            flat.update(task_metrics(names.get(task, task), metrics))
+    subtasks = results.get("group_subtasks", {})
+    for lm_name, ours in names.items():
+        members = leaf_tasks(lm_name, subtasks)
+        if members != [lm_name]:
+            flat.update(macro_average(ours, members, results["results"]))
+    return flat
+
+
+def task_metrics(task: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """lm-eval keys are "<metric>,<filter>"; filter "none" is dropped from our key."""
+    out = {}
+    for key, value in metrics.items():
+        metric, sep, filt = key.partition(",")
+        if not sep or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # "alias", "sample_len", "N/A" stderr, ...
+        if math.isfinite(value):
+            out[f"{task}/{metric if filt == 'none' else key}"] = float(value)
+    return out
+
+
+def leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
+    children = group_subtasks.get(name)
+    if not children:
+        return [name]
+    return [leaf for child in children for leaf in leaf_tasks(child, group_subtasks)]
+
+
+def macro_average(group: str, members: list[str], results: dict[str, Any]) -> dict[str, float]:
+    """Unweighted mean over the group's leaf tasks, for metrics every leaf reports."""
+    out = {}
+    for metric in MACRO_METRICS:
+        values = [results.get(m, {}).get(f"{metric},none") for m in members]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            out[f"{group}/{metric}_macro"] = float(np.mean(values))
+    return out
+
+
+def log_summary(
+    flat: dict[str, float], names: dict[str, str], results: dict[str, Any], seconds: float
+) -> None:
+    """One line per requested task: its main metrics, examples scored and shots."""
+    n_samples = results.get("n-samples", {})
+    n_shot = results.get("n-shot", {})
+    subtasks = results.get("group_subtasks", {})
+    for lm_name, ours in names.items():
+        members = leaf_tasks(lm_name, subtasks)
+        n = sum(n_samples.get(m, {}).get("effective", 0) for m in members)
+        shots = sorted({n_shot.get(m) for m in members if m in n_shot})
+        scores = " ".join(
+            f"{k.split('/', 1)[1]}={v:.4f}"
+            for k, v in flat.items()
+            if k.startswith(f"{ours}/") and "stderr" not in k
+        )
+        log.info("eval %s: %s (n=%d, shots=%s)", ours, scores, n, shots)
+    log.info("eval of %s took %.1f s", ", ".join(names.values()), seconds)

@@ -1,0 +1,391 @@
+"""Diffusion maps, kNN entropy / mutual information and the NPIB layer similarity of MKA.
+
+Paper: "Pruning via Merging: Compressing LLMs via Manifold Alignment Based Layer Merging"
+(MKA), https://arxiv.org/abs/2406.16330, Section 2.
+
+Idea. Each decoder layer l sees the same n calibration points and maps them to activations
+H^l in R^D. MKA summarises the geometry of that point cloud with a diffusion map (a few leading
+eigenvectors of a normalised kernel on the points), then scores two layers as similar when
+their embeddings share much information relative to their own information: the Normalised
+Pairwise Information Bottleneck S_ij = I(E_i; E_j) / sqrt(H(E_i) H(E_j)). Layers with high S
+carry aligned knowledge and are candidates for merging.
+
+What is implemented:
+- paper eq. 2: kernel K_ij = exp(-(||h_i - h_j||^2 / sigma)^0.5), alpha-normalisation and
+  symmetric normalisation (Coifman & Lafon 2006); the top eigenvectors of the normalised
+  kernel are the smallest of the Laplacian in eq. 2. Coordinates are the standard diffusion
+  map lambda^t * v / sqrt(stationary distribution), trivial eigenvector dropped.
+- paper eq. 3: NPIB on rank-normalised (copula) embeddings, with I from the Kraskov-Stoegbauer-
+  Grassberger estimator 1 (max-norm; Kraskov et al. 2004, eq. 8) and H from the Kozachenko-
+  Leonenko estimator (same max-norm; Kraskov et al. 2004, eq. 20).
+
+Everything is batched torch (any device; float32, or float64 for float64 input); no per-pair
+Python loops. Only the few leading eigenvectors are computed (block Krylov, sub-cubic) except
+for small n, and the kNN searches for all layer pairs reuse one partially sorted distance
+table per layer, so cost grows as L^2 * n^1.5 instead of L^2 * n^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "diffusion_map",
+    "knn_entropy",
+    "knn_mutual_information",
+    "layer_similarity",
+    "npib_similarity",
+    "rank_normalize",
+]
+
+EIGH_MAX_N = 256  # up to this many points a dense eigh is cheaper and exact
+_CHUNK = 1 << 24  # elements per temporary block: bounds peak memory on CPU and GPU
+_KRYLOV_DEPTH = 6  # block Krylov steps between Rayleigh-Ritz restarts
+_KRYLOV_RESTARTS = 60
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: int, lo: int, hi: int, what: str = "") -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is outside the allowed range [{lo}, {hi}]{what}")
+
+
+def _check_bandwidth(bandwidth: float | str) -> None:
+    if isinstance(bandwidth, str):
+        if bandwidth != "median":
+            raise ValueError(
+                f"bandwidth={bandwidth!r} is not allowed: use a positive number or 'median'"
+            )
+    elif not (math.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(
+            f"bandwidth={bandwidth} is not allowed: use a positive number (> 0) or 'median'"
+        )
+
+
+def _batched(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    """[n, D] or [L, n, D] -> ([L, n, D] in the working float dtype, was_batched)."""
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{name} must be [n, D] or [L, n, D], got shape {tuple(x.shape)}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x if x.ndim == 3 else x[None]).to(dtype), x.ndim == 3
+
+
+# ----------------------------------------------------------------------------- diffusion maps
+
+
+def _sq_dists(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances [L, n, n] via one batched matmul."""
+    x = x - x.mean(-2, keepdim=True)  # centring shrinks the cancellation in |a|^2+|b|^2-2ab
+    sq = x.square().sum(-1)
+    d = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.mT, alpha=-2.0)
+    d.clamp_(min=0).diagonal(dim1=1, dim2=2).zero_()
+    return d
+
+
+def _offdiag_median(sq: torch.Tensor) -> torch.Tensor:
+    """Lower median of the off-diagonal entries of each [n, n] matrix -> [L]."""
+    num, n, _ = sq.shape
+    # dropping entry 0 and viewing as (n-1, n+1) puts every diagonal entry in the last column
+    off = sq.flatten(1)[:, 1:].reshape(num, n - 1, n + 1)[:, :, :-1]
+    return off.reshape(num, -1).median(dim=-1).values
+
+
+def _normalized_kernel(
+    x: torch.Tensor, alpha: float, bandwidth: float | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric normalised diffusion operator M [L, n, n] and sqrt(stationary dist) [L, n]."""
+    k = _sq_dists(x)
+    sigma = _offdiag_median(k) if bandwidth == "median" else torch.full_like(k[:, 0, 0], bandwidth)
+    sigma = sigma.clamp_min(torch.finfo(k.dtype).tiny)  # all points equal: no division by 0
+    k.div_(sigma[:, None, None]).sqrt_().neg_().exp_()  # paper eq. 2 kernel, in place
+    if alpha > 0:  # alpha-normalisation removes the influence of the sampling density
+        q = k.sum(-1).pow(-alpha)
+        k.mul_(q[:, :, None]).mul_(q[:, None, :])
+    d = k.sum(-1)
+    s = d.rsqrt()
+    k.mul_(s[:, :, None]).mul_(s[:, None, :])  # D^-1/2 K D^-1/2: same spectrum as D^-1 K
+    return k, (d / d.sum(-1, keepdim=True)).sqrt()
+
+
+def _deflated(m: torch.Tensor, v0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(M - v0 v0^T) q: removes the trivial eigenpair (eigenvalue 1, vector sqrt(pi))."""
+    return m @ q - v0 @ (v0.mT @ q)
+
+
+def _top_eigs_dense(m: torch.Tensor, v0: torch.Tensor, dim: int):
+    """Exact path for small n: full eigh in float64 of the deflated operator."""
+    md, vd = m.double(), v0.double()
+    vals, vecs = torch.linalg.eigh(md - vd @ vd.mT)  # ascending
+    return vals[..., -dim:].flip(-1).to(m.dtype), vecs[..., -dim:].flip(-1).to(m.dtype)
+
+
+def _krylov_step(m: torch.Tensor, v0: torch.Tensor, q: torch.Tensor, depth: int):
+    """One restart of block Krylov + Rayleigh-Ritz -> Ritz values, vectors, residual norms."""
+    basis, images = [q], []
+    for step in range(depth):
+        w = _deflated(m, v0, basis[-1])
+        images.append(w)
+        if step + 1 < depth:
+            v = torch.cat(basis, -1)
+            for _ in range(2):  # classical Gram-Schmidt twice: full reorthogonalisation
+                w = w - v @ (v.mT @ w)
+            basis.append(torch.linalg.qr(w).Q)
+    v, av = torch.cat(basis, -1), torch.cat(images, -1)
+    t = v.mT @ av
+    theta, y = torch.linalg.eigh((t + t.mT) / 2)
+    theta, y = theta.flip(-1)[..., : q.shape[-1]], y.flip(-1)[..., : q.shape[-1]]
+    u = v @ y
+    return theta, u, (av @ y - u * theta[..., None, :]).norm(dim=-2)
+
+
+def _top_eigs_krylov(m: torch.Tensor, v0: torch.Tensor, dim: int):
+    """Top `dim` eigenpairs of the deflated operator with restarted block Krylov (sub-cubic)."""
+    num, n, _ = m.shape
+    width = min(n - 1, dim + 8)  # oversampling speeds convergence of the wanted pairs
+    tol = 1e-5 if m.dtype == torch.float32 else 1e-9
+    gen = torch.Generator().manual_seed(0)  # fixed start: CPU and CUDA give the same result
+    q = torch.randn(num, n, width, generator=gen, dtype=torch.float64).to(m)
+    q = torch.linalg.qr(q - v0 @ (v0.mT @ q)).Q
+    for _ in range(_KRYLOV_RESTARTS):
+        theta, q, res = _krylov_step(m, v0, q, _KRYLOV_DEPTH)
+        if res[..., :dim].max() < tol:
+            break
+    return theta[..., :dim], q[..., :dim]
+
+
+def _diffusion_chunk(
+    x: torch.Tensor, dim: int, alpha: float, bandwidth: float | str, t: int
+) -> torch.Tensor:
+    m, sqrt_pi = _normalized_kernel(x, alpha, bandwidth)
+    v0 = sqrt_pi[..., None]  # unit-norm top eigenvector of M, known in closed form
+    eig = _top_eigs_dense if x.shape[1] <= EIGH_MAX_N else _top_eigs_krylov
+    vals, vecs = eig(m, v0, dim)
+    # right eigenvectors of the Markov matrix D^-1 K, scaled by lambda^t (diffusion time t)
+    return vecs / v0 * vals.clamp_min(0).pow(t)[..., None, :]
+
+
+def diffusion_map(
+    x: torch.Tensor,
+    dim: int = 2,
+    alpha: float = 0.5,
+    bandwidth: float | str = "median",
+    t: int = 1,
+) -> torch.Tensor:
+    """Diffusion-map embedding of points x [n, D] (or a batch [L, n, D]) -> [n, dim] / [L, n, dim].
+
+    Kernel exp(-(||h_i - h_j||^2 / sigma)^0.5) (paper eq. 2) with sigma = `bandwidth`, or the
+    median off-diagonal squared distance of each layer for "median". Eigenvector signs are
+    arbitrary. Output is float32 (float64 for float64 input) on x's device.
+    """
+    xb, batched = _batched(x, "x")
+    n = xb.shape[1]
+    _check_int("dim", dim, 1, n - 1, f" (dim must be below the number of points n={n})")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} is outside the allowed range [0, 1]")
+    _check_bandwidth(bandwidth)
+    _check_int("t", t, 0, 10**9)
+    per = max(1, 4 * _CHUNK // (n * n))  # layers per chunk: a few [n, n] buffers each
+    out = torch.cat([_diffusion_chunk(c, dim, alpha, bandwidth, t) for c in xb.split(per)])
+    return out if batched else out[0]
+
+
+# ----------------------------------------------------------------------------- kNN estimators
+
+
+def _cheb(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Max-norm distances [..., r, c] between a [..., r, d] and b [..., c, d].
+
+    Loops over the (few) coordinates on contiguous columns: a max over a tiny trailing axis,
+    or broadcasting over strided columns, vectorises badly.
+    """
+    out = None
+    for c in range(a.shape[-1]):
+        diff = (a[..., c].contiguous()[..., :, None] - b[..., c].contiguous()[..., None, :]).abs_()
+        out = diff if out is None else torch.maximum(out, diff, out=out)
+    return out
+
+
+def _sorted_prefix(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point, the m+1 smallest max-norm distances (ascending, self included) and indices.
+
+    x [L, n, d] -> values, indices [L, n, m+1]: the per-layer distance table that every kNN
+    query below reads. Rows are processed in chunks to bound memory.
+    """
+    num, n, _ = x.shape
+    rows = max(1, _CHUNK // (num * n))
+    parts = [
+        _cheb(x[:, r : r + rows], x).topk(m + 1, dim=-1, largest=False, sorted=True)
+        for r in range(0, n, rows)
+    ]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def _kl_entropy(radius: torch.Tensor, n: int, d: int, k: int) -> torch.Tensor:
+    """H = psi(n) - psi(k) + d log 2 + d <log eps>; 2^d is the volume of the unit max-norm ball."""
+    tiny = torch.finfo(radius.dtype).tiny  # duplicate points give eps = 0: keep log finite
+    const = _digamma(n) - _digamma(k) + d * math.log(2.0)
+    return const + d * radius.clamp_min(tiny).log().mean(-1)
+
+
+def _digamma(v: int) -> float:
+    return torch.special.digamma(torch.tensor(float(v), dtype=torch.float64)).item()
+
+
+def knn_entropy(x: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Kozachenko-Leonenko differential entropy (nats, max-norm kNN) of x [n, d] or [L, n, d].
+
+    Returns a scalar, or [L] for batched input. Can be negative (it is a differential entropy).
+    """
+    xb, batched = _batched(x, "x")
+    _, n, d = xb.shape
+    _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
+    vals, _ = _sorted_prefix(xb, k)
+    h = _kl_entropy(vals[..., k], n, d, k)  # column k: k-th neighbour, column 0 is the point
+    return h if batched else h[0]
+
+
+def _prefix_len(n: int, k: int) -> int:
+    """Neighbours kept per point. For independent variables the KSG marginal counts grow like
+    sqrt(k n); keeping about twice that answers almost every query from the table, and the
+    rare rest fall back to an exact row scan (results are exact either way)."""
+    return min(n - 1, 2 * math.ceil(math.sqrt((k + 1) * n)) + 4 * (k + 1))
+
+
+def _exact_counts(xa, ys, b, i, k):
+    """Exact KSG counts (self included) for the (partner b, point i) entries by full row scans."""
+    nx, ny = [], []
+    n = xa.shape[0]
+    step = max(1, _CHUNK // (n * max(xa.shape[-1], ys.shape[-1])))
+    for bc, ic in zip(b.split(step), i.split(step)):
+        dx = _cheb(xa[ic, None], xa)[:, 0]  # [F, n]
+        dy = _cheb(ys[bc, ic][:, None], ys[bc])[:, 0]
+        eps = torch.maximum(dx, dy).topk(k + 1, dim=-1, largest=False).values[:, k:]
+        nx.append((dx < eps).sum(-1))
+        ny.append((dy < eps).sum(-1))
+    return torch.cat(nx), torch.cat(ny)
+
+
+def _ksg_rows(xa, vxa, ixa, ys, vys, rows: slice, k: int):
+    """KSG counts (self included) [B, r] of points `rows` for the pairs (xa, ys[b]).
+
+    The joint max-norm distance is max(dx, dy). Candidates for the k-th joint neighbour are the
+    m+1 nearest points in x; the answer is exact when it does not exceed the (m+1)-th
+    x-distance (farther points have joint distance >= that), and the counts are exact when eps
+    does not exceed the (m+1)-th y-distance either. Returns also the entries where it did.
+    """
+    vx, cand = vxa[rows], ixa[rows]  # [r, m1]
+    joint = vx.expand(ys.shape[0], -1, -1).clone()
+    for c in range(ys.shape[-1]):  # y-distances to the candidates, coordinate by coordinate
+        yc = ys[..., c]  # [B, n]
+        gathered = yc.index_select(1, cand.flatten()).view(joint.shape)
+        torch.maximum(joint, (gathered - yc[:, rows, None]).abs(), out=joint)
+    eps = joint.topk(k + 1, dim=-1, largest=False).values[..., k:].contiguous()  # self: 1st
+    nx = torch.searchsorted(vx, eps[..., 0].T.contiguous()).T  # number of x-distances < eps
+    ny = torch.searchsorted(vys[:, rows], eps)[..., 0]
+    ok = (eps <= vx[:, -1:]) & (eps <= vys[:, rows, -1:])
+    return nx, ny, ok[..., 0]
+
+
+def _ksg_one_vs_many(xa, vxa, ixa, ys, vys, k: int) -> torch.Tensor:
+    """KSG estimator 1, I = psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>, between one
+    variable xa [n, dx] (with its distance table vxa, ixa) and each ys[b] [n, dy] -> [B]."""
+    num, n, _ = ys.shape
+    step = max(1, _CHUNK // (num * vxa.shape[-1]))
+    parts = [_ksg_rows(xa, vxa, ixa, ys, vys, slice(r, r + step), k) for r in range(0, n, step)]
+    nx, ny, ok = (torch.cat(p, 1) for p in zip(*parts))
+    if vxa.shape[-1] < n and not ok.all():
+        b, i = (~ok).nonzero(as_tuple=True)
+        nx[b, i], ny[b, i] = _exact_counts(xa, ys, b, i, k)
+    # counts include the point itself, so they equal n_x + 1; the clamp covers eps = 0
+    # (more than k duplicates), where nothing is strictly closer
+    psi = torch.special.digamma(nx.clamp_min(1).to(ys)) + torch.special.digamma(
+        ny.clamp_min(1).to(ys)
+    )
+    return _digamma(k) + _digamma(n) - psi.mean(-1)
+
+
+def knn_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Kraskov (KSG estimator 1, max-norm) mutual information in nats.
+
+    x [n, dx], y [n, dy] -> scalar; or batched x [B, n, dx], y [B, n, dy] -> [B]. Not clamped
+    at 0 (the estimator is nearly unbiased, so independent variables give values around 0).
+    """
+    xb, batched = _batched(x, "x")
+    yb, _ = _batched(y, "y")
+    if xb.shape[:2] != yb.shape[:2]:
+        raise ValueError(f"x and y must share batch and point dims, got {x.shape} and {y.shape}")
+    n = xb.shape[1]
+    _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
+    m = _prefix_len(n, k)
+    vx, ix = _sorted_prefix(xb, m)
+    vy, _ = _sorted_prefix(yb, m)
+    mi = torch.cat(
+        [_ksg_one_vs_many(xb[b], vx[b], ix[b], yb[b : b + 1], vy[b : b + 1], k) for b in
+         range(len(xb))]
+    )
+    return mi if batched else mi[0]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ordinal ranks 0..n-1 along the points axis (-2); ties broken by position."""
+    return x.argsort(dim=-2, stable=True).argsort(dim=-2).to(x.dtype)
+
+
+def rank_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Per-column ranks scaled to [0, 1] (the empirical copula transform).
+
+    x [n, d] or [L, n, d] (points on axis -2); a 1-D x is one column. Ties get distinct
+    ordinal ranks in order of position.
+    """
+    col = x[:, None] if x.ndim == 1 else x
+    xf = col.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    r = _ranks(xf) / max(col.shape[-2] - 1, 1)
+    return r[:, 0] if x.ndim == 1 else r
+
+
+def npib_similarity(embeddings: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """NPIB similarity (paper eq. 3) between layer embeddings [L, n, d] -> S [L, L].
+
+    S_ij = I(E_i; E_j) / sqrt(H(E_i) H(E_j)) on rank-normalised embeddings, I by KSG and H by
+    Kozachenko-Leonenko. Symmetric, diagonal 1 (I(E; E) = H(E)), entries clipped to [0, 1].
+
+    Entropy <= 0: after rank normalisation each coordinate is uniform on [0, 1], so the
+    differential entropy of an embedding is <= 0 (minus its total correlation) and the ratio
+    would be NaN. We measure entropies on the rank scale 0..n-1 instead, i.e. shift every
+    H by the same constant d*log(n-1) (the entropy of a resolution of one rank step). Distinct
+    ordinal ranks put every k-th neighbour at max-norm distance >= 1 on that scale, hence
+    H >= psi(n) - psi(k) + d*log 2 > 0 for every layer; we also clamp at that bound. I is
+    scale-invariant, so it is unchanged; negative I estimates are clamped to 0.
+    """
+    if embeddings.ndim != 3:
+        raise ValueError(f"embeddings must be [L, n, d], got shape {tuple(embeddings.shape)}")
+    e = _ranks(_batched(embeddings, "embeddings")[0])
+    num, n, d = e.shape
+    _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
+    vals, idx = _sorted_prefix(e, _prefix_len(n, k))
+    floor = _digamma(n) - _digamma(k) + d * math.log(2.0)
+    h = _kl_entropy(vals[..., k], n, d, k).clamp_min(floor)
+    s = torch.eye(num, dtype=e.dtype, device=e.device)
+    for a in range(num - 1):  # one layer against all later ones, vectorised over partners
+        mi = _ksg_one_vs_many(e[a], vals[a], idx[a], e[a + 1 :], vals[a + 1 :], k)
+        s[a, a + 1 :] = (mi.clamp_min(0) / (h[a] * h[a + 1 :]).sqrt()).clamp(0, 1)
+    return torch.maximum(s, s.mT)  # fill the lower triangle
+
+
+def layer_similarity(
+    activations: torch.Tensor,
+    dim: int = 2,
+    alpha: float = 0.5,
+    bandwidth: float | str = "median",
+    k: int = 3,
+) -> torch.Tensor:
+    """MKA layer similarity: per-layer diffusion map of activations [L, n, D], then NPIB -> [L, L]."""
+    if activations.ndim != 3:
+        raise ValueError(f"activations must be [L, n, D], got shape {tuple(activations.shape)}")
+    n = activations.shape[1]
+    _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
+    return npib_similarity(diffusion_map(activations, dim, alpha, bandwidth), k)

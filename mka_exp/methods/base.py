@@ -1,0 +1,75 @@
+"""What every layer method shares: how many layers to take out, and the original-index bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from itertools import pairwise
+
+
+def check_amount(ratio: float | None, num_layers: int | None) -> None:
+    """The checks that need no model: run at construction so bad input fails before loading."""
+    if (ratio is None) == (num_layers is None):
+        raise ValueError(
+            f"give exactly one of method.ratio or method.num_layers (got ratio={ratio}, "
+            f"num_layers={num_layers})"
+        )
+    if ratio is not None and not 0 < ratio < 1:
+        raise ValueError(f"method.ratio={ratio} is outside the allowed range (0, 1)")
+    if num_layers is not None and num_layers < 1:
+        raise ValueError(f"method.num_layers={num_layers} must be >= 1")
+
+
+def layers_to_remove(total: int, ratio: float | None, num_layers: int | None) -> int:
+    """Number of decoder layers to remove, from `ratio` (fraction of `total`) or `num_layers`.
+
+    A ratio is rounded to the nearest whole layer, halves up (0.4375 of 32 is 14, as in the paper).
+    """
+    check_amount(ratio, num_layers)
+    if ratio is not None:
+        n = math.floor(ratio * total + 0.5 + 1e-9)  # half rounds up, unlike round()
+        if n < 1 or n >= total:
+            raise ValueError(
+                f"method.ratio={ratio} removes {n} of {total} layers; it must remove between "
+                f"1 and {total - 1} (ratio in [{0.5 / total:.4f}, {(total - 0.5) / total:.4f}))"
+            )
+        return n
+    if not 1 <= num_layers < total:
+        raise ValueError(
+            f"method.num_layers={num_layers} is outside the allowed range [1, {total - 1}] "
+            f"for a model of {total} layers"
+        )
+    return num_layers
+
+
+class LayerTracker:
+    """Maps current layer positions back to the model's original layer indices."""
+
+    def __init__(self, total: int) -> None:
+        self.original = list(range(total))
+
+    def remove(self, position: int) -> int:
+        return self.original.pop(position)
+
+    def __getitem__(self, position: int) -> int:
+        return self.original[position]
+
+
+def check_counts(counts: Sequence[int], total: int) -> list[int]:
+    """Removal counts for `progressive`: strictly ascending, each in [0, total-1]."""
+    counts = [int(c) for c in counts]
+    if not counts or any(b <= a for a, b in pairwise(counts)):
+        raise ValueError(f"counts={counts} must be a non-empty strictly ascending list")
+    if counts[0] < 0 or counts[-1] >= total:
+        raise ValueError(
+            f"counts={counts} must lie in [0, {total - 1}] for a model of {total} layers"
+        )
+    return counts
+
+
+def last_point(points: Iterator[tuple[int, dict]]) -> dict:
+    """The stats of the final point of a `progressive` walk (how `compress` uses it)."""
+    stats: dict = {}
+    for _, point_stats in points:
+        stats = point_stats
+    return stats

@@ -1,0 +1,116 @@
+"""ShortGPT: remove the layers that change their input the least.
+
+Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+https://arxiv.org/abs/2403.03853. The Block Influence of layer i is
+BI_i = 1 - mean over tokens of cos(x_i, x_{i+1}), where x_i is the hidden state entering layer i
+and x_{i+1} the one leaving it. A layer whose output points the same way as its input adds little
+to the residual stream; the n layers with the lowest BI are removed. BI is computed once, on the
+dense model (as in the paper), from one capture pass over the calibration prompts, so the cuts are
+nested: the n+1-layer cut extends the n-layer cut, and `progressive` walks a whole curve.
+
+Example config (`conf/method/shortgpt.yaml`)::
+
+    _target_: mka_exp.methods.shortgpt.ShortGPT
+    ratio: 0.25
+    representation: tokens
+    max_points: 4096
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from mka_exp.activations import capture_hidden_states, check_representation, token_cosine
+from mka_exp.layers import num_layers, remove_layers
+from mka_exp.methods.base import (
+    LayerTracker,
+    check_amount,
+    check_counts,
+    last_point,
+    layers_to_remove,
+)
+
+# --------------------------------------------------------------------------- shared helpers
+# Used by the activation-based layer methods (shortgpt, angular, mka).
+
+
+def remove_by_original_index(model, tracker: LayerTracker, originals: Iterable[int]) -> None:
+    """Remove the layers whose ORIGINAL indices are `originals` and update the tracker."""
+    positions = sorted(tracker.original.index(o) for o in originals)
+    if not positions:
+        return
+    remove_layers(model, positions)
+    for position in reversed(positions):
+        tracker.remove(position)
+
+
+def capture_for(method, model, calib):
+    """`capture_hidden_states` with a method's capture settings (same attribute names)."""
+    return capture_hidden_states(
+        model,
+        calib,
+        representation=method.representation,
+        max_points=method.max_points,
+        batch_size=method.batch_size,
+        cache=method.cache,
+        seed=method.seed,
+    )
+
+
+def check_max_points(max_points: int) -> None:
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points={max_points!r} must be an integer >= 1")
+
+
+# --------------------------------------------------------------------------- ShortGPT
+
+
+def block_influence(states) -> list[float]:
+    """BI_i = 1 - mean_tokens cos(x_i, x_{i+1}) for every layer i, from [L+1, n, D] states."""
+    return (1.0 - token_cosine(states, gap=1).mean(dim=1)).tolist()
+
+
+def removal_order(scores: Sequence[float]) -> list[int]:
+    """Layer indices from least to most important (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i], i))
+
+
+class ShortGPT:
+    """Remove the n layers with the lowest Block Influence (computed once)."""
+
+    nested = True  # the order is fixed by BI of the dense model
+
+    def __init__(
+        self,
+        ratio: float | None = None,
+        num_layers: int | None = None,
+        representation: str = "tokens",
+        max_points: int = 4096,
+        batch_size: int | None = None,
+        cache: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_representation(representation)
+        check_max_points(max_points)
+        check_amount(ratio, num_layers)
+        self.ratio, self.num_layers = ratio, num_layers
+        self.representation, self.max_points, self.seed = representation, max_points, seed
+        self.batch_size, self.cache = batch_size, cache
+
+    def compress(self, model, calib) -> dict:
+        n = layers_to_remove(num_layers(model), self.ratio, self.num_layers)
+        return last_point(self.progressive(model, calib, [n]))
+
+    def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
+        """Remove layers in BI order, yielding after each count is reached."""
+        total = num_layers(model)
+        counts = check_counts(counts, total)
+        states = capture_for(self, model, calib)
+        scores = block_influence(states)
+        del states
+        order, tracker, removed = removal_order(scores), LayerTracker(total), []
+        for count in counts:
+            new = order[len(removed) : count]
+            remove_by_original_index(model, tracker, new)
+            removed += new
+            yield count, {"removed_layers": sorted(removed), "block_influence": scores}

@@ -1,0 +1,318 @@
+"""The recipe: load → calibrate → compress → quantize → (save) → evaluate → record.
+
+This is the only module that reads the Hydra config; every component it builds takes plain
+arguments. `main(cfg)` is what `run.py` calls: it turns a user error into one clear line and a
+non-zero exit; `run(cfg)` returns the run record (tests call it directly).
+
+A run is a list of points: one for a plain run, several for `curve=[r1, r2, ...]`. A curve point's
+config is exactly the single run's config at that ratio, so both share one config hash: a point
+finished either way is never computed again (resume), and the records are interchangeable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mka_exp import results
+from mka_exp.evaluation import evaluate
+from mka_exp.layers import num_layers
+from mka_exp.methods.base import layers_to_remove
+from mka_exp.quantizers import NoQuant
+from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, RuntimeError)
+
+
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Entry point behind `@hydra.main`: one line and exit code 2 on bad input."""
+    try:
+        return run(cfg)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        log.error("%s: %s", type(cause).__name__, cause)
+        raise SystemExit(2) from None
+    except USER_ERRORS as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(2) from None
+
+
+class Stopwatch:
+    """Seconds per pipeline stage (the latest run of each stage)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %s done in %.1f s", name, self.timings[name])
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak process RSS, and peak CUDA memory when a GPU was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    return {"peak_memory_bytes": gpu or rss, "peak_rss_bytes": rss, "peak_gpu_bytes": gpu}
+
+
+def method_name(cfg: DictConfig) -> str:
+    """The method's module name, which is also its yaml's name (`methods/mka.py` ↔ `method=mka`)."""
+    return cfg.method._target_.rsplit(".", 2)[-2]
+
+
+def quantizer_name(cfg: DictConfig) -> str:
+    """The quantizer's class name in lower case (`GPTQ` ↔ `quant=gptq`); `none` for no quantizer."""
+    name = cfg.quant._target_.rsplit(".", 1)[-1].lower()
+    return "none" if name == "noquant" else name
+
+
+def run_name(cfg: DictConfig) -> str:
+    amount = cfg.method.get("ratio") or cfg.method.get("num_layers")
+    parts = [cfg.model.get("name") or "model", method_name(cfg), amount, quantizer_name(cfg)]
+    return "-".join(str(p) for p in parts if p is not None)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
+    return run_points(cfg, curve_points(cfg))[-1]
+
+
+def curve_points(cfg: DictConfig) -> list[DictConfig]:
+    """The config of every point: a curve point is exactly the single run at that ratio."""
+    if not cfg.get("curve"):
+        return [cfg]
+    points = []
+    for ratio in sorted(set(cfg.curve)):
+        point = cfg.copy()
+        point.curve = None
+        point.method.ratio = ratio
+        if "num_layers" in point.method:
+            point.method.num_layers = None
+        points.append(point)
+    return points
+
+
+@dataclass
+class Session:
+    """What every point of a run shares: the loaded model, calibration set and built parts."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    calib: Any
+    layers_before: int
+    params_before: int
+    quantizer: Any
+    eval_kwargs: dict
+
+
+@dataclass
+class Point:
+    """One point of a run: its own config, hash and output directory."""
+
+    cfg: DictConfig
+    config: dict
+    key: str
+    output_dir: Path
+
+
+def plan_points(cfg: DictConfig, configs: list[DictConfig]) -> list[Point]:
+    base = Path(cfg.paths.output_dir)
+    points = []
+    for point_cfg in configs:
+        config = OmegaConf.to_container(point_cfg, resolve=True)
+        out = base if len(configs) == 1 else base / f"ratio_{point_cfg.method.ratio}"
+        points.append(Point(point_cfg, config, results.config_hash(config), out))
+    return points
+
+
+def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any]]:
+    """Load once, walk the points in order; points already recorded are not evaluated again."""
+    records_dir = Path(cfg.paths.records_dir)
+    points = plan_points(cfg, configs)
+    done = {p.key: results.load_record(records_dir, p.key) for p in points}
+    if all(done.values()):
+        log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
+        return [done[p.key] for p in points]
+    torch.manual_seed(cfg.seed)
+    method = instantiate(cfg.method)  # bad method/quant/eval values fail before the model loads
+    quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
+    check_tasks(eval_kwargs["tasks"])
+    watch = Stopwatch()
+    session = load_session(cfg, watch, quantizer, eval_kwargs)
+    records = []
+    for index, (stats, model) in enumerate(walk(method, session, configs, watch)):
+        point = points[index]
+        if done[point.key]:
+            log.info("point %s already recorded; not evaluated again", point.key)
+            records.append(done[point.key])
+            continue
+        save_artifacts(getattr(method, "artifacts", {}), point.output_dir)
+        last = index == len(points) - 1
+        records.append(finish_point(point, model, stats, session, watch, last))
+    return records
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Unknown task names fail before the model loads (with close matches)."""
+    if tasks:
+        from mka_exp.evaluation import resolve_tasks
+
+        resolve_tasks(list(tasks))
+
+
+def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, eval_kwargs: dict) -> Session:
+    with watch.stage("load"):
+        loaded = instantiate(cfg.model)
+    with watch.stage("calibrate"):
+        calib = instantiate(cfg.calib, tokenizer=loaded.tokenizer)
+    model = loaded.model
+    return Session(
+        loaded.name,
+        model,
+        loaded.tokenizer,
+        calib,
+        num_layers(model),
+        parameter_count(model),
+        quantizer,
+        eval_kwargs,
+    )
+
+
+def walk(method, session: Session, configs: list[DictConfig], watch: Stopwatch) -> Iterator[tuple]:
+    """(method stats, model) after each point, in order. Nested methods cut the one loaded model
+    further at each point; the others compress a fresh copy of the dense model per point."""
+    model, calib = session.model, session.calib
+    if len(configs) == 1:
+        with watch.stage("compress"):
+            stats = method.compress(model, calib)
+        yield stats, model
+    elif getattr(method, "nested", False):
+        counts = [point_count(c, session.layers_before) for c in configs]
+        steps = method.progressive(model, calib, counts)
+        for _ in configs:
+            with watch.stage("compress"):
+                _, stats = next(steps)
+            yield stats, model
+    else:
+        dense = copy.deepcopy(model)
+        for point_cfg in configs:
+            with watch.stage("compress"):
+                model = copy.deepcopy(dense)
+                stats = instantiate(point_cfg.method).compress(model, calib)
+            yield stats, model
+
+
+def point_count(point_cfg: DictConfig, total: int) -> int:
+    method = point_cfg.method
+    return layers_to_remove(total, method.get("ratio"), method.get("num_layers"))
+
+
+def finish_point(
+    point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
+) -> dict:
+    """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
+    point.output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = instantiate(point.cfg.logger)
+    tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
+    try:
+        record = measure_point(point, model, stats, session, watch, last)
+        results.write_json_atomic(point.output_dir / "results.json", record)
+        results.save_record(Path(point.cfg.paths.records_dir), record)
+        tracker.log_record(record, images=record_images(point.output_dir))
+    finally:
+        tracker.finish()
+    print_summary(record)
+    return record
+
+
+def measure_point(
+    point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
+) -> dict:
+    quantizer, layers_after = session.quantizer, num_layers(model)
+    with watch.stage("quantize"):
+        # Quantizing changes the model in place: a curve keeps cutting the unquantized one.
+        target = model if last or isinstance(quantizer, NoQuant) else copy.deepcopy(model)
+        target, quant_stats = quantizer.quantize(target, session.tokenizer, session.calib)
+    record = {
+        "model": session.name,
+        "method": method_name(point.cfg),
+        "quantizer": quantizer_name(point.cfg),
+        "layers_before": session.layers_before,
+        "layers_after": layers_after,
+        "params_before": session.params_before,
+        "params_after": parameter_count(target),
+        "zero_fraction": zero_fraction(target),
+        "weight_bits": quantizer.bits,
+        "layer_ratio": 1 - layers_after / session.layers_before,
+        "paper_compression_ratio": paper_compression_ratio(
+            session.layers_before, layers_after, quantizer.bits
+        ),
+        "method_stats": stats,
+        "quant_stats": quant_stats,
+        "calibration": {"name": session.calib.name, "samples": len(session.calib)},
+    }
+    if point.cfg.save:
+        with watch.stage("save"):
+            from mka_exp.saving import save_compressed
+
+            model_dir = point.output_dir / "model"
+            record["bytes_on_disk"] = save_compressed(target, session.tokenizer, model_dir)
+    with watch.stage("evaluate"):
+        kwargs = session.eval_kwargs
+        metrics = evaluate(target, session.tokenizer, **kwargs) if kwargs["tasks"] else {}
+    record.update(metrics=metrics, timings=dict(watch.timings), **peak_memory())
+    record.update(config_hash=point.key, config=point.config, code_version=results.code_version())
+    return record
+
+
+def save_artifacts(artifacts: dict[str, Any], output_dir: Path) -> None:
+    """Each matrix a method left behind, as .npy and as a heatmap PNG (paper Fig. 3)."""
+    import numpy as np
+
+    from mka_exp.plots import similarity_heatmap
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, matrix in artifacts.items():
+        array = np.asarray(matrix)
+        np.save(output_dir / f"{name}.npy", array)
+        similarity_heatmap(array, output_dir / f"{name}.png", title=name.replace("_", " "))
+
+
+def record_images(output_dir: Path) -> dict[str, Path]:
+    return {path.stem: path for path in sorted(output_dir.glob("*.png"))}
+
+
+def print_summary(record: dict[str, Any]) -> None:
+    """The run's results as a small table on stdout."""
+    import pandas as pd
+
+    metrics = {k: v for k, v in record.get("metrics", {}).items() if "stderr" not in k}
+    head = {
+        "model": record["model"],
+        "method": record["method"],
+        "layers": f"{record['layers_before']}→{record['layers_after']}",
+        "params": f"{record['params_before']:,}→{record['params_after']:,}",
+        **{k: round(v, 4) for k, v in metrics.items() if not k.startswith("mmlu_")},
+    }
+    print(pd.DataFrame([head]).to_string(index=False))

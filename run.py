@@ -1,0 +1,14 @@
+"""mka-exp entry point: `python run.py [group=option ...] [key=value ...]` (add -m to sweep)."""
+
+import hydra
+
+from mka_exp.pipeline import main
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def entry(cfg) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny Llama with an in-process tokenizer, and the offline benchmark mirror."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mka_exp.models import LoadedModel, build_random_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The offline mirror of the five evaluation datasets (read from ../shared, never copied)."""
+    if not SHARED_BENCHMARKS.exists():
+        pytest.fail(f"offline benchmark mirror missing: {SHARED_BENCHMARKS}")
+    return SHARED_BENCHMARKS
+
+
+@pytest.fixture
+def tiny() -> LoadedModel:
+    """A fresh 4-layer Llama (hidden 64) with random weights; cheap enough to build per test."""
+    return build_random_model("llama", num_layers=4, hidden_size=64, device="cpu")

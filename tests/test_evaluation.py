@@ -1,0 +1,140 @@
+"""lm-eval on the in-memory tiny model, reading the offline mirror: metric keys, MMLU group and
+macro scores, routing to the given data root, and argument errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+
+from mka_exp.data import MMLU_SUBJECTS
+from mka_exp.evaluation import check_limit, evaluate, flatten_results, run_lm_eval
+
+PIQA = "baber/piqa/default/validation.jsonl"
+
+
+def assert_scores(scores: dict[str, float]) -> None:
+    assert scores, "no metrics"
+    for key, value in scores.items():
+        assert math.isfinite(value) and 0.0 <= value <= 1.0, (key, value)
+
+
+def test_piqa_and_boolq_keys(tiny, data_root):
+    scores = evaluate(tiny.model, tiny.tokenizer, ["piqa", "boolq"], limit=8, data_root=data_root)
+    assert {"piqa/acc", "piqa/acc_norm", "piqa/acc_stderr", "boolq/acc"} <= set(scores)
+    assert not any(k.startswith("boolq/acc_norm") for k in scores)  # boolq has acc only
+    assert_scores(scores)
+
+
+def test_mmlu_group_macro_and_subjects(tiny, data_root):
+    scores = evaluate(
+        tiny.model, tiny.tokenizer, ["mmlu"], limit=1, num_fewshot={"mmlu": 1}, data_root=data_root
+    )
+    subjects = {k: v for k, v in scores.items() if k.startswith("mmlu_") and k.endswith("/acc")}
+    assert set(subjects) == {f"mmlu_{s}/acc" for s in MMLU_SUBJECTS}
+    assert scores["mmlu/acc_macro"] == pytest.approx(np.mean(list(subjects.values())))
+    # One example per subject: lm-eval's size-weighted score equals the macro average.
+    assert scores["mmlu/acc"] == pytest.approx(scores["mmlu/acc_macro"])
+    assert not any(k.startswith("mmlu_stem") for k in scores)  # categories left out
+    assert_scores(scores)
+
+
+def test_race_and_hellaswag_load_from_mirror(tiny, data_root):
+    scores = evaluate(
+        tiny.model, tiny.tokenizer, ["race", "hellaswag"], limit=4, data_root=data_root
+    )
+    assert {"race/acc", "hellaswag/acc", "hellaswag/acc_norm"} <= set(scores)
+    assert_scores(scores)
+
+
+def test_lm_eval_task_names_pass_through(tiny, data_root):
+    scores = evaluate(tiny.model, tiny.tokenizer, ["mmlu_anatomy"], limit=2, data_root=data_root)
+    assert "mmlu_anatomy/acc" in scores
+
+
+def test_data_comes_from_the_given_root(tiny, data_root, tmp_path):
+    """A copy of piqa's first 9 rows with every label flipped scores exactly 1 - acc: with 9
+    two-choice examples acc != 1 - acc, so this cannot pass if the real mirror were read."""
+    rows = [json.loads(line) for line in (data_root / PIQA).read_text().splitlines()[:9]]
+    flipped = tmp_path / PIQA
+    flipped.parent.mkdir(parents=True)
+    flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
+    load_dataset = datasets.load_dataset
+
+    real = evaluate(tiny.model, tiny.tokenizer, ["piqa"], limit=9, data_root=data_root)
+    copy = evaluate(tiny.model, tiny.tokenizer, ["piqa"], limit=9, data_root=str(tmp_path))
+    assert copy["piqa/acc"] == pytest.approx(1 - real["piqa/acc"])
+    assert copy["piqa/acc"] != pytest.approx(real["piqa/acc"])
+    assert datasets.load_dataset is load_dataset  # routing undone
+
+
+def test_fraction_limit(tiny, data_root):
+    raw = run_lm_eval(tiny.model, tiny.tokenizer, ["piqa"], limit=0.002, data_root=data_root)
+    assert raw["n-samples"]["piqa"]["effective"] == math.ceil(1838 * 0.002)
+
+
+def test_fewshot_without_train_split_is_explained(tiny, data_root):
+    with pytest.raises(ValueError, match="few-shot.*piqa"):
+        evaluate(tiny.model, tiny.tokenizer, ["piqa"], limit=2, num_fewshot={"piqa": 1},
+                 data_root=data_root)  # fmt: skip
+
+
+def test_unknown_task_suggests_close_match(tiny, data_root):
+    with pytest.raises(ValueError, match="hellaswg.*hellaswag"):
+        evaluate(tiny.model, tiny.tokenizer, ["piqa", "hellaswg"], data_root=data_root)
+    with pytest.raises(ValueError, match="mmlux"):
+        evaluate(
+            tiny.model, tiny.tokenizer, ["piqa"], num_fewshot={"mmlux": 5}, data_root=data_root
+        )
+
+
+@pytest.mark.parametrize("limit", [0, -3, 0.0, 1.5, float("nan"), True])
+def test_bad_limit(tiny, data_root, limit):
+    with pytest.raises(ValueError, match=f"limit={limit!r}"):
+        evaluate(tiny.model, tiny.tokenizer, ["piqa"], limit=limit, data_root=data_root)
+
+
+def test_limit_meaning():
+    assert check_limit(None) is None
+    assert check_limit(1.0) is None  # all, not lm-eval's "1 example"
+    assert check_limit(0.5) == 0.5
+    assert check_limit(1) == 1
+
+
+def test_missing_data_root(tiny, tmp_path):
+    missing = tmp_path / "no_such_mirror"
+    with pytest.raises(FileNotFoundError, match="no_such_mirror"):
+        evaluate(tiny.model, tiny.tokenizer, ["piqa"], data_root=str(missing))
+
+
+def test_no_tasks_is_empty(tiny):
+    assert evaluate(tiny.model, tiny.tokenizer, []) == {}
+
+
+def test_flatten_results():
+    """N/A and non-metric fields dropped, filters kept, intermediate groups left out."""
+    results = {
+        "results": {
+            "grp": {"alias": "grp", "acc,none": 0.5, "acc_stderr,none": "N/A", "sample_len": 3},
+            "grp_a": {"acc,none": 0.4},
+            "t1": {"acc,none": 1.0, "acc_norm,none": 0.0},
+            "t2": {"acc,none": 0.0, "acc_norm,none": 1.0},
+            "t3": {"acc,none": 0.5, "exact_match,strict-match": 0.25},
+        },
+        "configs": {"t1": {}, "t2": {}, "t3": {}},
+        "group_subtasks": {"grp": ["grp_a", "t3"], "grp_a": ["t1", "t2"]},
+    }
+    flat = flatten_results(results, {"grp": "ours"})
+    assert flat == {
+        "ours/acc": 0.5,
+        "ours/acc_macro": 0.5,
+        "t1/acc": 1.0,
+        "t1/acc_norm": 0.0,
+        "t2/acc": 0.0,
+        "t2/acc_norm": 1.0,
+        "t3/acc": 0.5,
+        "t3/exact_match,strict-match": 0.25,
+    }
