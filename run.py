@@ -2,11 +2,11 @@
 
 import hydra
 
-from mka_exp.pipeline import main
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def entry(cfg) -> None:
+    from mka_exp.pipeline import main  # imported in the job, so a sweep launches without torch
+
     main(cfg)
 
 

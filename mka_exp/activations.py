@@ -119,6 +119,14 @@ def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop trailing columns that are padding in every row: the calibration set is padded to its
+    longest prompt, a batch only needs its own longest (causal attention: exact)."""
+    used = batch["attention_mask"].bool().any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return {name: tensor[:, :width] for name, tensor in batch.items()}
+
+
 def _forward_to_last_layer(model: nn.Module, batch: dict, device: torch.device) -> None:
     with contextlib.suppress(_StopForward):
         model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
@@ -137,7 +145,7 @@ def _run_capture(model, calib, representation, max_points, batch_size, seed) -> 
     handles = _install_hooks(layers, store, reduce)
     device, start = _input_device(model), 0
     try:
-        for batch in calib.batches(batch_size):
+        for batch in map(_trim_padding, calib.batches(batch_size)):
             size = len(batch["input_ids"])
             current.update(mask=batch["attention_mask"], picks=_batch_picks(positions, start, size))
             _forward_to_last_layer(model, batch, device)

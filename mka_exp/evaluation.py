@@ -113,7 +113,9 @@ def run_lm_eval(
         try:
             return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
         except AssertionError as err:
-            raise explain_empty_fewshot(err, shots, data_root) from err
+            if "no documents available for sampling" in str(err):
+                raise empty_fewshot_error(shots, data_root) from err
+            raise
 
 
 def check_limit(limit: int | float | None) -> int | float | None:
@@ -226,12 +228,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def explain_empty_fewshot(
-    err: AssertionError, shots: dict[str, int], data_root: str | None
-) -> Exception:
+def empty_fewshot_error(shots: dict[str, int], data_root: str | None) -> ValueError:
     """lm-eval's sampler asserts on an empty pool; say which tasks asked for shots and why."""
-    if "no documents available for sampling" not in str(err):
-        return err
     asked = {name: n for name, n in shots.items() if n > 0}
     return ValueError(
         f"few-shot examples requested ({asked}) but a task's few-shot split is empty: the "

@@ -42,6 +42,7 @@ __all__ = [
 
 EIGH_MAX_N = 256  # up to this many points a dense eigh is cheaper and exact
 _CHUNK = 1 << 24  # elements per temporary block: bounds peak memory on CPU and GPU
+_CACHE_CHUNK = 1 << 20  # smaller blocks for streaming passes, so they stay in cache
 _KRYLOV_DEPTH = 6  # block Krylov steps between Rayleigh-Ritz restarts
 _KRYLOV_RESTARTS = 60
 
@@ -87,11 +88,28 @@ def _sq_dists(x: torch.Tensor) -> torch.Tensor:
 
 
 def _offdiag_median(sq: torch.Tensor) -> torch.Tensor:
-    """Lower median of the off-diagonal entries of each [n, n] matrix -> [L]."""
+    """Exact lower median of the off-diagonal entries of each [n, n] matrix -> [L].
+
+    Floyd-Rivest style selection, about 2x faster than torch.median here: a strided sample
+    brackets the median, one pass counts the entries below the bracket and keeps those inside,
+    and a small kthvalue finishes. Falls back to a full kthvalue if the bracket misses.
+    """
     num, n, _ = sq.shape
-    # dropping entry 0 and viewing as (n-1, n+1) puts every diagonal entry in the last column
-    off = sq.flatten(1)[:, 1:].reshape(num, n - 1, n + 1)[:, :, :-1]
-    return off.reshape(num, -1).median(dim=-1).values
+    flat = sq.flatten(1)
+    rank = n + (n * (n - 1) - 1) // 2  # 0-based; the n zero diagonal entries sort first
+    sample = flat[:, :: max(1, flat.shape[1] // 65536) | 1].sort(-1).values
+    size, q = sample.shape[1], rank / flat.shape[1]
+    half = 3.0 * math.sqrt(size)  # ~6 sigma of the sample quantile, in sample positions
+    lo = sample[:, max(0, math.floor(q * size - half)), None]
+    hi = sample[:, min(size - 1, math.ceil(q * size + half)), None]
+    count = torch.int32 if flat.shape[1] < 2**31 else torch.int64  # bool->int64 sums are slow
+    below = (flat < lo).sum(-1, dtype=count)
+    out = []
+    for row, r, a, b in zip(flat, (rank - below).tolist(), lo, hi, strict=True):
+        inside = row[(row >= a) & (row <= b)]
+        ok = 0 <= r < inside.numel()
+        out.append(inside.kthvalue(r + 1).values if ok else row.kthvalue(rank + 1).values)
+    return torch.stack(out)
 
 
 def _normalized_kernel(
@@ -209,23 +227,95 @@ def _cheb(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sorted_prefix(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per point, the m+1 smallest max-norm distances (ascending, self included) and indices.
-
-    x [L, n, d] -> values, indices [L, n, m+1]: the per-layer distance table that every kNN
-    query below reads. Rows are processed in chunks to bound memory.
-    """
-    num, n, _ = x.shape
-    rows = max(1, _CHUNK // (num * n))
+def _scan_prefix(x: torch.Tensor, rows: torch.Tensor, m: int):
+    """Exact table rows by a full scan: x [L, n, d], rows [L, r] -> values, indices [L, r, m+1]."""
+    num, n, d = x.shape
+    step = max(1, _CHUNK // (num * n))
     parts = [
-        _cheb(x[:, r : r + rows], x).topk(m + 1, dim=-1, largest=False, sorted=True)
-        for r in range(0, n, rows)
+        _cheb(x.gather(1, r[..., None].expand(-1, -1, d)), x).topk(m + 1, largest=False)
+        for r in rows.split(step, dim=1)
     ]
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
+def _window(n: int, d: int, m: int) -> int | None:
+    """Half-width (in coordinate-0 order) of the search window for the m+1 nearest points.
+
+    For a uniform copula the m+1 nearest points in max-norm lie within about
+    rho = (n/2) ((m+1)/n)^(1/d) ranks in every coordinate; 1.3 rho leaves headroom. None when
+    the window would cover most of the row anyway.
+    """
+    w = max(m + 1, math.ceil(1.3 * 0.5 * n * ((m + 1) / n) ** (1.0 / d)))
+    return w if 2 * w + 1 < 0.75 * n else None
+
+
+def _far(dtype: torch.dtype) -> float | int:
+    """A coordinate farther than any real one (integer rank tables cannot hold inf)."""
+    return math.inf if dtype.is_floating_point else torch.iinfo(dtype).max // 4
+
+
+def _window_prefix(xs: torch.Tensor, w: int, m: int):
+    """Table rows of points sorted by coordinate 0, searched in a window of +-w positions.
+
+    Returns values [L, n, m+1], sorted positions of the neighbours, and whether each row is
+    exact: every point outside the window is at least `gap` away in coordinate 0, so the row
+    is exact when its largest kept distance does not exceed that gap.
+    """
+    num, n, d = xs.shape
+    pad = xs.new_full((num, w, d), _far(xs.dtype))
+    cols = [c.contiguous() for c in torch.cat([pad, xs, pad], 1).unbind(-1)]  # [L, n+2w]
+    step = max(1, _CHUNK // (num * (2 * w + 1)))
+    vals, pos = [], []
+    for r in range(0, n, step):
+        r1 = min(n, r + step)
+        dist = None
+        for c in range(d):  # window of position p holds positions p-w .. p+w
+            diff = (
+                cols[c][:, r : r1 + 2 * w].unfold(1, 2 * w + 1, 1)
+                - cols[c][:, w + r : w + r1, None]
+            )
+            dist = diff.abs_() if dist is None else torch.maximum(dist, diff.abs_(), out=dist)
+        v, j = dist.topk(m + 1, dim=-1, largest=False)
+        vals.append(v)
+        pos.append(j + torch.arange(r - w, r1 - w, device=j.device)[:, None])
+    x0 = xs[..., 0]
+    gap = torch.full_like(x0, _far(xs.dtype))
+    span = x0[:, w + 1 :] - x0[:, : n - w - 1]  # x0[p+w+1] - x0[p]
+    gap[:, : n - w - 1] = span
+    gap[:, w + 1 :] = torch.minimum(gap[:, w + 1 :], span)
+    vals = torch.cat(vals, 1)
+    return vals, torch.cat(pos, 1), vals[..., -1] <= gap
+
+
+def _sorted_prefix(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point, the m+1 smallest max-norm distances (ascending, self included) and indices.
+
+    x [L, n, d] -> values, indices [L, n, m+1]: the per-layer distance table that every kNN
+    query below reads. Points are sorted by their first coordinate and searched in a window
+    of that order; rows the window cannot certify are rescanned in full (exact either way).
+    """
+    num, n, d = x.shape
+    w = _window(n, d, m)
+    if w is None:
+        return _scan_prefix(x, torch.arange(n, device=x.device).expand(num, n), m)
+    order = x[..., 0].argsort(-1)
+    xs = x.gather(1, order[..., None].expand(-1, -1, d))
+    vals, pos, ok = _window_prefix(xs, w, m)
+    lay, row = (~ok).nonzero(as_tuple=True)
+    if len(lay):  # rescan the uncertified rows, one layer at a time
+        for layer in lay.unique().tolist():
+            r = row[lay == layer]
+            vals[layer, r], pos[layer, r] = (
+                t[0] for t in _scan_prefix(xs[layer : layer + 1], r[None], m)
+            )
+    idx = order.gather(1, pos.flatten(1)).view_as(pos)  # sorted positions -> point indices
+    back = order.argsort(-1)[..., None].expand(-1, -1, m + 1)  # row of point i is at back[i]
+    return vals.gather(1, back), idx.gather(1, back)
+
+
 def _kl_entropy(radius: torch.Tensor, n: int, d: int, k: int) -> torch.Tensor:
     """H = psi(n) - psi(k) + d log 2 + d <log eps>; 2^d is the volume of the unit max-norm ball."""
+    radius = radius.to(torch.float64)  # may be an integer rank distance
     tiny = torch.finfo(radius.dtype).tiny  # duplicate points give eps = 0: keep log finite
     const = _digamma(n) - _digamma(k) + d * math.log(2.0)
     return const + d * radius.clamp_min(tiny).log().mean(-1)
@@ -244,7 +334,7 @@ def knn_entropy(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     _, n, d = xb.shape
     _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
     vals, _ = _sorted_prefix(xb, k)
-    h = _kl_entropy(vals[..., k], n, d, k)  # column k: k-th neighbour, column 0 is the point
+    h = _kl_entropy(vals[..., k], n, d, k).to(xb)  # column k: k-th neighbour; 0 is the point
     return h if batched else h[0]
 
 
@@ -255,55 +345,101 @@ def _prefix_len(n: int, k: int) -> int:
     return min(n - 1, 2 * math.ceil(math.sqrt((k + 1) * n)) + 4 * (k + 1))
 
 
+def _kth_smallest(v: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """(k+1)-th smallest value along `dim` (with multiplicity), for small k.
+
+    Streams the slices through k+1 sorted registers (insertion by elementwise min/max), so the
+    work is vectorised across rows; torch.topk pays a per-row cost that dominates short rows.
+    """
+    slices = v.unbind(dim)
+    regs = [torch.full_like(slices[0], _far(v.dtype)) for _ in range(k + 1)]
+    tmp = torch.empty_like(regs[0])
+    for x in slices:
+        for j in range(k, 0, -1):  # top register first, so each reads the old one below it
+            torch.minimum(regs[j], torch.maximum(regs[j - 1], x, out=tmp), out=regs[j])
+        torch.minimum(regs[0], x, out=regs[0])
+    return regs[k]
+
+
 def _exact_counts(xa, ys, b, i, k):
-    """Exact KSG counts (self included) for the (partner b, point i) entries by full row scans."""
-    nx, ny = [], []
-    n = xa.shape[0]
-    step = max(1, _CHUNK // (n * max(xa.shape[-1], ys.shape[-1])))
-    for bc, ic in zip(b.split(step), i.split(step)):
-        dx = _cheb(xa[ic, None], xa)[:, 0]  # [F, n]
-        dy = _cheb(ys[bc, ic][:, None], ys[bc])[:, 0]
-        eps = torch.maximum(dx, dy).topk(k + 1, dim=-1, largest=False).values[:, k:]
-        nx.append((dx < eps).sum(-1))
-        ny.append((dy < eps).sum(-1))
-    return torch.cat(nx), torch.cat(ny)
+    """Exact KSG counts (self included) for (partner b, point i) entries by full row scans."""
+    dx = _cheb(xa[i, None], xa)[:, 0]  # [F, n]
+    dy = _cheb(ys[b, i][:, None], ys[b])[:, 0]
+    eps = torch.maximum(dx, dy).topk(k + 1, dim=-1, largest=False).values[:, k:]
+    return (dx < eps).sum(-1), (dy < eps).sum(-1), torch.ones_like(eps[:, 0], dtype=torch.bool)
 
 
-def _ksg_rows(xa, vxa, ixa, ys, vys, rows: slice, k: int):
-    """KSG counts (self included) [B, r] of points `rows` for the pairs (xa, ys[b]).
+def _ksg_rows(xa, vxa, ixa, ycols, vys, rows: slice, c: int, k: int):
+    """KSG counts (self included) [B, r] of points `rows` for the pairs (xa, y_b).
 
     The joint max-norm distance is max(dx, dy). Candidates for the k-th joint neighbour are the
-    m+1 nearest points in x; the answer is exact when it does not exceed the (m+1)-th
-    x-distance (farther points have joint distance >= that), and the counts are exact when eps
-    does not exceed the (m+1)-th y-distance either. Returns also the entries where it did.
+    c nearest points in x; the answer is exact when it does not exceed the c-th x-distance
+    (farther points have joint distance >= that), and the counts are exact when eps does not
+    exceed the c-th y-distance either. Also returns where both held. ycols: y coordinates,
+    one contiguous [B, n] tensor each.
     """
-    vx, cand = vxa[rows], ixa[rows]  # [r, m1]
-    joint = vx.expand(ys.shape[0], -1, -1).clone()
-    for c in range(ys.shape[-1]):  # y-distances to the candidates, coordinate by coordinate
-        yc = ys[..., c]  # [B, n]
-        gathered = yc.index_select(1, cand.flatten()).view(joint.shape)
-        torch.maximum(joint, (gathered - yc[:, rows, None]).abs(), out=joint)
-    eps = joint.topk(k + 1, dim=-1, largest=False).values[..., k:].contiguous()  # self: 1st
-    nx = torch.searchsorted(vx, eps[..., 0].T.contiguous()).T  # number of x-distances < eps
-    ny = torch.searchsorted(vys[:, rows], eps)[..., 0]
-    ok = (eps <= vx[:, -1:]) & (eps <= vys[:, rows, -1:])
-    return nx, ny, ok[..., 0]
+    vx = vxa[rows, :c].contiguous()  # [r, c]
+    vy = vys[:, rows, :c].contiguous()  # [B, r, c]
+    num, (r, _) = ycols[0].shape[0], vx.shape
+    idx = ixa[rows, :c].T.reshape(1, -1).expand(num, -1)  # candidate-major: [B, c*r]
+    joint = vx.T[None].expand(num, c, r).clone()
+    for yc in ycols:  # y-distances to the candidates, coordinate by coordinate
+        diff = yc.gather(1, idx).view(num, c, r) - yc[:, None, rows]
+        torch.maximum(joint, diff.abs_(), out=joint)
+    # [c, B, r]: contiguous slices for the streaming selection; the point itself is the 1st
+    eps = _kth_smallest(joint.transpose(0, 1).contiguous(), k, dim=0)  # [B, r]
+    nx = torch.searchsorted(vx, eps.T.contiguous()).T  # number of x-distances < eps
+    ny = torch.searchsorted(vy, eps[..., None])[..., 0]
+    return nx, ny, (eps <= vx[:, -1]) & (eps <= vy[..., -1])
+
+
+def _ksg_entries(xa, vxa, ixa, ycols, vys, b, i, k: int):
+    """As _ksg_rows with the whole table, for a list of (partner b, point i) entries."""
+    vx, cand, vy = vxa[i], ixa[i], vys[b, i]  # [F, m+1]
+    joint = vx.clone()
+    for yc in ycols:
+        n = yc.shape[1]
+        diff = yc.take(b[:, None] * n + cand) - yc.take(b * n + i)[:, None]
+        torch.maximum(joint, diff.abs_(), out=joint)
+    eps = _kth_smallest(joint.T.contiguous(), k, dim=0)[:, None]
+    ok = (eps <= vx[:, -1:]) & (eps <= vy[:, -1:])
+    return torch.searchsorted(vx, eps)[:, 0], torch.searchsorted(vy, eps)[:, 0], ok[:, 0]
+
+
+def _refine(nx, ny, ok, fn, chunk: int) -> None:
+    """Recompute the entries that are not certified yet with fn(b, i) -> (nx, ny, ok)."""
+    b, i = (~ok).nonzero(as_tuple=True)
+    for bc, ic in zip(b.split(chunk), i.split(chunk), strict=True):
+        nx[bc, ic], ny[bc, ic], ok[bc, ic] = fn(bc, ic)
 
 
 def _ksg_one_vs_many(xa, vxa, ixa, ys, vys, k: int) -> torch.Tensor:
     """KSG estimator 1, I = psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>, between one
-    variable xa [n, dx] (with its distance table vxa, ixa) and each ys[b] [n, dy] -> [B]."""
+    variable xa [n, dx] (with its distance table vxa, ixa) and each ys[b] [n, dy] -> [B].
+
+    Three stages, each exact where it certifies itself: the ~sqrt(k n) nearest x-candidates
+    (enough for most points), then the whole table for the rest, then full row scans.
+    """
     num, n, _ = ys.shape
-    step = max(1, _CHUNK // (num * vxa.shape[-1]))
-    parts = [_ksg_rows(xa, vxa, ixa, ys, vys, slice(r, r + step), k) for r in range(0, n, step)]
-    nx, ny, ok = (torch.cat(p, 1) for p in zip(*parts))
-    if vxa.shape[-1] < n and not ok.all():
-        b, i = (~ok).nonzero(as_tuple=True)
-        nx[b, i], ny[b, i] = _exact_counts(xa, ys, b, i, k)
+    m1 = vxa.shape[-1]
+    c = min(m1, math.ceil(math.sqrt((k + 1) * n)) + 1)
+    step = max(1, _CACHE_CHUNK // (num * c))
+    ycols = [t.contiguous() for t in ys.unbind(-1)]
+    parts = [
+        _ksg_rows(xa, vxa, ixa, ycols, vys, slice(r, r + step), c, k) for r in range(0, n, step)
+    ]
+    nx, ny, ok = (torch.cat(p, 1) for p in zip(*parts, strict=True))
+    if c < m1:
+        _refine(
+            nx, ny, ok, lambda b, i: _ksg_entries(xa, vxa, ixa, ycols, vys, b, i, k), _CHUNK // m1
+        )
+    if m1 < n:
+        _refine(nx, ny, ok, lambda b, i: _exact_counts(xa, ys, b, i, k), _CHUNK // n)
     # counts include the point itself, so they equal n_x + 1; the clamp covers eps = 0
     # (more than k duplicates), where nothing is strictly closer
-    psi = torch.special.digamma(nx.clamp_min(1).to(ys)) + torch.special.digamma(
-        ny.clamp_min(1).to(ys)
+    f64 = torch.float64
+    psi = torch.special.digamma(nx.clamp_min(1).to(f64)) + torch.special.digamma(
+        ny.clamp_min(1).to(f64)
     )
     return _digamma(k) + _digamma(n) - psi.mean(-1)
 
@@ -324,15 +460,17 @@ def knn_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int = 3) -> torc
     vx, ix = _sorted_prefix(xb, m)
     vy, _ = _sorted_prefix(yb, m)
     mi = torch.cat(
-        [_ksg_one_vs_many(xb[b], vx[b], ix[b], yb[b : b + 1], vy[b : b + 1], k) for b in
-         range(len(xb))]
-    )
+        [
+            _ksg_one_vs_many(xb[b], vx[b], ix[b], yb[b : b + 1], vy[b : b + 1], k)
+            for b in range(len(xb))
+        ]
+    ).to(xb)
     return mi if batched else mi[0]
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
+def _ranks(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Ordinal ranks 0..n-1 along the points axis (-2); ties broken by position."""
-    return x.argsort(dim=-2, stable=True).argsort(dim=-2).to(x.dtype)
+    return x.argsort(dim=-2, stable=True).argsort(dim=-2).to(dtype or x.dtype)
 
 
 def rank_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -363,17 +501,18 @@ def npib_similarity(embeddings: torch.Tensor, k: int = 3) -> torch.Tensor:
     """
     if embeddings.ndim != 3:
         raise ValueError(f"embeddings must be [L, n, d], got shape {tuple(embeddings.shape)}")
-    e = _ranks(_batched(embeddings, "embeddings")[0])
+    emb = _batched(embeddings, "embeddings")[0]
+    e = _ranks(emb, torch.int32)  # exact integer distances; int32 selection is ~1.5x faster
     num, n, d = e.shape
     _check_int("k", k, 1, n - 1, f" (k must be below the number of points n={n})")
     vals, idx = _sorted_prefix(e, _prefix_len(n, k))
     floor = _digamma(n) - _digamma(k) + d * math.log(2.0)
     h = _kl_entropy(vals[..., k], n, d, k).clamp_min(floor)
-    s = torch.eye(num, dtype=e.dtype, device=e.device)
+    s = torch.eye(num, dtype=torch.float64, device=e.device)
     for a in range(num - 1):  # one layer against all later ones, vectorised over partners
         mi = _ksg_one_vs_many(e[a], vals[a], idx[a], e[a + 1 :], vals[a + 1 :], k)
         s[a, a + 1 :] = (mi.clamp_min(0) / (h[a] * h[a + 1 :]).sqrt()).clamp(0, 1)
-    return torch.maximum(s, s.mT)  # fill the lower triangle
+    return torch.maximum(s, s.mT).to(emb.dtype)  # fill the lower triangle
 
 
 def layer_similarity(

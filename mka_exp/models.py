@@ -52,7 +52,9 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
+        raise ValueError(
+            f"model.dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}"
+        )
     return DTYPES[dtype]
 
 
@@ -159,10 +161,15 @@ def train_tokenizer(vocab_size: int = 384, corpus: str = TOY_CORPUS) -> PreTrain
         vocab_size=vocab_size,
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([corpus] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
 
 
@@ -199,4 +206,6 @@ def build_random_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
-    return LoadedModel(model, tokenizer, name or f"random_{model_type}_{num_layers}l_{hidden_size}h")
+    return LoadedModel(
+        model, tokenizer, name or f"random_{model_type}_{num_layers}l_{hidden_size}h"
+    )

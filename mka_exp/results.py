@@ -25,14 +25,24 @@ from typing import Any
 
 import pandas as pd
 
-# Config keys that never change a run's results: where files go and how it is logged.
-NON_RESULT_KEYS = ("paths", "logger", "hydra", "resume", "print_table")
+# Config keys (dotted) that never change a run's results: where files go, how it is logged, and
+# where caches live.
+NON_RESULT_KEYS = ("paths", "logger", "hydra", "resume", "method.cache")
+
+
+def without_keys(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
+    top = {key.split(".", 1)[0] for key in dotted if "." not in key}
+    kept = {k: v for k, v in config.items() if k not in top}
+    for key in dotted:
+        head, _, rest = key.partition(".")
+        if rest and isinstance(kept.get(head), dict):
+            kept[head] = without_keys(kept[head], (rest,))
+    return kept
 
 
 def config_hash(config: dict[str, Any]) -> str:
     """Hash of the resolved config minus the keys that cannot change the results."""
-    kept = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
-    blob = json.dumps(kept, sort_keys=True, default=str)
+    blob = json.dumps(without_keys(config, NON_RESULT_KEYS), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -86,6 +86,9 @@ def test_padding_is_excluded(tiny, representation):
     b = capture_hidden_states(tiny.model, padded, representation)
     rows = a.shape[1]  # tokens: the first prompt's tokens come first
     torch.testing.assert_close(b[:, :rows], a, atol=1e-5, rtol=1e-5)
+    # alone in its batch, the padded prompt's all-pad columns are trimmed: same points
+    single = capture_hidden_states(tiny.model, padded, representation, batch_size=1)
+    torch.testing.assert_close(single, b, atol=1e-5, rtol=1e-5)
 
 
 def test_token_sample_is_seeded_and_non_pad():

@@ -12,6 +12,8 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from mka_exp import report
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
 
@@ -59,7 +61,7 @@ def test_local_sweep_runs_two_jobs(tmp_path, data_root):
         "HF_DATASETS_OFFLINE": "1",
         "WANDB_MODE": "disabled",
     }
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     logs = "\n".join(p.read_text() for p in tmp_path.rglob(".submitit/*/*_log.*"))
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs[-3000:]}"
     records = sorted((tmp_path / "records").glob("*.json"))
@@ -69,3 +71,5 @@ def test_local_sweep_runs_two_jobs(tmp_path, data_root):
     assert table["metrics.piqa/acc"].notna().all()
     jobs = sorted(p.parent.name for p in (tmp_path / "multirun").glob("*/*/*/results.json"))
     assert jobs == ["0", "1"]  # one sweep subdir per job, each with its results.json
+    assert report.main([str(tmp_path)]) == 0  # the sweep's real records make a report
+    assert len(pd.read_csv(tmp_path / "report" / "table2.csv")) == 2

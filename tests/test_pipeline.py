@@ -16,7 +16,9 @@ from tests.helpers import REPO_ROOT, compose_config
 
 def test_reverse_prune_run_writes_complete_record(tmp_path, data_root):
     cfg = compose_config(
-        ["method=reverse_prune", "method.ratio=0.25", "eval.tasks=[piqa,boolq]"], tmp_path, data_root
+        ["method=reverse_prune", "method.ratio=0.25", "eval.tasks=[piqa,boolq]"],
+        tmp_path,
+        data_root,
     )
     record = pipeline.run(cfg)
     assert record["layers_before"] == 4 and record["layers_after"] == 3
@@ -81,8 +83,15 @@ def test_cli_unknown_option_lists_choices(tmp_path):
 
 def test_cli_bad_value_is_one_line(tmp_path, data_root):
     proc = subprocess.run(
-        [sys.executable, "run.py", "model=tiny_llama", "logger=none", "method.ratio=2",
-         f"data_root={data_root}", f"paths.output_root={tmp_path}"],
+        [
+            sys.executable,
+            "run.py",
+            "model=tiny_llama",
+            "logger=none",
+            "method.ratio=2",
+            f"data_root={data_root}",
+            f"paths.output_root={tmp_path}",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -22,8 +22,19 @@ def make_record(key: str, acc: float) -> dict:
 
 
 def test_config_hash_ignores_paths_and_logger():
-    base = {"seed": 0, "method": {"ratio": 0.25}, "paths": {"output_dir": "a"}, "logger": {"x": 1}}
-    moved = {**base, "paths": {"output_dir": "b"}, "logger": {"x": 2}}
+    base = {
+        "seed": 0,
+        "method": {"ratio": 0.25, "cache": "a/cache"},
+        "paths": {"output_dir": "a"},
+        "logger": {"x": 1},
+    }
+    moved = {
+        **base,
+        "method": {"ratio": 0.25, "cache": "b/cache"},
+        "paths": {"output_dir": "b"},
+        "logger": {"x": 2},
+    }
+    assert results.config_hash(base) != results.config_hash({**base, "method": {"ratio": 0.5}})
     assert results.config_hash(base) == results.config_hash(moved)
     assert results.config_hash(base) != results.config_hash({**base, "seed": 1})
 

@@ -34,14 +34,12 @@ from mka_exp.activations import check_representation, token_cosine
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import (
     LayerTracker,
+    capture_for,
     check_amount,
     check_counts,
+    check_max_points,
     last_point,
     layers_to_remove,
-)
-from mka_exp.methods.shortgpt import (
-    capture_for,
-    check_max_points,
     remove_by_original_index,
 )
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
+
+from mka_exp.activations import capture_hidden_states
+from mka_exp.layers import remove_layers
 
 
 def check_amount(ratio: float | None, num_layers: int | None) -> None:
@@ -73,3 +76,31 @@ def last_point(points: Iterator[tuple[int, dict]]) -> dict:
     for _, point_stats in points:
         stats = point_stats
     return stats
+
+
+def remove_by_original_index(model, tracker: LayerTracker, originals: Iterable[int]) -> None:
+    """Remove the layers whose ORIGINAL indices are `originals` and update the tracker."""
+    positions = sorted(tracker.original.index(o) for o in originals)
+    if not positions:
+        return
+    remove_layers(model, positions)
+    for position in reversed(positions):
+        tracker.remove(position)
+
+
+def capture_for(method, model, calib):
+    """`capture_hidden_states` with a method's capture settings (same attribute names)."""
+    return capture_hidden_states(
+        model,
+        calib,
+        representation=method.representation,
+        max_points=method.max_points,
+        batch_size=method.batch_size,
+        cache=method.cache,
+        seed=method.seed,
+    )
+
+
+def check_max_points(max_points: int) -> None:
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points={max_points!r} must be an integer >= 1")

@@ -62,12 +62,13 @@ from mka_exp.layers import merge_layers, num_layers
 from mka_exp.manifold import layer_similarity
 from mka_exp.methods.base import (
     LayerTracker,
+    capture_for,
     check_amount,
     check_counts,
+    check_max_points,
     last_point,
     layers_to_remove,
 )
-from mka_exp.methods.shortgpt import capture_for, check_max_points
 
 PAIRINGS = ("adjacent_back", "most_similar_adjacent", "most_similar")
 LAM_RULES = ("paper", "code")

@@ -18,51 +18,20 @@ Example config (`conf/method/shortgpt.yaml`)::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from mka_exp.activations import capture_hidden_states, check_representation, token_cosine
-from mka_exp.layers import num_layers, remove_layers
+from mka_exp.activations import check_representation, token_cosine
+from mka_exp.layers import num_layers
 from mka_exp.methods.base import (
     LayerTracker,
+    capture_for,
     check_amount,
     check_counts,
+    check_max_points,
     last_point,
     layers_to_remove,
+    remove_by_original_index,
 )
-
-# --------------------------------------------------------------------------- shared helpers
-# Used by the activation-based layer methods (shortgpt, angular, mka).
-
-
-def remove_by_original_index(model, tracker: LayerTracker, originals: Iterable[int]) -> None:
-    """Remove the layers whose ORIGINAL indices are `originals` and update the tracker."""
-    positions = sorted(tracker.original.index(o) for o in originals)
-    if not positions:
-        return
-    remove_layers(model, positions)
-    for position in reversed(positions):
-        tracker.remove(position)
-
-
-def capture_for(method, model, calib):
-    """`capture_hidden_states` with a method's capture settings (same attribute names)."""
-    return capture_hidden_states(
-        model,
-        calib,
-        representation=method.representation,
-        max_points=method.max_points,
-        batch_size=method.batch_size,
-        cache=method.cache,
-        seed=method.seed,
-    )
-
-
-def check_max_points(max_points: int) -> None:
-    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
-        raise ValueError(f"max_points={max_points!r} must be an integer >= 1")
-
-
-# --------------------------------------------------------------------------- ShortGPT
 
 
 def block_influence(states) -> list[float]:
