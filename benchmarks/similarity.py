@@ -141,13 +141,20 @@ def main() -> None:
     p.add_argument("--baseline-mi", choices=["ksg", "mir"], default="ksg")
     p.add_argument("--skip-baseline-above", type=int, default=2048)
     p.add_argument("--device", default="cpu", help="device for ours (baseline is numpy)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for ours")
+    p.add_argument(
+        "--threads", type=int, help="limit both sides to N threads (torch and numpy's BLAS)"
+    )
     args = p.parse_args()
     if args.threads:
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     full = np.load(args.activations) if args.activations else None
-    print(f"{'points':>6} {'ours s':>8} {'ours cpu':>8} {'base s':>8} {'base cpu':>8} "
-          f"{'speedup':>8} {'spd cpu':>8} {'spearman':>8}")
+    print(
+        f"{'points':>6} {'ours s':>8} {'ours cpu':>8} {'base s':>8} {'base cpu':>8} "
+        f"{'speedup':>8} {'spd cpu':>8} {'spearman':>8}"
+    )
     for n in args.points:
         acts = full[:, :n] if full is not None else synthetic(args.layers, n, args.dim)
         x = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).to(args.device)

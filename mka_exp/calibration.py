@@ -44,8 +44,13 @@ class CalibrationSet:
         """Unpadded rows for llm-compressor's `oneshot(dataset=...)`."""
         from datasets import Dataset
 
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(self.input_ids, self.attention_mask)]
-        return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+        rows = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(self.input_ids, self.attention_mask, strict=True)
+        ]
+        return Dataset.from_dict(
+            {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        )
 
     def fingerprint(self) -> str:
         """Stable key of the exact token ids: caches of activations are keyed by it."""
@@ -55,7 +60,11 @@ class CalibrationSet:
 
 
 def tokenize(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, name: str, batch_size: int
+    texts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    name: str,
+    batch_size: int,
 ) -> CalibrationSet:
     if not texts:
         raise ValueError(f"calibration set {name!r} is empty")

@@ -6,10 +6,13 @@ Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +81,51 @@ def load_pretrained(
     if not name_or_path:
         raise ValueError("model.name_or_path is required (a hub id or a local directory)")
     check_local_path(name_or_path, gguf_file)
+    label = name or Path(gguf_file or name_or_path).stem
+    if gguf_file:  # dequantizing a GGUF is slow: do it once, then load the safetensors copy
+        name_or_path, gguf_file = str(dequantized_copy(Path(name_or_path) / gguf_file)), None
     device = resolve_device(device)
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "gguf_file": gguf_file}
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, device), device_map=device_map, **kwargs
     )
-    if gguf_file:
-        drop_gguf_marker(model)
     if device_map is None:
         model.to(device)
     model.eval()
     ensure_pad_token(tokenizer)
-    return LoadedModel(model, tokenizer, name or Path(gguf_file or name_or_path).stem)
+    return LoadedModel(model, tokenizer, label)
+
+
+def dequantized_copy(gguf: Path) -> Path:
+    """A float32 safetensors copy (model + tokenizer) of a GGUF file, made once in `cache_dir()`.
+
+    Keyed by the file's path, size and mtime; written to a temporary folder and renamed, so
+    parallel jobs never read a half-written copy.
+    """
+    if not gguf.exists():
+        raise FileNotFoundError(f"model.gguf_file: {gguf} does not exist")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "dequantized" / f"{gguf.stem}-{key[:12]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("Dequantizing %s once into %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    drop_gguf_marker(model)
+    tmp = Path(
+        tempfile.mkdtemp(dir=target.parent.mkdir(parents=True, exist_ok=True) or target.parent)
+    )
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another job finished first: its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def check_local_path(name_or_path: str, gguf_file: str | None) -> None:

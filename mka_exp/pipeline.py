@@ -151,6 +151,8 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
     records_dir = Path(cfg.paths.records_dir)
     points = plan_points(cfg, configs)
     done = {p.key: results.load_record(records_dir, p.key) for p in points}
+    for record in filter(None, done.values()):
+        results.upsert_row(records_dir, record, replace=False)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
         return [done[p.key] for p in points]

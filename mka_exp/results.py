@@ -119,15 +119,26 @@ def save_record(records_dir: Path, record: dict[str, Any], table_name: str = "re
     """Write the record, then upsert its row into the table; returns the record's path."""
     path = record_path(records_dir, record["config_hash"])
     write_json_atomic(path, record)
+    upsert_row(records_dir, record, table_name)
+    return path
+
+
+def upsert_row(
+    records_dir: Path, record: dict[str, Any], table_name: str = "results.csv", replace: bool = True
+) -> None:
+    """Put the record's row into the table under the lock. With `replace=False` an existing row
+    is left alone (resume: a job killed between record and table write still gets its row)."""
     table = Path(records_dir) / table_name
     with locked(table):
         rows = pd.read_csv(table) if table.exists() else pd.DataFrame()
-        if "config_hash" in rows:
+        present = "config_hash" in rows and (rows["config_hash"] == record["config_hash"]).any()
+        if present and not replace:
+            return
+        if present:
             rows = rows[rows["config_hash"] != record["config_hash"]]
         rows = pd.concat([rows, pd.DataFrame([flatten_record(record)])], ignore_index=True)
         with atomic_target(table) as tmp:
             rows.to_csv(tmp, index=False)
-    return path
 
 
 def rebuild_table(records_dir: Path) -> pd.DataFrame:

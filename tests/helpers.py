@@ -17,6 +17,7 @@ def compose_config(overrides: list[str], tmp_path: Path, data_root: Path) -> Dic
         "model=tiny_llama",
         "logger=none",
         f"data_root={data_root}",
+        f"paths.output_root={tmp_path}",
         f"paths.output_dir={tmp_path / 'run'}",
         f"paths.records_dir={tmp_path}",
         "calib.max_length=64",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
@@ -22,10 +23,9 @@ ALL = [(group, option) for group in GROUPS for option in options(group)]
 
 @pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
 def test_option_composes_and_builds(group, option, tmp_path, data_root, tiny):
-    prefix = "+experiment" if group == "experiment" else group
-    cfg = compose_config([f"{prefix}={option}"], tmp_path, data_root)
+    cfg = compose_config([f"{group}={option}"], tmp_path, data_root)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    node = cfg[group] if group in cfg else None
+    node = cfg.get(group, None)
     if group == "experiment" or node is None or "_target_" not in node:
         return
     if group == "model":  # hub models cannot load offline: check the loader accepts every key
@@ -38,6 +38,10 @@ def test_option_composes_and_builds(group, option, tmp_path, data_root, tiny):
             node.field = "goal"
         built = instantiate(node, tokenizer=tiny.tokenizer)
         assert len(built) > 0 and built.input_ids.shape[0] == len(built)
+        return
+    if option.startswith("bnb_") and not torch.cuda.is_available():
+        with pytest.raises(Exception, match="bitsandbytes needs a CUDA GPU"):
+            instantiate(node)
         return
     assert instantiate(node) is not None
 

