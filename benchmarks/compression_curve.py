@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--extra", nargs="*", default=[], help="more run.py overrides")
     parser.add_argument("--keep", action="store_true", help="keep the output dirs and logs")
+    parser.add_argument("--skip-separate", action="store_true", help="skip (b), the slow part")
     args = parser.parse_args()
     set_threads(args.threads)  # also OMP_NUM_THREADS for the run.py subprocesses
 
@@ -170,7 +171,7 @@ def main() -> None:
     )
     print(f"  curve: {curve_s:.1f} s", file=sys.stderr)
     separate_root, separate = tmp / "separate", []
-    for ratio in ratios:
+    for ratio in [] if args.skip_separate else ratios:
         separate.append(
             run_py([*common, f"method.ratio={ratio}", f"paths.output_root={separate_root}"], log)
         )
@@ -180,14 +181,15 @@ def main() -> None:
     startup = startup_costs()
 
     curve_records = records(curve_root)
-    if len(curve_records) != len(ratios) or len(records(separate_root)) != len(ratios):
+    n_separate = 0 if args.skip_separate else len(ratios)
+    if len(curve_records) != len(ratios) or len(records(separate_root)) != n_separate:
         sys.exit(f"expected {len(ratios)} records per way; see {log}")
     first = curve_records[0]["timings"]
     compress = sum(r["timings"]["compress"] for r in curve_records)
     evaluate_s = sum(r["timings"]["evaluate"] for r in curve_records)
     fixed = first["load"] + first["calibrate"]
     rest = curve_s - fixed - compress - evaluate_s
-    sep_eval = sum(r["timings"]["evaluate"] for r in records(separate_root))
+    sep_eval = sum(r["timings"]["evaluate"] for r in records(separate_root)) if n_separate else 0
 
     print(
         f"\n{args.model} ({total} layers), method={args.method}, {args.points} points "
@@ -203,16 +205,18 @@ def main() -> None:
     print(f"{'    rest (python start, imports, task index)':<44}{rest:>9.1f}")
     print(f"{'startup probe (fresh process, no model):':<44}{startup['total']:>9.1f}")
     print(f"{'    interpreter start':<44}{startup['interpreter']:>9.1f}")
-    print(f"{'    imports (torch, transformers, lm-eval, ...)':<44}{startup['imports']:>9.1f}")
+    print(f"{'    imports (torch, transformers, lm-eval)':<44}{startup['imports']:>9.1f}")
     print(f"{'    lm-eval task index':<44}{startup['task_index']:>9.1f}")
-    print(f"{'(b) separate runs, one process each':<44}{sum(separate):>9.1f}")
-    print(f"{'    of which evaluate (all runs)':<44}{sep_eval:>9.1f}")
+    if n_separate:
+        print(f"{'(b) separate runs, one process each':<44}{sum(separate):>9.1f}")
+        print(f"{'    of which evaluate (all runs)':<44}{sep_eval:>9.1f}")
     print(f"{'(c) evaluations alone':<44}{sum(alone):>9.1f}")
-    print(f"curve / separate:           {curve_s / sum(separate):.2f}")
+    if n_separate:
+        print(f"curve / separate:           {curve_s / sum(separate):.2f}")
     print(f"curve / evaluations alone:  {curve_s / sum(alone):.2f}  (goal <= 1.2)")
     print(f"curve's evaluate / (c):     {evaluate_s / sum(alone):.2f}")
     per_point = compress + evaluate_s
-    print(f"curve's per-point work (compress + evaluate) / (c): {per_point / sum(alone):.2f}")
+    print(f"curve's compress + evaluate / (c): {per_point / sum(alone):.2f}")
     print(
         f"per point, mean s: curve {curve_s / len(ratios):.1f}, separate "
         f"{sum(separate) / len(ratios):.1f}, evaluation alone {sum(alone) / len(ratios):.1f}"

@@ -123,11 +123,15 @@ def run_raw(model, batches: list[torch.Tensor]) -> float:
 
 
 def profile_text(profiler: cProfile.Profile, top: int) -> str:
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
-    lines = out.getvalue().splitlines()
-    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
-    return "\n".join(lines[start : start + top + 1])
+    """Top entries by own time, then lm-eval / mka_exp / datasets functions by cumulative time."""
+    parts = []
+    for key, restrict in (("tottime", ()), ("cumulative", (r"lm_eval|mka_exp|datasets",))):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(*restrict, top)
+        lines = out.getvalue().splitlines()
+        start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+        parts.append(f"by {key}:\n" + "\n".join(lines[start : start + top + 1]))
+    return "\n\n".join(parts)
 
 
 def main() -> None:
