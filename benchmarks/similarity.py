@@ -22,7 +22,9 @@ For each point count n it builds activations [L, n, D] (synthetic, or the first 
 
 Printed per n: wall time and process CPU time of each (CPU time is the fairer number on a
 shared machine), the speedup, and the Spearman correlation of the upper-triangle entries of
-the two matrices. Synthetic data: n latent points in 3-D follow a random walk across layers
+the two matrices. `--threads N` limits both sides to N threads; on a machine whose cores are
+busy with other work use `--threads 1`: OpenMP/BLAS threads that spin-wait for a descheduled
+sibling made both sides ~9x slower there. Synthetic data: n latent points in 3-D follow a random walk across layers
 and are mapped by tanh and a fixed orthonormal projection into D dims plus noise, so nearby
 layers have similar geometry and far layers drift apart.
 """

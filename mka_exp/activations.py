@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import decoder_layers
@@ -145,7 +146,9 @@ def _run_capture(model, calib, representation, max_points, batch_size, seed) -> 
     handles = _install_hooks(layers, store, reduce)
     device, start = _input_device(model), 0
     try:
-        for batch in map(_trim_padding, calib.batches(batch_size)):
+        batches = map(_trim_padding, calib.batches(batch_size))
+        total = -(-len(calib) // (batch_size or calib.batch_size))
+        for batch in tqdm(batches, total=total, desc="capture activations", leave=False):
             size = len(batch["input_ids"])
             current.update(mask=batch["attention_mask"], picks=_batch_picks(positions, start, size))
             _forward_to_last_layer(model, batch, device)

@@ -46,7 +46,9 @@ Example config (`conf/method/mka.yaml`)::
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +71,8 @@ from mka_exp.methods.base import (
     last_point,
     layers_to_remove,
 )
+
+log = logging.getLogger(__name__)
 
 PAIRINGS = ("adjacent_back", "most_similar_adjacent", "most_similar")
 LAM_RULES = ("paper", "code")
@@ -266,12 +270,18 @@ class MKA:
         path = self._similarity_cache(model, calib)
         if path is not None and path.exists():
             return torch.load(path, weights_only=True).to(_device(model))
+        start = time.perf_counter()
         states = capture_for(self, model, calib)
         outputs = states[1:].to(_device(model))  # index i+1 = output of layer i
         del states
+        captured = time.perf_counter()
         sim = layer_similarity(
             outputs, dim=self.embedding_dim, alpha=self.alpha, bandwidth=self.bandwidth, k=self.knn
         )
+        log.info(
+            "MKA similarity of %d layers x %d points: capture %.1f s, NPIB %.1f s",
+            *outputs.shape[:2], captured - start, time.perf_counter() - captured,
+        )  # fmt: skip
         if path is not None:
             save_atomic(sim.cpu(), path)
         return sim
