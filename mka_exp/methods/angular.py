@@ -30,17 +30,16 @@ from itertools import pairwise
 
 import torch
 
-from mka_exp.activations import check_representation, token_cosine
+from mka_exp.activations import token_cosine
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import (
+    LayerMethod,
     LayerTracker,
     capture_for,
     check_amount,
     check_counts,
-    check_max_points,
-    last_point,
-    layers_to_remove,
     remove_by_original_index,
+    set_capture,
 )
 
 
@@ -58,7 +57,7 @@ def blocks_are_nested(blocks: list[range]) -> bool:
     return all(set(a) <= set(b) for a, b in pairwise(blocks))
 
 
-class Angular:
+class Angular(LayerMethod):
     """Remove the n consecutive layers with the smallest input-to-output angular distance."""
 
     nested = False  # see the module docstring
@@ -73,16 +72,9 @@ class Angular:
         cache: str | None = None,
         seed: int = 0,
     ) -> None:
-        check_representation(representation)
-        check_max_points(max_points)
+        set_capture(self, representation, max_points, batch_size, cache, seed)
         check_amount(ratio, num_layers)
         self.ratio, self.num_layers = ratio, num_layers
-        self.representation, self.max_points, self.seed = representation, max_points, seed
-        self.batch_size, self.cache = batch_size, cache
-
-    def compress(self, model, calib) -> dict:
-        n = layers_to_remove(num_layers(model), self.ratio, self.num_layers)
-        return last_point(self.progressive(model, calib, [n]))
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Walk the blocks of every count in place; only possible when they are nested."""

@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
 
-from mka_exp.activations import capture_hidden_states
+from mka_exp.activations import capture_hidden_states, check_representation
+from mka_exp.layers import num_layers as count_layers
 from mka_exp.layers import remove_layers
 
 
@@ -104,3 +105,25 @@ def capture_for(method, model, calib):
 def check_max_points(max_points: int) -> None:
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
         raise ValueError(f"max_points={max_points!r} must be an integer >= 1")
+
+
+class LayerMethod:
+    """What the layer methods share: `compress` is the last point of their `progressive` walk."""
+
+    ratio: float | None
+    num_layers: int | None
+
+    def compress(self, model, calib) -> dict:
+        n = layers_to_remove(count_layers(model), self.ratio, self.num_layers)
+        return last_point(self.progressive(model, calib, [n]))
+
+    def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
+        raise NotImplementedError
+
+
+def set_capture(method, representation: str, max_points: int, batch_size, cache, seed: int) -> None:
+    """Validate and store the activation-capture settings that `capture_for` reads."""
+    check_representation(representation)
+    check_max_points(max_points)
+    method.representation, method.max_points, method.seed = representation, max_points, seed
+    method.batch_size, method.cache = batch_size, cache

@@ -56,20 +56,18 @@ import torch
 
 from mka_exp.activations import (
     activation_key,
-    check_representation,
     num_points,
     save_atomic,
 )
 from mka_exp.layers import merge_layers, num_layers
 from mka_exp.manifold import layer_similarity
 from mka_exp.methods.base import (
+    LayerMethod,
     LayerTracker,
     capture_for,
     check_amount,
     check_counts,
-    check_max_points,
-    last_point,
-    layers_to_remove,
+    set_capture,
 )
 
 log = logging.getLogger(__name__)
@@ -164,7 +162,7 @@ def drop_layer(sim: torch.Tensor, j: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the method
 
 
-class MKA:
+class MKA(LayerMethod):
     """Merge the most similar (by NPIB on diffusion-map embeddings) layers until n are gone."""
 
     nested = True  # greedy merges: point k is the first k merges of any longer run
@@ -196,15 +194,12 @@ class MKA:
         check_positive_int("knn", knn)
         if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha!r} must be a number in [0, 1]")
-        check_representation(representation)
-        check_max_points(max_points)
+        set_capture(self, representation, max_points, batch_size, cache, seed)
         check_amount(ratio, num_layers)
         self.ratio, self.num_layers = ratio, num_layers
         self.pairing, self.lam, self.scope, self.similarity = pairing, lam, scope, similarity
         self.bandwidth, self.embedding_dim, self.alpha = bandwidth, embedding_dim, alpha
         self.knn = knn
-        self.representation, self.max_points, self.seed = representation, max_points, seed
-        self.batch_size, self.cache = batch_size, cache
         self.artifacts: dict = {}
 
     def options(self) -> dict:
@@ -222,10 +217,6 @@ class MKA:
             )
         if self.knn >= n:
             raise ValueError(f"knn={self.knn} must be smaller than the number of points ({n})")
-
-    def compress(self, model, calib) -> dict:
-        n = layers_to_remove(num_layers(model), self.ratio, self.num_layers)
-        return last_point(self.progressive(model, calib, [n]))
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Merge until each count of removed layers is reached, yielding after each."""

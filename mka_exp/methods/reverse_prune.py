@@ -17,10 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from mka_exp.layers import num_layers, remove_layers
-from mka_exp.methods.base import check_amount, check_counts, last_point, layers_to_remove
+from mka_exp.methods.base import (
+    LayerMethod,
+    check_amount,
+    check_counts,
+)
 
 
-class ReversePrune:
+class ReversePrune(LayerMethod):
     nested = True  # the last n+1 layers contain the last n
 
     def __init__(
@@ -28,10 +32,6 @@ class ReversePrune:
     ) -> None:
         check_amount(ratio, num_layers)
         self.ratio, self.num_layers, self.keep_final = ratio, num_layers, keep_final
-
-    def compress(self, model, calib=None) -> dict:
-        n = layers_to_remove(num_layers(model), self.ratio, self.num_layers)
-        return last_point(self.progressive(model, calib, [n]))
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Cut from the back (before the final layer with keep_final), one count at a time."""

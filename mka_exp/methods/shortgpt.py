@@ -20,17 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from mka_exp.activations import check_representation, token_cosine
+from mka_exp.activations import token_cosine
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import (
+    LayerMethod,
     LayerTracker,
     capture_for,
     check_amount,
     check_counts,
-    check_max_points,
-    last_point,
-    layers_to_remove,
     remove_by_original_index,
+    set_capture,
 )
 
 
@@ -44,7 +43,7 @@ def removal_order(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (scores[i], i))
 
 
-class ShortGPT:
+class ShortGPT(LayerMethod):
     """Remove the n layers with the lowest Block Influence (computed once)."""
 
     nested = True  # the order is fixed by BI of the dense model
@@ -59,16 +58,9 @@ class ShortGPT:
         cache: str | None = None,
         seed: int = 0,
     ) -> None:
-        check_representation(representation)
-        check_max_points(max_points)
+        set_capture(self, representation, max_points, batch_size, cache, seed)
         check_amount(ratio, num_layers)
         self.ratio, self.num_layers = ratio, num_layers
-        self.representation, self.max_points, self.seed = representation, max_points, seed
-        self.batch_size, self.cache = batch_size, cache
-
-    def compress(self, model, calib) -> dict:
-        n = layers_to_remove(num_layers(model), self.ratio, self.num_layers)
-        return last_point(self.progressive(model, calib, [n]))
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Remove layers in BI order, yielding after each count is reached."""
