@@ -111,7 +111,7 @@ def records(root: Path) -> list[dict]:
     return sorted(found, key=lambda r: r["layers_after"], reverse=True)
 
 
-def evaluations_alone(args, ratios: list[float], counts: list[int]) -> list[float]:
+def evaluations_alone(args, counts: list[int]) -> list[float]:
     """evaluate() on copies of the dense model with the last k layers removed; seconds each."""
     from mka_exp.evaluation import evaluate, known_tasks
     from mka_exp.layers import num_layers, remove_layers
@@ -176,7 +176,7 @@ def main() -> None:
             run_py([*common, f"method.ratio={ratio}", f"paths.output_root={separate_root}"], log)
         )
         print(f"  separate {ratio}: {separate[-1]:.1f} s", file=sys.stderr)
-    alone = evaluations_alone(args, ratios, counts)
+    alone = evaluations_alone(args, counts)
     print(f"  evaluations alone: {sum(alone):.1f} s", file=sys.stderr)
     startup = startup_costs()
 
@@ -217,9 +217,11 @@ def main() -> None:
     print(f"curve's evaluate / (c):     {evaluate_s / sum(alone):.2f}")
     per_point = compress + evaluate_s
     print(f"curve's compress + evaluate / (c): {per_point / sum(alone):.2f}")
+    n = len(ratios)
+    separate_mean = f"{sum(separate) / n:.1f}" if n_separate else "-"
     print(
-        f"per point, mean s: curve {curve_s / len(ratios):.1f}, separate "
-        f"{sum(separate) / len(ratios):.1f}, evaluation alone {sum(alone) / len(ratios):.1f}"
+        f"per point, mean s: curve {curve_s / n:.1f}, separate {separate_mean}, "
+        f"evaluation alone {sum(alone) / n:.1f}"
     )
     if args.keep:
         print(f"kept: {tmp}")
