@@ -62,8 +62,9 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gb(device: str) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+def peak_gb(device: str) -> str:
+    """Peak GPU memory since the last reset, formatted; "-" off the GPU."""
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.startswith("cuda") else "-"
 
 
 def timed(device: str, fn):
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--eval-seq", type=int, default=512)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--lm-eval-limit", type=int, default=50, help="0: skip lm-eval")
+    parser.add_argument("--threads", type=int, default=0, help="CPU torch threads (0: default)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
@@ -146,6 +148,8 @@ def main() -> None:
         )
         sys.exit(2)
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from mka_exp.activations import capture_hidden_states
     from mka_exp.manifold import layer_similarity
     from mka_exp.models import build_random_model
@@ -180,13 +184,13 @@ def main() -> None:
     print(f"{'step':<44}{'seconds':>9}{'peak GB':>9}")
     print(
         f"{f'capture ({args.prompts} prompts, {tokens} tokens, n={args.max_points})':<44}"
-        f"{capture_s:>9.2f}{capture_gb:>9.2f}"
+        f"{capture_s:>9.2f}{capture_gb:>9}"
     )
-    print(f"{'layer_similarity [L, L] on the device':<44}{sim_s:>9.2f}{sim_gb:>9.2f}")
+    print(f"{'layer_similarity [L, L] on the device':<44}{sim_s:>9.2f}{sim_gb:>9}")
     print(f"{'MKA analysis total (capture + similarity)':<44}{capture_s + sim_s:>9.2f}")
     print(
         f"{f'raw forward {args.eval_batches} x [{args.eval_batch}, {args.eval_seq}]':<44}"
-        f"{raw_s:>9.2f}{raw_gb:>9.2f}   {tps:,.0f} tokens/s"
+        f"{raw_s:>9.2f}{raw_gb:>9}   {tps:,.0f} tokens/s"
     )
     if args.lm_eval_limit > 0:
         eval_tps, eval_s, rec = lm_eval_throughput(

@@ -226,16 +226,19 @@ class MKA(LayerMethod):
         sim = self.similarity_matrix(model, calib)
         self.artifacts = {"similarity_before": sim.cpu().numpy()}
         tracker, merges, stale = LayerTracker(total), [], False
-        for count in counts:
+        for index, count in enumerate(counts):
             while len(merges) < count:
                 if stale and self.similarity == "recompute":
                     sim = self.similarity_matrix(model, calib)
                 merges.append(self.merge_step(model, sim, tracker))
                 sim, stale = drop_layer(sim, merges[-1]["drop_position"]), True
-            after = self.similarity_matrix(model, calib)
-            self.artifacts["similarity_after"] = after.cpu().numpy()
-            if self.similarity == "recompute":
-                sim, stale = after, False  # S of this model is the next merge's S
+            # S after merging costs a capture pass: only for the final heatmap, or when the
+            # next merge needs it anyway (recompute).
+            if index == len(counts) - 1 or self.similarity == "recompute":
+                after = self.similarity_matrix(model, calib)
+                self.artifacts["similarity_after"] = after.cpu().numpy()
+                if self.similarity == "recompute":
+                    sim, stale = after, False  # S of this model is the next merge's S
             yield count, self.stats(merges)
 
     def merge_step(self, model, sim: torch.Tensor, tracker: LayerTracker) -> dict:
