@@ -37,6 +37,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mka_exp.plots import similarity_heatmap
 from mka_exp.results import NON_RESULT_KEYS, rebuild_table
 
 # Our model config names → the paper's model names.
@@ -376,18 +377,6 @@ def plot_paper(ax: Axes, published: pd.DataFrame) -> None:
         ax.plot(points["compression_ratio"], points["acc"], "x--", **style)
 
 
-def heatmap(matrix: np.ndarray, path: Path, title: str) -> Path:
-    """A [L, L] layer-similarity matrix as a PNG heatmap (paper Fig. 3)."""
-    array = np.asarray(matrix, dtype=float)
-    if array.ndim != 2:
-        raise ValueError(f"{title}: a heatmap needs a 2-D matrix, got shape {array.shape}")
-    fig = new_figure((6, 5))
-    ax = fig.add_subplot()
-    fig.colorbar(ax.imshow(array, cmap="viridis", interpolation="nearest"), ax=ax)
-    ax.set(title=title, xlabel="layer", ylabel="layer")
-    return save(fig, path)
-
-
 def heatmaps(root: Path, out: Path) -> list[Path]:
     """A heatmap for every similarity_*.npy under the outputs dir, named after its run dir."""
     paths = []
@@ -398,7 +387,7 @@ def heatmaps(root: Path, out: Path) -> list[Path]:
         name = "_".join((*run_dir.parts, npy.stem)).replace(" ", "_")
         title = f"{run_title(npy.parent)}{npy.stem.replace('_', ' ')}"
         try:
-            paths.append(heatmap(np.load(npy), out / "heatmaps" / f"{name}.png", title))
+            paths.append(similarity_heatmap(np.load(npy), out / "heatmaps" / f"{name}.png", title))
         except (ValueError, OSError) as err:  # one bad file must not sink the report
             warnings.warn(f"skipping {npy}: {err}", RuntimeWarning, stacklevel=2)
     return paths
