@@ -96,16 +96,17 @@ def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _install_hooks(layers: nn.ModuleList, store: dict, reduce) -> list:
-    """Pre-hook on layer 0 (its input) and a forward hook on every layer (its output)."""
+def _install_hooks(layers: nn.ModuleList, write) -> list:
+    """Pre-hook on layer 0 (its input, slot 0) and a forward hook on every layer (its output,
+    slot i + 1); `write(slot, hidden)` stores each."""
     last = len(layers) - 1
 
     def on_input(module, args, kwargs):
-        store[0] = reduce(_first_arg(args, kwargs))
+        write(0, _first_arg(args, kwargs))
 
     def on_output(index):
         def hook(module, args, output):
-            store[index + 1] = reduce(output[0] if isinstance(output, tuple) else output)
+            write(index + 1, output[0] if isinstance(output, tuple) else output)
             if index == last:
                 raise _StopForward
 
@@ -134,32 +135,36 @@ def _forward_to_last_layer(model: nn.Module, batch: dict, device: torch.device) 
 
 
 def _run_capture(model, calib, representation, max_points, batch_size, seed) -> torch.Tensor:
+    """[L+1, n, D] float32, written in place: peak memory is the result plus one batch."""
     layers = decoder_layers(model)
     positions = select_token_positions(calib.attention_mask, max_points, seed)
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
-    current: dict = {}  # the batch being run, read by the hooks
+    shape = (len(layers) + 1, num_points(calib, representation, max_points))
+    state: dict = {"start": 0}  # the batch being run, read by the hooks; "out" once allocated
 
-    def reduce(hidden):
-        return _reduce(hidden, current["mask"], representation, current["picks"])
+    def write(slot: int, hidden: torch.Tensor) -> None:
+        points = _reduce(hidden, state["mask"], representation, state["picks"])
+        if "out" not in state:
+            state["out"] = torch.empty(*shape, points.shape[1])
+        state["out"][slot, state["start"] : state["start"] + len(points)] = points
+        state["count"] = len(points)
 
-    store: dict[int, torch.Tensor] = {}
-    handles = _install_hooks(layers, store, reduce)
-    device, start = _input_device(model), 0
+    handles = _install_hooks(layers, write)
+    device, first_prompt = _input_device(model), 0
     try:
         batches = map(_trim_padding, calib.batches(batch_size))
         total = -(-len(calib) // (batch_size or calib.batch_size))
         for batch in tqdm(batches, total=total, desc="capture activations", leave=False):
             size = len(batch["input_ids"])
-            current.update(mask=batch["attention_mask"], picks=_batch_picks(positions, start, size))
+            state.update(
+                mask=batch["attention_mask"], picks=_batch_picks(positions, first_prompt, size)
+            )
             _forward_to_last_layer(model, batch, device)
-            for index, points in store.items():
-                per_layer[index].append(points)
-            store.clear()
-            start += size
+            state["start"] += state["count"]
+            first_prompt += size
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([torch.cat(chunks) for chunks in per_layer])
+    return state["out"]
 
 
 def weight_fingerprint(model: nn.Module) -> str:

@@ -47,6 +47,8 @@ TASK_ALIASES: dict[str, str] = {
 }
 MACRO_METRICS = ("acc", "acc_norm")
 CPU_AUTO_BATCH_SIZE = 8
+BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
+MAX_BUILT_TASKS = 4
 # lm-eval warns about these on every call with an in-memory model, which is what we intend.
 EXPECTED_WARNINGS = (
     "`pretrained` model kwarg is not of type `str`",
@@ -64,6 +66,7 @@ def evaluate(
     data_root: str | None = None,
     seed: int = 1234,
     log_samples: bool = False,
+    share_prefix: bool = True,
 ) -> dict[str, float]:
     """Run lm-eval `tasks` on the model as it is in memory; return `{"<task>/<metric>": value}`.
 
@@ -71,6 +74,7 @@ def evaluate(
     None = all. `num_fewshot`: per-task shots; tasks not named use their lm-eval default
     (0 for ours). `data_root`: offline mirror to read instead of the hub. `log_samples` keeps
     per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
+    `share_prefix` runs each multiple-choice context once (`SharedPrefixHFLM`, same scores).
     """
     if not tasks:
         return {}
@@ -79,7 +83,16 @@ def evaluate(
     check_data_root(data_root)  # both before the slow task index, so bad values fail at once
     names = resolve_tasks(tasks)
     results = run_lm_eval(
-        model, tokenizer, list(names), limit, batch_size, num_fewshot, data_root, seed, log_samples
+        model,
+        tokenizer,
+        list(names),
+        limit,
+        batch_size,
+        num_fewshot,
+        data_root,
+        seed,
+        log_samples,
+        share_prefix,
     )
     flat = flatten_results(results, names)
     log_summary(flat, names, results, time.perf_counter() - start)
@@ -96,10 +109,13 @@ def run_lm_eval(
     data_root: str | None = None,
     seed: int = 1234,
     log_samples: bool = False,
+    share_prefix: bool = True,
 ) -> dict[str, Any]:
     """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...)."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
+
+    from mka_exp.shared_prefix import SharedPrefixHFLM
 
     limit = check_limit(limit)
     check_data_root(data_root)
@@ -108,8 +124,9 @@ def run_lm_eval(
     with quiet_lm_eval(), offline_datasets(data_root):
         # In-memory model: HFLM keeps model.device and takes max_length from the config.
         batch_size = resolve_batch_size(batch_size, model.device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        task_dict = load_tasks(lm_tasks, shots, seed)
+        lm_class = SharedPrefixHFLM if share_prefix else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        task_dict = built_tasks(lm_tasks, shots, seed, data_root)
         try:
             return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
         except AssertionError as err:
@@ -193,6 +210,35 @@ def resolve_fewshot(num_fewshot: dict[str, int], lm_tasks: list[str]) -> dict[st
         if lm_name in lm_tasks:
             shots[lm_name] = count
     return shots
+
+
+def built_tasks(
+    lm_tasks: list[str], shots: dict[str, int], seed: int, data_root: str | None
+) -> dict[str, Any]:
+    """`load_tasks`, once per process for each task list, shots and data root. Building reads
+    and maps every document (~9 s for HellaSwag's 10k at any limit), which a curve or sweep
+    would repeat per point; lm-eval rebuilds the requests on each `evaluate`, and the few-shot
+    samplers are reseeded here, so a reused task prompts exactly as a fresh one."""
+    key = (tuple(lm_tasks), tuple(sorted(shots.items())), str(data_root))
+    if key not in BUILT_TASKS:
+        if len(BUILT_TASKS) >= MAX_BUILT_TASKS:
+            BUILT_TASKS.pop(next(iter(BUILT_TASKS)))  # oldest first
+        BUILT_TASKS[key] = load_tasks(lm_tasks, shots, seed)
+    task_dict = BUILT_TASKS[key]
+    for task in task_objects(task_dict):
+        task.set_fewshot_seed(seed=seed)
+    return task_dict
+
+
+def task_objects(task_dict: dict[Any, Any]) -> Iterator[Any]:
+    """Every task in lm-eval's nested {task or group: task, group or {…}} dict."""
+    from lm_eval.api.task import Task
+
+    for value in task_dict.values():
+        if isinstance(value, dict):
+            yield from task_objects(value)
+        elif isinstance(value, Task):
+            yield value
 
 
 def load_tasks(lm_tasks: list[str], shots: dict[str, int], seed: int) -> dict[str, Any]:

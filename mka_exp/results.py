@@ -25,9 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-# Config keys (dotted) that never change a run's results: where files go, how it is logged, and
-# where caches live.
-NON_RESULT_KEYS = ("paths", "logger", "hydra", "resume", "method.cache")
+# Config keys (dotted) that never change a run's results: where files go, how it is logged, where
+# caches live, and whether evaluation shares multiple-choice contexts (same scores, less work).
+NON_RESULT_KEYS = ("paths", "logger", "hydra", "resume", "method.cache", "eval.share_prefix")
 
 
 def without_keys(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:

@@ -138,3 +138,20 @@ def test_flatten_results():
         "t3/acc": 0.5,
         "t3/exact_match,strict-match": 0.25,
     }
+
+
+def test_tasks_are_built_once_and_prompt_alike(tiny, data_root, monkeypatch):
+    """A second call reuses the built tasks (no data read) and sends the very same prompts,
+    few-shot examples included, as the first."""
+    import mka_exp.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "BUILT_TASKS", {})
+    builds = []
+    load = evaluation.load_tasks
+    monkeypatch.setattr(evaluation, "load_tasks", lambda *a: builds.append(a) or load(*a))
+    kwargs = dict(limit=3, num_fewshot={"mmlu_anatomy": 2}, data_root=data_root, log_samples=True)
+    runs = [run_lm_eval(tiny.model, tiny.tokenizer, ["mmlu_anatomy"], **kwargs) for _ in "ab"]
+    assert len(builds) == 1
+    prompts = [[s["arguments"] for s in run["samples"]["mmlu_anatomy"]] for run in runs]
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 3
+    assert runs[0]["results"] == runs[1]["results"]
