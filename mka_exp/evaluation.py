@@ -215,19 +215,31 @@ def resolve_fewshot(num_fewshot: dict[str, int], lm_tasks: list[str]) -> dict[st
 def built_tasks(
     lm_tasks: list[str], shots: dict[str, int], seed: int, data_root: str | None
 ) -> dict[str, Any]:
-    """`load_tasks`, once per process for each task list, shots and data root. Building reads
-    and maps every document (~9 s for HellaSwag's 10k at any limit), which a curve or sweep
-    would repeat per point; lm-eval rebuilds the requests on each `evaluate`, and the few-shot
-    samplers are reseeded here, so a reused task prompts exactly as a fresh one."""
+    """`load_tasks`, once per process for each task list, shots and data root, documents
+    memoized. Building reads and maps every document, which a curve or sweep would repeat per
+    point; lm-eval rebuilds the requests on each `evaluate`, and the few-shot samplers are
+    reseeded here, so a reused task prompts exactly as a fresh one."""
     key = (tuple(lm_tasks), tuple(sorted(shots.items())), str(data_root))
     if key not in BUILT_TASKS:
         if len(BUILT_TASKS) >= MAX_BUILT_TASKS:
             BUILT_TASKS.pop(next(iter(BUILT_TASKS)))  # oldest first
         BUILT_TASKS[key] = load_tasks(lm_tasks, shots, seed)
+        for task in task_objects(BUILT_TASKS[key]):
+            memoize_docs(task)
     task_dict = BUILT_TASKS[key]
     for task in task_objects(task_dict):
         task.set_fewshot_seed(seed=seed)
     return task_dict
+
+
+def memoize_docs(task: Any) -> None:
+    """lm-eval re-runs a task's `process_docs` over the whole split each time its documents are
+    read (4 times per `evaluate`: ~9 s for HellaSwag's 10k at any limit); the documents of a
+    built task never change, so keep the first result."""
+    for name in ("training_docs", "validation_docs", "test_docs", "fewshot_docs"):
+        method = getattr(task, name, None)
+        if callable(method):
+            setattr(task, name, functools.cache(method))
 
 
 def task_objects(task_dict: dict[Any, Any]) -> Iterator[Any]:

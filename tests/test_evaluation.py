@@ -155,3 +155,6 @@ def test_tasks_are_built_once_and_prompt_alike(tiny, data_root, monkeypatch):
     prompts = [[s["arguments"] for s in run["samples"]["mmlu_anatomy"]] for run in runs]
     assert prompts[0] == prompts[1] and len(prompts[0]) == 3
     assert runs[0]["results"] == runs[1]["results"]
+    (task_dict,) = evaluation.BUILT_TASKS.values()
+    tasks = list(evaluation.task_objects(task_dict))
+    assert tasks and all(t.eval_docs is t.eval_docs for t in tasks)  # mapped once, kept
