@@ -14,8 +14,9 @@ curve="curve=[0.13333,0.26667]"   # 4 and 8 of 30 layers
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
 run() { python run.py "$@" "${common[@]}"; }
+alg1=(method.lam=paper method.scope=all method.bandwidth=median)  # Algorithm 1 + eq. 4
 lane_a() {
-  run method=mka "$curve"                                   # our defaults
+  run method=mka method.pairing=most_similar_adjacent "${alg1[@]}" "$curve"
   run method=none
   run method=shortgpt "$curve"
   run method=reverse_prune method.keep_final=true "$curve"
@@ -23,9 +24,9 @@ lane_a() {
 lane_b() {
   run method=reverse_prune "$curve"
   run method=mka method.pairing=adjacent_back method.lam=code method.scope=linear \
-    method.bandwidth=8 "$curve"                             # the public code's scheme, really merged
+    method.bandwidth=8 "$curve"                  # the public code's scheme, really merged (defaults)
   run method=angular "$curve"
-  run method=mka method.pairing=most_similar "$curve"
+  run method=mka method.pairing=most_similar "${alg1[@]}" "$curve"
 }
 lane_a >"$out/lane_a.log" 2>&1 &
 lane_b >"$out/lane_b.log" 2>&1 &
