@@ -24,7 +24,7 @@ lane_a() {
 lane_b() {
   run method=reverse_prune "$curve"
   run method=mka method.pairing=adjacent_back method.lam=code method.scope=linear \
-    method.bandwidth=8 "$curve"                  # the public code's scheme, really merged (defaults)
+    method.bandwidth=8 "$curve"                  # the public code's scheme, really merged
   run method=angular "$curve"
   run method=mka method.pairing=most_similar "${alg1[@]}" "$curve"
 }
