@@ -95,10 +95,14 @@ class SharedPrefixHFLM(HFLM):
             for r, cont in enumerate(flat)
         ]
 
+    @property
+    def pad_id(self) -> int:
+        """Filler for padded slots: masked on the left, after every real token on the right."""
+        return self.tokenizer.pad_token_id or 0
+
     def left_pad(self, prefixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, prefixes))
-        pad = self.tokenizer.pad_token_id or 0
-        ids = [[pad] * (width - len(p)) + p for p in prefixes]
+        ids = [[self.pad_id] * (width - len(p)) + p for p in prefixes]
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in prefixes]
         as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
         return as_tensor(ids), as_tensor(mask)
@@ -115,8 +119,7 @@ class SharedPrefixHFLM(HFLM):
         its own prefix's KV cache; tails are right-padded (never attended by real tokens)."""
         owner = owner.to(self.device)
         cache.batch_select_indices(owner)
-        pad = self.tokenizer.pad_token_id or 0
-        tails = [cont[:-1] + [pad] * (width - len(cont) + 1) for cont in conts]
+        tails = [cont[:-1] + [self.pad_id] * (width - len(cont) + 1) for cont in conts]
         ids = torch.tensor(tails, dtype=torch.long, device=self.device)
         steps = torch.arange(width, device=self.device)
         positions = mask.sum(dim=1)[owner, None] + steps
