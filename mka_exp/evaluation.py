@@ -76,8 +76,38 @@ def evaluate(
     per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
     `share_prefix` runs each multiple-choice context once (`SharedPrefixHFLM`, same scores).
     """
+    args = (limit, batch_size, num_fewshot, data_root, seed, log_samples, share_prefix)
+    return scored(model, tokenizer, tasks, *args)[0]
+
+
+def evaluate_with_samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], **kwargs: Any
+) -> tuple[dict[str, float], Any]:
+    """`evaluate` (same keyword arguments) plus lm-eval's per-example outcomes, as the rows of
+    `mka_exp.samples` (a DataFrame; empty when there are no tasks)."""
+    from mka_exp.samples import from_lm_eval
+
+    flat, results, names = scored(model, tokenizer, tasks, **{**kwargs, "log_samples": True})
+    subtasks = results.get("group_subtasks", {})
+    owners = {leaf: ours for lm, ours in names.items() for leaf in leaf_tasks(lm, subtasks)}
+    return flat, from_lm_eval(results, owners)
+
+
+def scored(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    num_fewshot: dict[str, int] | None = None,
+    data_root: str | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+    share_prefix: bool = True,
+) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
+    """`evaluate`'s flat metrics, lm-eval's raw results and the resolved task names."""
     if not tasks:
-        return {}
+        return {}, {}, {}
     start = time.perf_counter()
     check_limit(limit)
     check_data_root(data_root)  # both before the slow task index, so bad values fail at once
@@ -96,7 +126,7 @@ def evaluate(
     )
     flat = flatten_results(results, names)
     log_summary(flat, names, results, time.perf_counter() - start)
-    return flat
+    return flat, results, names
 
 
 def run_lm_eval(

@@ -28,11 +28,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mka_exp import results
-from mka_exp.evaluation import evaluate
+from mka_exp.evaluation import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
+from mka_exp.repair.none import NoRepair
+from mka_exp.samples import write_samples
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +160,13 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
         return [done[p.key] for p in points]
     torch.manual_seed(cfg.seed)
     method = instantiate(cfg.method)  # bad method/quant/eval values fail before the model loads
+    repair = instantiate(cfg.repair) if "repair" in cfg else NoRepair()
+    repair.check_method(method)
     quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
     check_tasks(eval_kwargs["tasks"])
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
+    dense = prepare_repair(repair, session, watch)
     records = []
     for index, (stats, model) in enumerate(walk(method, session, configs, watch)):
         point = points[index]
@@ -171,7 +176,9 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
             continue
         save_artifacts(getattr(method, "artifacts", {}), point.output_dir)
         last = index == len(points) - 1
-        records.append(finish_point(point, model, stats, session, watch, last))
+        in_place = last or not getattr(method, "nested", False)
+        repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
+        records.append(finish_point(point, repaired, stats, session, watch, last))
     return records
 
 
@@ -225,6 +232,24 @@ def walk(method, session: Session, configs: list[DictConfig], watch: Stopwatch) 
             yield stats, model
 
 
+def prepare_repair(repair, session: Session, watch: Stopwatch):
+    """What the repair needs from the dense model (its hidden states), before any method runs."""
+    if isinstance(repair, NoRepair):
+        return None
+    with watch.stage("repair_capture"):
+        return repair.prepare(session.model, session.calib)
+
+
+def repair_point(repair, dense, model, stats: dict, session: Session, watch, in_place: bool):
+    """(model, stats) after the repair; a nested curve repairs a copy, never the model it cuts."""
+    if dense is None:
+        return model, stats
+    with watch.stage("repair"):
+        target = model if in_place else copy.deepcopy(model)
+        repair_stats = repair.repair(target, session.calib, stats, dense)
+    return target, {**stats, "repair": repair_stats}
+
+
 def point_count(point_cfg: DictConfig, total: int) -> int:
     method = point_cfg.method
     return layers_to_remove(total, method.get("ratio"), method.get("num_layers"))
@@ -270,7 +295,8 @@ def measure_point(
         "paper_compression_ratio": paper_compression_ratio(
             session.layers_before, layers_after, quantizer.bits
         ),
-        "method_stats": stats,
+        "method_stats": {k: v for k, v in stats.items() if k != "repair"},
+        "repair_stats": stats.get("repair", {}),
         "quant_stats": quant_stats,
         "calibration": {"name": session.calib.name, "samples": len(session.calib)},
     }
@@ -281,8 +307,12 @@ def measure_point(
             model_dir = point.output_dir / "model"
             record["bytes_on_disk"] = save_compressed(target, session.tokenizer, model_dir)
     with watch.stage("evaluate"):
-        kwargs = session.eval_kwargs
-        metrics = evaluate(target, session.tokenizer, **kwargs) if kwargs["tasks"] else {}
+        kwargs, metrics = session.eval_kwargs, {}
+        if kwargs["tasks"]:
+            metrics, rows = evaluate_with_samples(target, session.tokenizer, **kwargs)
+            # lm-eval's per-example outcomes beside the record: the report's paired tests.
+            records_dir = Path(point.cfg.paths.records_dir)
+            record["samples"] = write_samples(records_dir, point.key, rows)
     record.update(metrics=metrics, timings=dict(watch.timings), **peak_memory())
     record.update(config_hash=point.key, config=point.config, code_version=results.code_version())
     return record

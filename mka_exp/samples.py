@@ -1,0 +1,169 @@
+"""Per-example records: lm-eval's outcome for every evaluated example, kept beside the run record.
+
+An aggregate accuracy cannot say whether two methods differ: a paired test needs to know which
+examples each got right. lm-eval logs every example (`log_samples=True`); this module keeps the
+part a paired comparison needs, one row per example and filter:
+
+    task      our task name (`mmlu`, `piqa`, ...), the one the run asked for
+    subtask   lm-eval's leaf task (for MMLU the subject, e.g. `mmlu_anatomy`; else = the task)
+    doc_id    lm-eval's document index within the subtask
+    doc_hash  the first 16 hex digits of lm-eval's sha256 of the document (pairing checks it)
+    target    the gold answer as lm-eval logged it (an index for the multiple-choice tasks)
+    pred      the answer with the highest log-likelihood (the choice `acc` scores)
+    acc, acc_norm   lm-eval's per-example metrics (acc_norm null where the task has none)
+    filter    lm-eval's filter name (`none` for the multiple-choice tasks)
+
+The file is gzip'd JSON lines, `records/<config hash>.samples.jsonl.gz` under the records dir,
+written atomically (temp file + `os.replace`, mode from the umask, gzip mtime 0 so equal content
+gives an equal file), and the record holds `{"path": <relative to the records dir>, "sha256",
+"rows"}`; `read_samples` checks the digest. `aggregate` recomputes the record's metrics from the
+rows: the mean per task, and for a group (MMLU) lm-eval's size-weighted score (`acc`, the mean
+over all questions) and the macro average over subjects (`acc_macro`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm", "filter")
+METRICS = ("acc", "acc_norm")
+HASH_DIGITS = 16
+SUFFIX = ".samples.jsonl.gz"
+
+
+def from_lm_eval(results: dict[str, Any], owners: dict[str, str]) -> pd.DataFrame:
+    """Rows from lm-eval's `results["samples"]`; `owners` maps each leaf task to our task name."""
+    rows = []
+    for subtask, logged in results.get("samples", {}).items():
+        task = owners.get(subtask, subtask)
+        rows += [sample_row(task, subtask, sample) for sample in logged]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    return frame.sort_values(["task", "subtask", "filter", "doc_id"], ignore_index=True)
+
+
+def sample_row(task: str, subtask: str, sample: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": task,
+        "subtask": subtask,
+        "doc_id": int(sample["doc_id"]),
+        "doc_hash": str(sample.get("doc_hash", ""))[:HASH_DIGITS],
+        "target": plain(sample.get("target")),
+        "pred": chosen_answer(sample.get("filtered_resps")),
+        **{m: float(sample[m]) if m in sample else None for m in METRICS},
+        "filter": sample.get("filter", "none"),
+    }
+
+
+def chosen_answer(responses: Any) -> int | None:
+    """Index of the highest log-likelihood among a multiple-choice example's `(ll, greedy)`
+    responses (lm-eval's `pred` for `acc`); None for other request types."""
+    try:
+        lls = [float(r[0]) for r in responses]
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return int(np.argmax(lls)) if lls else None
+
+
+def plain(value: Any) -> Any:
+    """A JSON scalar for the gold answer (numpy ints, lists of golds)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, int | float | str) or value is None:
+        return value
+    return json.dumps(value, default=str)
+
+
+def samples_path(records_dir: Path, key: str) -> Path:
+    return Path(records_dir) / "records" / f"{key}{SUFFIX}"
+
+
+def write_samples(records_dir: Path, key: str, frame: pd.DataFrame) -> dict[str, Any]:
+    """Write the rows for config hash `key`; returns the reference the record keeps."""
+    path = samples_path(records_dir, key)
+    lines = (json.dumps(json_row(row), sort_keys=True) for row in frame.to_dict("records"))
+    data = ("\n".join(lines) + "\n" if len(frame) else "").encode()
+    blob = gzip.compress(data, mtime=0)
+    write_bytes_atomic(path, blob)
+    return {
+        "path": path.relative_to(records_dir).as_posix(),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "rows": len(frame),
+    }
+
+
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a metric the task lacks) as null; numpy scalars as Python ones."""
+    out = {}
+    for key, value in row.items():
+        value = value.item() if isinstance(value, np.generic) else value
+        out[key] = None if isinstance(value, float) and math.isnan(value) else value
+    return out
+
+
+def write_bytes_atomic(path: Path, blob: bytes) -> None:
+    """Temp file beside `path`, then `os.replace`. The temp file is created by `open` (mode
+    0o666 minus the umask, readable by the group where the umask allows), not `mkstemp` (0o600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class SamplesError(ValueError):
+    """A record's per-example file is missing or does not match its digest."""
+
+
+def read_samples(records_dir: Path, record: dict[str, Any]) -> pd.DataFrame | None:
+    """The record's rows, None when the record has no per-example file (an older run)."""
+    ref = record.get("samples")
+    if not ref:
+        return None
+    path = Path(records_dir) / ref["path"]
+    name = f"record {record.get('config_hash', '?')}: per-example file {path}"
+    if not path.exists():
+        raise SamplesError(f"{name} is missing")
+    blob = path.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != ref.get("sha256"):
+        raise SamplesError(f"{name} has sha256 {digest[:12]}…, the record says {ref.get('sha256')}")
+    lines = gzip.decompress(blob).decode().splitlines()
+    frame = pd.DataFrame([json.loads(line) for line in lines if line], columns=list(COLUMNS))
+    frame[list(METRICS)] = frame[list(METRICS)].astype(float)
+    return frame
+
+
+def aggregate(frame: pd.DataFrame) -> dict[str, float]:
+    """The record's metrics recomputed from the rows (`{"<task>/<metric>": value}`): each leaf's
+    mean; for a task with several subtasks also the mean over all its examples (lm-eval's
+    size-weighted group score) and `<metric>_macro`, the mean of the subtask means."""
+    out: dict[str, float] = {}
+    for (task, filt), rows in frame.groupby(["task", "filter"], sort=False):
+        suffix = "" if filt == "none" else f",{filt}"
+        for metric in METRICS:
+            values = rows[["subtask", metric]].dropna()
+            if values.empty:
+                continue
+            per_subtask = values.groupby("subtask")[metric].mean()
+            for subtask, mean in per_subtask.items():
+                out[f"{subtask}/{metric}{suffix}"] = float(mean)
+            if len(per_subtask) > 1 or per_subtask.index[0] != task:
+                out[f"{task}/{metric}{suffix}"] = float(values[metric].mean())
+                out[f"{task}/{metric}_macro{suffix}"] = float(per_subtask.mean())
+    return out
