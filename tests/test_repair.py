@@ -1,0 +1,246 @@
+"""Linear repair (ReplaceMe's least squares folded into down_proj): exact where it can be, better
+than no repair on a real-shape model, reloadable, per point on curves, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from mka_exp import pipeline
+from mka_exp.calibration import tokenize
+from mka_exp.layers import decoder_layers, remove_layers
+from mka_exp.methods.mka import MKA
+from mka_exp.methods.reverse_prune import ReversePrune
+from mka_exp.models import build_random_model
+from mka_exp.repair.linear import (
+    LinearRepair,
+    NormalEquations,
+    fit_positions,
+    relative_residual,
+    repair_plan,
+    solve_map,
+)
+from mka_exp.repair.none import NoRepair
+from mka_exp.saving import save_compressed
+from tests.helpers import compose_config
+
+TEXTS = [
+    f"Sentence {i}: the {w} fox jumps over {i * 7} lazy dogs, then asks whether the sky is blue."
+    for i, w in enumerate(["quick", "slow", "red", "tired", "small", "big", "old", "young"] * 3)
+]
+SHRINK = ["eval.tasks=[piqa]", "eval.limit=4"]
+
+
+def calib_of(tok, texts=TEXTS):
+    return tokenize(list(texts), tok, max_length=48, name="t", batch_size=8)
+
+
+def final_hidden(model, calib) -> torch.Tensor:
+    """The last decoder layer's output (after the final norm) on every non-pad token."""
+    with torch.no_grad():
+        out = model.model(input_ids=calib.input_ids, attention_mask=calib.attention_mask)
+    return out.last_hidden_state[calib.attention_mask.bool()]
+
+
+def logits_of(model, calib) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=calib.input_ids, attention_mask=calib.attention_mask).logits
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def linear_layer_model():
+    """A 4-layer Llama whose layer 1 is linear in the residual stream, x -> x + x C, and reads
+    only the channels layer 0's MLP writes to: removing it is exactly undone by T = I + C.
+
+    Channels split in two halves: embeddings and every attention write live in the first half,
+    layer 0's MLP writes only to the second (so Y and M are disjoint); layer 1 has no attention
+    and no norm before its MLP, which is a plain Linear C mapping the second half to itself.
+    """
+    lm = build_random_model("llama", num_layers=4, hidden_size=64, device="cpu", seed=3)
+    model, half = lm.model, 32
+    layers = decoder_layers(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, half:] = 0
+        for layer in layers:
+            layer.self_attn.o_proj.weight[half:] = 0
+        layers[0].mlp.down_proj.weight[:half] = 0
+        layers[1].self_attn.o_proj.weight.zero_()
+        mixer = nn.Linear(64, 64, bias=False)
+        mixer.weight.zero_()
+        mixer.weight[half:, half:] = 0.3 * torch.randn(half, half)
+    layers[1].post_attention_layernorm = nn.Identity()
+    layers[1].mlp = mixer
+    return lm
+
+
+def test_linear_repair_recovers_a_linear_layer_exactly():
+    lm = linear_layer_model()
+    calib = calib_of(lm.tokenizer)
+    dense_logits = logits_of(lm.model, calib)
+    repair = LinearRepair()
+    dense = repair.prepare(lm.model, calib)
+    remove_layers(lm.model, [1])
+    cut_logits = logits_of(lm.model, calib)
+    assert (cut_logits - dense_logits).abs().max() > 1e-2  # the layer mattered
+    stats = repair.repair(lm.model, calib, {"removed_layers": [1]}, dense)
+    torch.testing.assert_close(logits_of(lm.model, calib), dense_logits, atol=1e-4, rtol=1e-4)
+    (fit,) = stats["fits"]
+    assert fit["layer"] == 0 and fit["span"] == [0, 1] and fit["merged"] is False
+    assert fit["residual_before"] > 0.1 and fit["residual_after"] < 1e-5
+
+
+def test_solve_map_is_the_ridge_closed_form_and_its_diagonal():
+    torch.manual_seed(0)
+    m, target = torch.randn(200, 8, dtype=torch.float64), torch.randn(200, 8, dtype=torch.float64)
+    eq = NormalEquations(m.T @ m, m.T @ target, float((target * target).sum()), 200)
+    ridge = 3.0
+    expected = torch.linalg.solve(m.T @ m + ridge * torch.eye(8, dtype=torch.float64), m.T @ target)
+    torch.testing.assert_close(solve_map(eq, ridge, diagonal=False), expected)
+    diag = solve_map(eq, ridge, diagonal=True)
+    scale = (m * target).sum(0) / ((m * m).sum(0) + ridge)
+    torch.testing.assert_close(diag, torch.diag(scale))
+    exact = solve_map(eq, 0.0, diagonal=False)
+    direct = torch.linalg.norm(m @ exact - target) / torch.linalg.norm(target)
+    assert relative_residual(eq, exact) == pytest.approx(float(direct), rel=1e-9)
+    before = torch.linalg.norm(m - target) / torch.linalg.norm(target)
+    assert relative_residual(eq, None) == pytest.approx(float(before), rel=1e-9)
+
+
+def test_repair_plan_spans_for_pruning_and_merges():
+    plan, unrepaired = repair_plan({"removed_layers": [0, 3, 4, 7]}, 8)
+    assert [(p["layer"], p["position"], p["span"]) for p in plan] == [
+        (2, 1, [2, 3, 4]),
+        (6, 3, [6, 7]),
+    ]
+    assert unrepaired == [0]
+    merges = {"removed_layers": [5], "merges": [{"keep": 1, "drop": 5}]}
+    plan, unrepaired = repair_plan(merges, 6)
+    # The merged layer 1 is refitted to the dense boundary 2; layer 4 now stands for 4 and 5.
+    assert [(p["layer"], p["span"], p["merged"]) for p in plan] == [
+        (1, [1], True),
+        (4, [4, 5], False),
+    ]
+    assert unrepaired == []
+    with pytest.raises(ValueError, match="removed no decoder layers"):
+        repair_plan({"removed_layers": []}, 6)
+
+
+def test_fit_positions_options():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert fit_positions(mask, "all", 100, 0).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]]
+    assert fit_positions(mask, "skip_first", 100, 0).tolist() == [[0, 1], [0, 2], [1, 1]]
+    assert fit_positions(mask, "last", 100, 0).tolist() == [[0, 2], [1, 1]]
+    assert len(fit_positions(mask, "all", 3, 0)) == 3
+
+
+# --------------------------------------------------------------------------- real-shape models
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method"),
+    [("llama", ReversePrune(num_layers=2)), ("qwen2", MKA(num_layers=2, cache=None))],
+    ids=["llama-reverse_prune", "qwen2-mka"],
+)
+def test_repair_lowers_final_hidden_error(model_type, method):
+    lm = build_random_model(model_type, num_layers=6, hidden_size=64, device="cpu")
+    calib = calib_of(lm.tokenizer)
+    reference = final_hidden(lm.model, calib)
+    repair = LinearRepair()
+    dense = repair.prepare(lm.model, calib)
+    stats = method.compress(lm.model, calib)
+    before = torch.linalg.norm(final_hidden(lm.model, calib) - reference)
+    repair_stats = repair.repair(lm.model, calib, stats, dense)
+    after = torch.linalg.norm(final_hidden(lm.model, calib) - reference)
+    assert after < 0.9 * before
+    assert repair_stats["fits"] and repair_stats["tokens"] == int(calib.attention_mask.sum())
+    for fit in repair_stats["fits"]:
+        assert fit["residual_after"] < fit["residual_before"]
+
+
+def test_repaired_model_saves_and_reloads_with_identical_logits(tmp_path):
+    lm = build_random_model("llama", num_layers=6, hidden_size=64, device="cpu")
+    calib = calib_of(lm.tokenizer)
+    repair = LinearRepair(ridge=1.0)
+    dense = repair.prepare(lm.model, calib)
+    stats = ReversePrune(num_layers=2).compress(lm.model, calib)
+    unrepaired = logits_of(lm.model, calib)
+    repair.repair(lm.model, calib, stats, dense)
+    repaired = logits_of(lm.model, calib)
+    assert (repaired - unrepaired).abs().max() > 1e-3
+    save_compressed(lm.model, lm.tokenizer, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 4
+    assert torch.equal(logits_of(reloaded, calib), repaired)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_records_repair_and_curve_points_equal_single_runs(tmp_path, data_root):
+    """A nested curve repairs each point on a copy: every point equals the single run."""
+    common = ["method=shortgpt", "repair=linear", "repair.ridge=1.0", *SHRINK]
+    pipeline.run(compose_config([*common, "curve=[0.25,0.5]"], tmp_path / "curve", data_root))
+    for ratio in (0.25, 0.5):
+        single = pipeline.run(
+            compose_config([*common, f"method.ratio={ratio}"], tmp_path / "single", data_root)
+        )
+        point = pipeline.results.load_record(tmp_path / "curve", single["config_hash"])
+        assert point is not None
+        assert point["repair_stats"]["fits"] == pytest.approx(single["repair_stats"]["fits"])
+        assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
+        assert "repair" not in point["method_stats"] and "repair" in point["timings"]
+    fits = single["repair_stats"]["fits"] + single["repair_stats"]["unrepaired_layers"]
+    assert fits, "the 2-layer cut must be repaired or recorded as unrepaired"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=none"], "repair=linear needs a layer method .* method=none removes none"),
+        (["method=sparsegpt"], "method=sparsegpt removes none"),
+        (["repair.positions=middle"], "repair.positions='middle' is not allowed"),
+        (["repair.ridge=-1"], "repair.ridge=-1 must be a number >= 0"),
+    ],
+)
+def test_bad_repair_input_fails_before_the_model_loads(
+    overrides, message, tmp_path, data_root, monkeypatch
+):
+    cfg = compose_config(["repair=linear", *overrides, *SHRINK], tmp_path, data_root)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(pipeline, "load_session", no_load)
+    with pytest.raises(Exception, match=message):
+        pipeline.run(cfg)
+
+
+def test_too_few_tokens_without_ridge(tmp_path, data_root):
+    cfg = compose_config(
+        ["method=reverse_prune", "repair=linear", "repair.max_tokens=10", *SHRINK],
+        tmp_path,
+        data_root,
+    )
+    with pytest.raises(ValueError, match="10 calibration tokens .* fewer than the hidden size 64"):
+        pipeline.run(cfg)
+    ok = compose_config(
+        [
+            "method=reverse_prune",
+            "repair=linear",
+            "repair.max_tokens=10",
+            "repair.ridge=1",
+            *SHRINK,
+        ],
+        tmp_path,
+        data_root,
+    )
+    assert pipeline.run(ok)["repair_stats"]["tokens"] == 10
+
+
+def test_no_repair_changes_nothing(tiny):
+    assert NoRepair().repair(tiny.model, None, {"removed_layers": [1]}, None) == {}
