@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -30,9 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import decoder_layers
+from mka_exp.layers import decoder_layers, num_layers
+
+log = logging.getLogger(__name__)
 
 REPRESENTATIONS = ("tokens", "last", "mean")
+CACHE_FORMAT = 1
 
 
 class _StopForward(Exception):
@@ -199,6 +204,58 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def tensor_crc(tensor: torch.Tensor) -> int:
+    """CRC32 of the tensor's bytes (about 1 GB/s: a small price next to recomputing it)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(flat.numpy())
+
+
+def save_cache(tensor: torch.Tensor, path: Path, key: str) -> None:
+    """A cached tensor with what it was made for: its key, shape and a CRC32 of its bytes."""
+    entry = {"format": CACHE_FORMAT, "key": key, "shape": list(tensor.shape), "tensor": tensor}
+    save_atomic({**entry, "crc32": tensor_crc(tensor)}, path)
+
+
+def cache_problem(entry, key: str, shape: tuple) -> str | None:
+    """What is wrong with a loaded cache entry (None: usable). `shape` may hold None (any)."""
+    if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+        return "not a checked cache entry"
+    tensor = entry.get("tensor")
+    if not isinstance(tensor, torch.Tensor):
+        return "no tensor"
+    if entry.get("key") != key:
+        return f"made for key {entry.get('key')!r}, not {key!r}"
+    got = tuple(tensor.shape)
+    fits = len(got) == len(shape) and all(w in (None, g) for w, g in zip(shape, got, strict=True))
+    if not fits:
+        return f"shape {list(got)}, expected {['*' if w is None else w for w in shape]}"
+    if entry.get("crc32") != tensor_crc(tensor):
+        return "checksum mismatch"
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        return "non-finite values"
+    return None
+
+
+def load_cache(path: Path, key: str, shape: tuple) -> torch.Tensor | None:
+    """The cached tensor if `path` holds a sound one made for `key` with this shape, else None.
+
+    A damaged (truncated, garbled) or mismatched file is named in a warning and deleted, and the
+    caller computes the tensor again."""
+    if not path.exists():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+    except Exception as err:  # torch's own message advises unsafe loading: give the type only
+        problem = f"unreadable ({type(err).__name__})"
+    else:
+        problem = cache_problem(entry, key, shape)
+    if problem is None:
+        return entry["tensor"]
+    log.warning("cache %s is damaged or stale (%s); deleted, computing it again", path, problem)
+    path.unlink(missing_ok=True)
+    return None
+
+
 def capture_hidden_states(
     model: nn.Module,
     calib: CalibrationSet,
@@ -216,16 +273,18 @@ def capture_hidden_states(
     check_representation(representation)
     if max_points < 1:
         raise ValueError(f"max_points={max_points} must be >= 1")
-    path = None
+    path = key = None
     if cache is not None:
         key = activation_key(model, calib, representation, max_points, seed)
         path = Path(cache).expanduser() / f"hidden_{key}.pt"
-        if path.exists():
-            return torch.load(path, weights_only=True)
+        shape = (num_layers(model) + 1, num_points(calib, representation, max_points), None)
+        cached = load_cache(path, key, shape)
+        if cached is not None:
+            return cached
     with torch.inference_mode():
         states = _run_capture(model, calib, representation, max_points, batch_size, seed)
     if path is not None:
-        save_atomic(states, path)
+        save_cache(states, path, key)
     return states
 
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import logging
 import multiprocessing as mp
+import os
+import random
+import stat
 
 import pandas as pd
+import pytest
 
 from mka_exp import results
 
@@ -93,3 +99,124 @@ def test_missing_row_is_restored_without_touching_the_record(tmp_path):
     results.upsert_row(tmp_path, {**record_b, "model": "changed"}, replace=False)
     table = pd.read_csv(tmp_path / "results.csv").set_index("config_hash")
     assert sorted(table.index) == ["a", "b"] and table.loc["b", "model"] == "m"
+
+
+def table_hashes(path) -> list[str]:
+    """The table's config_hash column as the text in the file (no type guessing)."""
+    with open(path, newline="") as fh:
+        return [row["config_hash"] for row in csv.DictReader(fh)]
+
+
+def test_numeric_looking_hashes_stay_strings(tmp_path):
+    """`724e836309272529` reads as a float (inf) and `0012...` loses its zeros unless hashes are
+    read as strings: the row's key is lost and the next upsert of that config duplicates it."""
+    keys = ["724e836309272529", "0012345678901234"]
+    for key in keys + keys:
+        results.save_record(tmp_path, make_record(key, 0.5))
+    assert table_hashes(tmp_path / "results.csv") == keys
+    table = results.read_table(tmp_path / "results.csv")
+    assert table["config_hash"].tolist() == keys
+
+
+def mirror(root, sizes: dict[str, int]):
+    for name, size in sizes.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x" * size + "\n")
+    return str(root)
+
+
+def test_config_hash_leaves_out_where_the_data_lies(tmp_path):
+    files = {"org/a/default/validation.jsonl": 10, "org/b/x/test.jsonl": 20}
+    here, there = mirror(tmp_path / "one", files), mirror(tmp_path / "two" / "deeper", files)
+    config = {"seed": 0, "method": {"ratio": 0.25}}
+
+    def at(root):
+        return {
+            **config,
+            "data_root": root,
+            "calib": {"data_root": root},
+            "eval": {"data_root": root},
+        }
+
+    assert results.config_hash(at(here)) == results.config_hash(at(there))
+    other = mirror(tmp_path / "three", {**files, "org/b/x/test.jsonl": 21})
+    assert results.config_hash(at(here)) != results.config_hash(at(other))
+    assert results.config_hash(at(here)) != results.config_hash(at(None))  # mirror vs the hub
+
+
+def test_local_calibration_file_is_hashed_by_content_not_location(tmp_path):
+    for folder, text in (("a", "one\n"), ("b", "one\n"), ("c", "two\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "calib.txt").write_text(text)
+
+    def key(folder):
+        return results.config_hash({"calib": {"path": str(tmp_path / folder / "calib.txt")}})
+
+    assert key("a") == key("b") != key("c")
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "cut":
+        path.write_bytes(data[: len(data) - 7])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "random":
+        path.write_bytes(random.Random(0).randbytes(len(data)))
+
+
+@pytest.mark.parametrize("how", ["cut", "empty", "random"])
+def test_damaged_table_is_rebuilt_from_records(tmp_path, caplog, how):
+    for key, acc in (("a", 0.5), ("b", 0.6), ("c", 0.7)):
+        results.save_record(tmp_path, make_record(key, acc))
+    damage(tmp_path / "results.csv", how)
+    with caplog.at_level(logging.WARNING):
+        results.save_record(tmp_path, make_record("d", 0.8))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(tmp_path / "results.csv") in warnings[0], warnings
+    table = results.read_table(tmp_path / "results.csv").sort_values("config_hash")
+    assert table["config_hash"].tolist() == ["a", "b", "c", "d"]
+    assert table["metrics.piqa/acc"].tolist() == [0.5, 0.6, 0.7, 0.8]
+    assert table["layers_after"].tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("how", ["cut", "empty", "random"])
+def test_damaged_record_is_moved_aside(tmp_path, caplog, how):
+    results.save_record(tmp_path, make_record("a", 0.5))
+    results.save_record(tmp_path, make_record("b", 0.6))
+    path = results.record_path(tmp_path, "a")
+    damage(path, how)
+    with caplog.at_level(logging.WARNING):
+        assert results.load_record(tmp_path, "a") is None
+    assert str(path) in caplog.text
+    assert not path.exists() and path.with_name("a.json.damaged").exists()
+    results.upsert_row(tmp_path, make_record("b", 0.6), replace=False)
+    assert table_hashes(tmp_path / "results.csv") == ["b"]  # no row without a record
+
+
+def test_failure_marker_is_kept_until_the_point_is_recorded(tmp_path, caplog):
+    assert results.load_failure(tmp_path, "a") is None
+    results.save_failure(tmp_path, "a", "ValueError: bad", {"seed": 0})
+    assert results.load_failure(tmp_path, "a")["error"] == "ValueError: bad"
+    results.clear_failure(tmp_path, "a")
+    assert results.load_failure(tmp_path, "a") is None
+    results.save_failure(tmp_path, "b", "ValueError: bad", {"seed": 0})
+    damage(results.failure_path(tmp_path, "b"), "cut")
+    with caplog.at_level(logging.WARNING):
+        assert results.load_failure(tmp_path, "b") is None
+    assert str(results.failure_path(tmp_path, "b")) in caplog.text
+    assert not results.failure_path(tmp_path, "b").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        results.save_record(tmp_path, make_record("a", 0.5))
+        results.write_json_atomic(tmp_path / "run" / "results.json", make_record("a", 0.5))
+    finally:
+        os.umask(old)
+    files = [results.record_path(tmp_path, "a"), tmp_path / "results.csv"]
+    for path in [*files, tmp_path / "run" / "results.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

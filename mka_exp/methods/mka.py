@@ -56,8 +56,9 @@ import torch
 
 from mka_exp.activations import (
     activation_key,
+    load_cache,
     num_points,
-    save_atomic,
+    save_cache,
 )
 from mka_exp.layers import merge_layers, num_layers
 from mka_exp.manifold import layer_similarity
@@ -262,8 +263,10 @@ class MKA(LayerMethod):
     def similarity_matrix(self, model, calib) -> torch.Tensor:
         """NPIB similarity [L, L] of the model's layer outputs, on the model's device."""
         path = self._similarity_cache(model, calib)
-        if path is not None and path.exists():
-            return torch.load(path, weights_only=True).to(_device(model))
+        size = num_layers(model)
+        cached = None if path is None else load_cache(path, path.stem, (size, size))
+        if cached is not None:
+            return cached.to(_device(model))
         start = time.perf_counter()
         states = capture_for(self, model, calib)
         outputs = states[1:].to(_device(model))  # index i+1 = output of layer i
@@ -277,7 +280,7 @@ class MKA(LayerMethod):
             *outputs.shape[:2], captured - start, time.perf_counter() - captured,
         )  # fmt: skip
         if path is not None:
-            save_atomic(sim.cpu(), path)
+            save_cache(sim.cpu(), path, path.stem)
         return sim
 
     def _similarity_cache(self, model, calib) -> Path | None:

@@ -1,0 +1,112 @@
+"""Sweeps that outlive a bad point, and run directories that never collide.
+
+Hydra's launchers stop a sweep at the first job that raises (the basic launcher re-raises the
+first failure once its batch is done, and `SystemExit` escapes it at once). So in a multirun
+`pipeline.main` catches a job's error, logs its one line with the job's overrides, writes
+`<job dir>/failed.json` (and the pipeline leaves `failures/<hash>.json` for the next resume) and
+returns; the sweep goes on. `FailureSummary`, a Hydra callback (`hydra.callbacks` in
+conf/config.yaml), reads the `failed.json` files of the sweep directory when the sweep ends,
+logs which jobs failed and why, and exits with status 1. It reads files rather than job returns,
+so it works the same with the basic launcher and the submitit (local, Slurm) launchers, whose
+jobs run in other processes.
+
+Importing this module registers the `${unique:}` resolver used in `hydra.run.dir` and
+`hydra.sweep.dir`: six random hex digits, drawn once per config (cached, and copied with the
+config to submitit jobs), after the date and time, so runs started in the same second get
+directories of their own. Hydra imports the module when it instantiates the callback, before
+it resolves the run directory.
+
+Example (conf/config.yaml)::
+
+    hydra:
+      callbacks:
+        failures:
+          _target_: mka_exp.sweep.FailureSummary
+      run:
+        dir: ${paths.output_root}/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}-${unique:}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+FAILED = "failed.json"  # in a failed job's own directory
+
+
+def unique_suffix() -> str:
+    return secrets.token_hex(3)
+
+
+if not OmegaConf.has_resolver("unique"):
+    OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)
+
+
+def error_line(err: BaseException) -> str:
+    """`<Type>: <message>` of the error (of its cause when Hydra wrapped it)."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def job_failed(output_dir: Path, line: str, err: BaseException, expected: bool) -> None:
+    """Report a failed sweep job and leave `failed.json` in its directory; the sweep goes on.
+    An unexpected error (a bug, not bad input) gets its traceback in the log too."""
+    overrides = job_overrides()
+    log.error("job failed: %s\n  overrides: %s", line, " ".join(overrides),
+              exc_info=None if expected else err)  # fmt: skip
+    path = Path(output_dir) / FAILED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{FAILED}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"error": line, "overrides": overrides}, indent=2))
+    os.replace(tmp, path)
+
+
+def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The failures left by the jobs of one sweep (a damaged file still counts as a failure)."""
+    failures = []
+    for path in sorted(Path(sweep_dir).rglob(FAILED)):
+        try:
+            failure = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            failure = {"error": f"unreadable {path} ({err})", "overrides": []}
+        failures.append({**failure, "dir": str(path.parent)})
+    return failures
+
+
+class FailureSummary(Callback):
+    """At the end of a multirun: which jobs failed and why; exit status 1 if any did."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failures = sweep_failures(sweep_dir)
+        if not failures:
+            return
+        jobs = sum(1 for _ in sweep_dir.rglob(".hydra"))
+        lines = [f"{len(failures)} of {jobs} sweep job(s) failed (sweep dir {sweep_dir}):"]
+        for failure in failures:
+            overrides = " ".join(failure.get("overrides") or [])
+            lines.append(f"  {overrides or failure['dir']}: {failure['error']}")
+        lines.append("Rerun the same command to retry them; finished points are skipped.")
+        log.error("\n".join(lines))
+        raise SystemExit(1)
