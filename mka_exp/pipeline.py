@@ -27,7 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mka_exp import results
+from mka_exp import results, sweep
 from mka_exp.evaluation import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -42,15 +42,19 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, Run
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """Entry point behind `@hydra.main`: one line and exit code 2 on bad input."""
+    """Entry point behind `@hydra.main`: one line and exit code 2 on bad input. In a multirun a
+    failed job is reported (its error line and overrides) and the sweep goes on; the sweep exits
+    1 at its end with a summary (`mka_exp.sweep.FailureSummary`)."""
     try:
         return run(cfg)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        log.error("%s: %s", type(cause).__name__, cause)
-        raise SystemExit(2) from None
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, err)
+    except Exception as err:
+        expected = isinstance(err, (InstantiationException, *USER_ERRORS))
+        if sweep.in_multirun():
+            sweep.job_failed(Path(cfg.paths.output_dir), sweep.error_line(err), err, expected)
+            return None
+        if not expected:
+            raise
+        log.error("%s", sweep.error_line(err))
         raise SystemExit(2) from None
 
 
@@ -152,12 +156,44 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
     """Load once, walk the points in order; points already recorded are not evaluated again."""
     records_dir = Path(cfg.paths.records_dir)
     points = plan_points(cfg, configs)
-    done = {p.key: results.load_record(records_dir, p.key) for p in points}
-    for record in filter(None, done.values()):
-        results.upsert_row(records_dir, record, replace=False)
+    done = recorded_points(cfg, points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
         return [done[p.key] for p in points]
+    finished: set[str] = set()
+    try:
+        return compute_points(cfg, configs, points, done, finished)
+    except Exception as err:  # each unfinished point is marked; the next resume retries it
+        for point in points:
+            if not done[point.key] and point.key not in finished:
+                results.save_failure(records_dir, point.key, sweep.error_line(err), point.config)
+        raise
+
+
+def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> dict:
+    """Each point's record if it is already finished (resume), else None; with `resume=false`
+    all None (computed again, records overwritten). A recorded point's run directory gets a copy
+    of its record, and the table its row (a damaged table is rebuilt from the records)."""
+    if not cfg.get("resume", True):
+        old = [p.key for p in points if results.record_path(records_dir, p.key).exists()]
+        if old:
+            log.info("resume=false: computing %d recorded point(s) again and overwriting their "
+                     "records: %s", len(old), ", ".join(old))  # fmt: skip
+        return dict.fromkeys((p.key for p in points), None)
+    done = {p.key: results.load_record(records_dir, p.key) for p in points}
+    results.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
+    for point in points:
+        if done[point.key]:
+            results.write_json_atomic(point.output_dir / "results.json", done[point.key])
+        elif failure := results.load_failure(records_dir, point.key):
+            log.info("point %s failed before (%s); trying it again", point.key, failure["error"])
+    return done
+
+
+def compute_points(
+    cfg: DictConfig, configs: list[DictConfig], points: list[Point], done: dict, finished: set
+) -> list[dict[str, Any]]:
+    """Load once and compute the points not in `done`, adding each finished key to `finished`."""
     torch.manual_seed(cfg.seed)
     method = instantiate(cfg.method)  # bad method/quant/eval values fail before the model loads
     repair = instantiate(cfg.repair) if "repair" in cfg else NoRepair()
@@ -179,6 +215,7 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
         in_place = last or not getattr(method, "nested", False)
         repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
         records.append(finish_point(point, repaired, stats, session, watch, last))
+        finished.add(point.key)
     return records
 
 
@@ -240,7 +277,9 @@ def prepare_repair(repair, session: Session, watch: Stopwatch):
         return repair.prepare(session.model, session.calib)
 
 
-def repair_point(repair, dense, model, stats: dict, session: Session, watch, in_place: bool):
+def repair_point(
+    repair, dense, model, stats: dict, session: Session, watch: Stopwatch, in_place: bool
+) -> tuple:
     """(model, stats) after the repair; a nested curve repairs a copy, never the model it cuts."""
     if dense is None:
         return model, stats
@@ -255,17 +294,30 @@ def point_count(point_cfg: DictConfig, total: int) -> int:
     return layers_to_remove(total, method.get("ratio"), method.get("num_layers"))
 
 
+TRACKERS: dict[str, Any] = {}
+
+
+def shared_tracker(logger_cfg: DictConfig):
+    """One tracker per process and logger config: a curve's points and a basic-launcher sweep's
+    jobs share it, so an unreachable wandb server is found out once, not at every point."""
+    key = OmegaConf.to_yaml(logger_cfg, resolve=True)
+    if key not in TRACKERS:
+        TRACKERS[key] = instantiate(logger_cfg)
+    return TRACKERS[key]
+
+
 def finish_point(
     point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
 ) -> dict:
     """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
     point.output_dir.mkdir(parents=True, exist_ok=True)
-    tracker = instantiate(point.cfg.logger)
+    tracker = shared_tracker(point.cfg.logger)
     tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
         record = measure_point(point, model, stats, session, watch, last)
         results.write_json_atomic(point.output_dir / "results.json", record)
         results.save_record(Path(point.cfg.paths.records_dir), record)
+        results.clear_failure(Path(point.cfg.paths.records_dir), point.key)
         tracker.log_record(record, images=record_images(point.output_dir))
     finally:
         tracker.finish()
