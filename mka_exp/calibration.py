@@ -1,5 +1,6 @@
 """Calibration prompts: MMLU questions (leak-free validation by default, or the paper's first test
-question per subject) or any text dataset (hub id or local file), tokenized once.
+question per subject) or any text dataset (hub id or local file), tokenized once. `seed` null takes
+the first rows (the paper's draw); an integer draws the rows at random (calibration sensitivity).
 
 Builders take plain arguments and return a :class:`CalibrationSet`, which layer methods read as
 padded batches and llm-compressor reads as a `datasets.Dataset`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,28 @@ def format_mmlu(doc: dict) -> str:
     return f"{doc['question'].strip()}\n{options}\nAnswer: {letters[int(doc['answer'])]}"
 
 
+def check_seed(seed: object) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(
+            f"calib.seed={seed!r} is not allowed; allowed: null (the first rows) or an integer"
+        )
+    return seed
+
+
+def draw(items: list, count: int, seed: int | None, stream: str = "") -> list:
+    """The first `count` items (seed null: the paper's and today's draw), else `count` drawn at
+    random without replacement, in their original order. Each `stream` (an MMLU subject) has its
+    own generator seeded by text, so a subject's draw depends only on the seed and the subject."""
+    if seed is None or count >= len(items):
+        return items[:count]
+    picked = random.Random(f"{seed}/{stream}").sample(range(len(items)), count)
+    return [items[i] for i in sorted(picked)]
+
+
+def seed_label(seed: int | None) -> str:
+    return "" if seed is None else f"_seed{seed}"
+
+
 def mmlu_prompts(
     tokenizer: PreTrainedTokenizerBase,
     split: str = "validation",
@@ -91,18 +115,22 @@ def mmlu_prompts(
     max_length: int = 512,
     batch_size: int = 8,
     data_root: str | None = None,
+    seed: int | None = None,
 ) -> CalibrationSet:
-    """`per_subject` questions from each of the 57 MMLU subjects (first rows of `split`)."""
+    """`per_subject` questions from each of the 57 MMLU subjects: the first rows of `split`, or
+    with `seed` a random draw of rows per subject."""
     allowed = ("dev", "validation", "test")
     if split not in allowed:
         raise ValueError(f"calib.split={split!r} is not an MMLU split; allowed: {allowed}")
     if per_subject < 1:
         raise ValueError(f"calib.per_subject={per_subject} must be >= 1")
+    check_seed(seed)
     texts = []
     for subject in MMLU_SUBJECTS:
         rows = load_split("cais/mmlu", subject, split, data_root)
-        texts += [format_mmlu(row) for row in rows[:per_subject]]
-    return tokenize(texts, tokenizer, max_length, f"mmlu_{split}_{per_subject}", batch_size)
+        texts += [format_mmlu(row) for row in draw(rows, per_subject, seed, subject)]
+    name = f"mmlu_{split}_{per_subject}{seed_label(seed)}"
+    return tokenize(texts, tokenizer, max_length, name, batch_size)
 
 
 def text_dataset(
@@ -115,8 +143,11 @@ def text_dataset(
     max_length: int = 512,
     batch_size: int = 8,
     data_root: str | None = None,
+    seed: int | None = None,
 ) -> CalibrationSet:
-    """The first `num_samples` non-empty `field` values of a hub dataset or a local .jsonl/.txt."""
+    """The first `num_samples` non-empty `field` values of a hub dataset or a local .jsonl/.txt
+    (with `seed`: `num_samples` of them drawn at random)."""
+    check_seed(seed)
     local = Path(path).expanduser()
     if local.suffix in (".jsonl", ".txt", ".json"):
         if not local.exists():
@@ -125,6 +156,6 @@ def text_dataset(
         texts = lines if local.suffix == ".txt" else [json.loads(x)[field] for x in lines if x]
     else:
         texts = [row[field] for row in load_split(path, name, split, data_root)]
-    texts = [t for t in texts if t and t.strip()][:num_samples]
-    label = f"{local.stem if local.suffix else path}_{split}_{len(texts)}"
+    texts = draw([t for t in texts if t and t.strip()], num_samples, seed)
+    label = f"{local.stem if local.suffix else path}_{split}_{len(texts)}{seed_label(seed)}"
     return tokenize(texts, tokenizer, max_length, label, batch_size)
