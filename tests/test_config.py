@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers import CONF, compose_config
 
-GROUPS = ("model", "calib", "method", "quant", "eval", "logger", "experiment")
+GROUPS = ("model", "calib", "method", "repair", "quant", "eval", "logger", "experiment")
 
 
 def options(group: str) -> list[str]:
@@ -49,3 +49,23 @@ def test_option_composes_and_builds(group, option, tmp_path, data_root, tiny):
 def test_groups_have_options():
     for group in ("model", "calib", "method", "eval", "logger"):
         assert options(group), group
+
+
+NEW = [("repair", "none"), ("repair", "linear"), ("method", "laco"), ("method", "sleb")]
+WITH_QUANT = [(g, o, q) for g, o in NEW for q in options("quant")]
+
+
+@pytest.mark.parametrize(
+    ("group", "option", "quant"), WITH_QUANT, ids=[f"{g}={o}-quant={q}" for g, o, q in WITH_QUANT]
+)
+def test_repair_and_new_methods_compose_with_every_quantizer(
+    group, option, quant, tmp_path, data_root
+):
+    """`method=mka repair=linear quant=gptq` and friends: the config resolves and every part builds."""
+    cfg = compose_config([f"{group}={option}", f"quant={quant}"], tmp_path, data_root)
+    OmegaConf.to_container(cfg, resolve=True)
+    method, repair = instantiate(cfg.method), instantiate(cfg.repair)
+    repair.check_method(method)  # every layer method is one a repair can follow
+    if quant.startswith("bnb_") and not torch.cuda.is_available():
+        return  # bitsandbytes needs a GPU (test_option_composes_and_builds checks the message)
+    assert instantiate(cfg.quant) is not None

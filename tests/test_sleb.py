@@ -1,0 +1,115 @@
+"""SLEB: greedy removal by calibration perplexity, rescored after each removal, nested."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mka_exp import pipeline
+from mka_exp.calibration import tokenize
+from mka_exp.layers import decoder_layers
+from mka_exp.methods.sleb import SLEB, calibration_nll, swapped_layers
+from mka_exp.models import build_random_model
+from tests.helpers import compose_config
+
+TEXTS = [
+    f"Sentence {i}: the {w} fox jumps over {i * 7} lazy dogs, then asks whether the sky is blue."
+    for i, w in enumerate(["quick", "slow", "red", "tired", "small", "big"] * 2)
+]
+
+
+def calib_of(tok):
+    return tokenize(TEXTS, tok, max_length=48, name="t", batch_size=4)
+
+
+def trained_with_identity(identity: int, layers: int = 5):
+    """A tiny Llama trained a little on the calibration text, with layer `identity` an identity
+    (no attention or MLP write, frozen): every other layer now lowers the perplexity."""
+    lm = build_random_model("llama", num_layers=layers, hidden_size=64, device="cpu", seed=1)
+    model = lm.model
+    planted = decoder_layers(model)[identity]
+    with torch.no_grad():
+        planted.self_attn.o_proj.weight.zero_()
+        planted.mlp.down_proj.weight.zero_()
+    planted.self_attn.o_proj.weight.requires_grad_(False)
+    planted.mlp.down_proj.weight.requires_grad_(False)
+    calib = calib_of(lm.tokenizer)
+    labels = calib.input_ids.masked_fill(~calib.attention_mask.bool(), -100)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = model(
+            input_ids=calib.input_ids, attention_mask=calib.attention_mask, labels=labels
+        ).loss
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return lm, calib
+
+
+def test_sleb_removes_planted_identity_block_first():
+    lm, calib = trained_with_identity(identity=2)
+    stats = SLEB(num_layers=2).compress(lm.model, calib)
+    assert stats["removal_order"][0] == 2
+    first = dict(stats["steps"][0]["candidates"])
+    assert first[2] == pytest.approx(stats["dense_perplexity"], rel=1e-5)
+    assert min(v for k, v in first.items() if k != 2) > first[2] * 1.01
+    # Rescored on the model without layer 2: candidates are the four remaining layers.
+    assert [layer for layer, _ in stats["steps"][1]["candidates"]] == [0, 1, 3, 4]
+    assert stats["removed_layers"] == sorted(stats["removal_order"])
+
+
+def test_sleb_is_nested_and_progressive_equals_compress():
+    lm, calib = trained_with_identity(identity=1, layers=5)
+    fresh = copy.deepcopy(lm.model)
+    points = list(SLEB(num_layers=1).progressive(lm.model, calib, [1, 3]))
+    single = SLEB(num_layers=3).compress(fresh, calib)
+    assert points[-1][1]["removal_order"] == single["removal_order"]
+    assert points[0][1]["removal_order"] == single["removal_order"][:1]
+    assert len(decoder_layers(lm.model)) == 2
+
+
+def test_calibration_nll_is_the_mean_token_cross_entropy(tiny):
+    calib = calib_of(tiny.tokenizer)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=calib.input_ids, attention_mask=calib.attention_mask).logits
+    mask = calib.attention_mask.bool()
+    valid = mask[:, 1:] & mask[:, :-1]
+    expected = F.cross_entropy(logits[:, :-1][valid], calib.input_ids[:, 1:][valid])
+    assert calibration_nll(tiny.model, calib, batch_size=3) == pytest.approx(float(expected), 1e-5)
+    assert math.isfinite(calibration_nll(tiny.model, calib))
+
+
+def test_swapped_layers_restore_the_originals_even_on_error(tiny):
+    layers = list(decoder_layers(tiny.model))
+    with pytest.raises(RuntimeError, match="boom"), swapped_layers(tiny.model, {1: None}):
+        assert decoder_layers(tiny.model)[1] is not layers[1]
+        raise RuntimeError("boom")
+    assert list(decoder_layers(tiny.model)) == layers
+
+
+def test_sleb_asked_for_more_layers_than_the_model_has(tiny):
+    with pytest.raises(
+        ValueError, match=r"method.num_layers=4 is outside the allowed range \[1, 3\]"
+    ):
+        SLEB(num_layers=4).compress(tiny.model, calib_of(tiny.tokenizer))
+    with pytest.raises(ValueError, match="method.batch_size=0"):
+        SLEB(num_layers=1, batch_size=0)
+
+
+def test_sleb_curve_points_equal_single_runs(tmp_path, data_root):
+    shrink = ["method=sleb", "eval.tasks=[piqa]", "eval.limit=4", "calib.per_subject=1"]
+    pipeline.run(compose_config([*shrink, "curve=[0.25,0.5]"], tmp_path / "curve", data_root))
+    for ratio in (0.25, 0.5):
+        single = pipeline.run(
+            compose_config([*shrink, f"method.ratio={ratio}"], tmp_path / "single", data_root)
+        )
+        point = pipeline.results.load_record(tmp_path / "curve", single["config_hash"])
+        assert point["method_stats"]["removal_order"] == single["method_stats"]["removal_order"]
+        assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
