@@ -210,7 +210,7 @@ def compute_points(
             log.info("point %s already recorded; not evaluated again", point.key)
             records.append(done[point.key])
             continue
-        save_artifacts(getattr(method, "artifacts", {}), point.output_dir)
+        save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
         repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
@@ -370,17 +370,21 @@ def measure_point(
     return record
 
 
-def save_artifacts(artifacts: dict[str, Any], output_dir: Path) -> None:
-    """Each matrix a method left behind, as .npy and as a heatmap PNG (paper Fig. 3)."""
+def save_artifacts(
+    artifacts: dict[str, Any], output_dir: Path, merges: list[dict] | None = None
+) -> None:
+    """Each matrix a method left behind, as .npy and as a heatmap PNG (paper Fig. 3), with the
+    merged pairs (MKA's `merges`) marked."""
     import numpy as np
 
-    from mka_exp.plots import similarity_heatmap
+    from mka_exp.plots import merge_marks, similarity_heatmap
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, matrix in artifacts.items():
         array = np.asarray(matrix)
         np.save(output_dir / f"{name}.npy", array)
-        similarity_heatmap(array, output_dir / f"{name}.png", title=name.replace("_", " "))
+        marks = merge_marks(name, array, merges)
+        similarity_heatmap(array, output_dir / f"{name}.png", name.replace("_", " "), **marks)
 
 
 def record_images(output_dir: Path) -> dict[str, Path]:
