@@ -9,6 +9,8 @@
 #
 #   bash benchmarks/fetch_gpu_wheels.sh [dir]        # default dir: .gpu_wheels (git-ignored)
 #   DATA_ROOT=../shared/benchmarks PIQA_ROWS=50 PYTHON=python3 bash benchmarks/fetch_gpu_wheels.sh
+#   SLIM_BNB=1 bash benchmarks/fetch_gpu_wheels.sh   # over 64 MiB: bitsandbytes with its CPU and
+#                                                    # CUDA 13 libraries only (41 -> ~4 MiB)
 #
 # Idempotent: a wheel already in the folder is not fetched again; the piqa rows are rewritten.
 #
@@ -78,6 +80,33 @@ for spec in "${SDIST[@]}"; do
   have "$spec" || "$PYTHON" -m pip wheel -q --no-deps -w "$DIR/wheels" "$spec"
 done
 printf '%s\n' "${TOP_LEVEL[@]}" >"$DIR/requirements.txt"
+
+# The bitsandbytes wheel holds a library per CUDA / ROCm / XPU version (41 MiB); the image's
+# torch is CUDA 13.0. SLIM_BNB=1 keeps the CPU and CUDA 13.x ones and drops the others from the
+# wheel and its RECORD (pip does not check RECORD hashes; the kept files are unchanged).
+if [[ "${SLIM_BNB:-0}" == 1 ]]; then
+  "$PYTHON" - "$DIR"/wheels/bitsandbytes-*.whl <<'PY'
+import os, re, sys, zipfile
+path = sys.argv[1]
+keep = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
+drop = lambda name: "libbitsandbytes_" in name and not keep.search(name)
+with zipfile.ZipFile(path) as src:
+    names = src.namelist()
+    if any(map(drop, names)):
+        tmp = path + ".slim.tmp"
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                if drop(info.filename):
+                    continue
+                data = src.read(info)
+                if info.filename.endswith(".dist-info/RECORD"):
+                    lines = data.decode().splitlines(keepends=True)
+                    data = "".join(l for l in lines if not drop(l.split(",")[0])).encode()
+                dst.writestr(info, data)
+        os.replace(tmp, path)
+        print(f"slimmed {os.path.basename(path)} to {os.path.getsize(path) / 2**20:.1f} MiB")
+PY
+fi
 
 src="$DATA_ROOT/baber/piqa/default/validation.jsonl"
 dst="$DIR/data/baber/piqa/default"
