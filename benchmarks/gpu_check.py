@@ -108,6 +108,8 @@ class Check:
         self.log_path.write_text("")
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.start = time.monotonic()
+        self.step_deadline = float("inf")  # no subprocess of a step outlives the step's limit
+        self.current: subprocess.Popen | None = None
         self.env = {**os.environ, **OFFLINE_ENV}
         self.python_path = [str(ROOT)]
         self.record: dict = {
@@ -129,6 +131,9 @@ class Check:
 
     def run(self, name: str, cmd: list[str], limit: float) -> dict:
         """Run `cmd` in its own process group for at most `limit` s; rc, seconds, output tail."""
+        limit = min(limit, self.step_deadline - time.monotonic())
+        if limit <= 0:
+            return {"rc": None, "seconds": 0.0, "timed_out": True, "tail": "not started: no time"}
         env = {**self.env, "PYTHONPATH": os.pathsep.join(self.python_path)}
         if self.env.get("PYTHONPATH"):
             env["PYTHONPATH"] += os.pathsep + self.env["PYTHONPATH"]
@@ -140,11 +145,14 @@ class Check:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
             )
+            self.current = proc
             try:
                 rc, timed_out = proc.wait(timeout=limit), False
             except subprocess.TimeoutExpired:
                 timed_out = True
                 rc = self.kill(proc)
+            finally:
+                self.current = None
         seconds = time.monotonic() - start
         text = out_file.read_text(errors="replace")
         with open(self.log_path, "a") as log:
@@ -171,6 +179,7 @@ class Check:
     def step(self, name: str, fn) -> None:
         """Run one step within the budget; record status, reason, figures, seconds."""
         limit = min(CAPS_S[name], self.remaining())
+        self.step_deadline = time.monotonic() + limit
         print(f"[gpu_check] {name} (limit {limit:.0f} s)", flush=True)
         if name not in self.args.steps:
             result = {"status": "skipped", "reason": "not in --steps"}
@@ -495,6 +504,15 @@ def main(argv=None) -> int:
             )
             return 2
     check = Check(args)
+
+    def stop(signum, frame):
+        if check.current is not None:
+            Check.kill(check.current)
+        check.record["stopped_by_signal"] = signum
+        write_json(check.json_path, check.record)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     for name in STEPS:
         check.step(name, getattr(check, name))
     summary = check.record["summary"]

@@ -45,6 +45,18 @@ def test_a_step_over_its_limit_is_killed_and_recorded(tmp_path):
     assert "started" in (tmp_path / "gpu_check.log").read_text()
 
 
+def test_no_subprocess_outlives_its_steps_limit(tmp_path):
+    check = make_check(tmp_path)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    check.step_deadline = time.monotonic() + 1  # as step() sets it
+    start = time.monotonic()
+    first = check.run("first", sleeper, limit=30)
+    second = check.run("second", sleeper, limit=30)
+    assert time.monotonic() - start < 15
+    assert first["timed_out"] and second["timed_out"] and second["rc"] is None
+    assert check.outcome(second)["status"] == "timeout"
+
+
 def test_a_failing_step_is_recorded_and_the_next_step_runs(tmp_path):
     check = make_check(tmp_path, budget=1000)
     check.args.steps = ["install", "pytest"]
