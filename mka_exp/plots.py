@@ -20,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 PAIR_COLOUR = "red"
 # More layers than this: label every second (fourth, ...) layer so the ticks stay readable.
 MAX_TICKS = 32
+# Off-diagonal values spanning at least this factor are coloured on a log scale.
+LOG_SPAN = 10.0
 
 
 def offdiagonal_limits(array: np.ndarray) -> tuple[float, float] | None:
@@ -62,10 +65,11 @@ def heatmap_figure(
     ax = fig.add_subplot()
     limits = offdiagonal_limits(array)
     masked = np.ma.masked_array(array, mask=np.eye(n, dtype=bool))
-    image = ax.imshow(masked, cmap=grey_bad_cmap(), interpolation="nearest")
-    if limits:
-        image.set_clim(*limits)
-    fig.colorbar(image, ax=ax, label="similarity (off-diagonal range)")
+    image = ax.imshow(
+        masked, cmap=grey_bad_cmap(), norm=colour_norm(limits), interpolation="nearest"
+    )
+    scale = "log scale, " if isinstance(image.norm, LogNorm) else ""
+    fig.colorbar(image, ax=ax, label=f"similarity ({scale}off-diagonal range)")
     step = max(1, -(-n // MAX_TICKS))
     ticks = list(range(0, n, step))
     ax.set_xticks(ticks, [str(ids[t]) for t in ticks], rotation=90, fontsize=7)
@@ -74,8 +78,20 @@ def heatmap_figure(
     ax.set_xlabel("layer (* = merged layer)" if merged else "layer")
     ax.set_ylabel("layer")
     mark_pairs(ax, pairs or [], ids)
-    ax.set_title(f"{title}\n{diagonal_note(array)}", fontsize=10)
+    note = diagonal_note(array) + (f"; {PAIR_COLOUR} outline: merged pair" if pairs else "")
+    ax.set_title(f"{title}\n{note}", fontsize=10)
     return fig
+
+
+def colour_norm(limits: tuple[float, float] | None) -> Normalize:
+    """Linear over the off-diagonal range; logarithmic when it spans a decade or more (a few
+    strongly similar pairs would otherwise flatten every other value into one colour)."""
+    if limits is None:
+        return Normalize()
+    low, high = limits
+    if low > 0 and high / low >= LOG_SPAN:
+        return LogNorm(low, high)
+    return Normalize(low, high)
 
 
 def grey_bad_cmap():
@@ -105,9 +121,6 @@ def mark_pairs(ax, pairs: Sequence[tuple[int, int]], ids: list) -> None:
                     (col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor=PAIR_COLOUR, linewidth=1.5
                 )
             )
-    if pairs:
-        ax.plot([], [], "s", mfc="none", mec=PAIR_COLOUR, label="merged pair")
-        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
 
 
 def similarity_heatmap(

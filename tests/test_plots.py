@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patches import Rectangle
 
 from mka_exp.pipeline import save_artifacts
@@ -12,7 +13,7 @@ from mka_exp.plots import heatmap_figure, merge_marks, similarity_heatmap
 
 def matrix(n: int = 6, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    values = rng.uniform(0.02, 0.2, size=(n, n))
+    values = rng.uniform(0.05, 0.2, size=(n, n))
     np.fill_diagonal(values, 1.0)
     return values
 
@@ -35,13 +36,24 @@ def test_colours_span_the_off_diagonal_values_and_the_diagonal_is_masked():
     assert "diagonal masked (all 1)" in fig.axes[0].get_title()
 
 
+def test_a_wide_off_diagonal_range_is_coloured_on_a_log_scale():
+    values = matrix()
+    values[0, 1] = values[1, 0] = 0.9  # one strongly similar pair, the rest 0.05-0.2
+    image = heatmap_figure(values, "before").axes[0].images[0]
+    assert isinstance(image.norm, LogNorm) and image.get_clim() == pytest.approx(
+        (values[values > 0].min(), 0.5)
+    )
+    assert isinstance(heatmap_figure(matrix(), "x").axes[0].images[0].norm, Normalize)
+    assert not isinstance(heatmap_figure(matrix(), "x").axes[0].images[0].norm, LogNorm)
+
+
 def test_axes_carry_layer_indices_and_merged_pairs_are_outlined():
     fig = heatmap_figure(matrix(), "before", pairs=[(4, 5), (3, 4)])
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(6)]
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(6)]
     assert outlined(fig) == {(4, 5), (5, 4), (3, 4), (4, 3)}
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["merged pair"]
+    assert ax.get_title().endswith("red outline: merged pair")
 
 
 def test_pairs_follow_the_layer_ids_on_the_axes():
