@@ -9,7 +9,6 @@ padded batches and llm-compressor reads as a `datasets.Dataset`.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mka_exp.data import MMLU_SUBJECTS, load_split
+from mka_exp.data import MMLU_SUBJECTS, load_split, read_jsonl
 
 
 @dataclass
@@ -152,8 +151,15 @@ def text_dataset(
     if local.suffix in (".jsonl", ".txt", ".json"):
         if not local.exists():
             raise FileNotFoundError(f"calib.path={path!r} does not exist")
-        lines = local.read_text().splitlines()
-        texts = lines if local.suffix == ".txt" else [json.loads(x)[field] for x in lines if x]
+        if local.suffix == ".txt":
+            texts = local.read_text().splitlines()
+        else:  # a bad line or a row without `field` is named, not a bare JSON/KeyError
+            rows = read_jsonl(local)
+            lacking = next((n for n, row in enumerate(rows, 1) if field not in row), None)
+            if lacking:
+                msg = f"calib.field={field!r}: row {lacking} of {local} has no such field"
+                raise ValueError(msg)
+            texts = [row[field] for row in rows]
     else:
         texts = [row[field] for row in load_split(path, name, split, data_root)]
     texts = draw([t for t in texts if t and t.strip()], num_samples, seed)

@@ -90,8 +90,18 @@ def mirror_dir(root: Path, path: str, name: str | None) -> Path:
 
 
 def read_jsonl(file: Path) -> list[dict]:
+    """The rows of a .jsonl file; a bad line is named by file and line number (blanks count)."""
+    rows = []
     with open(file) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                msg = f"{file}:{number}: not valid JSON ({err.msg}, column {err.colno})"
+                raise ValueError(msg) from None
+    return rows
 
 
 def load_split(path: str, name: str | None, split: str, data_root: str | None) -> list[dict]:

@@ -171,13 +171,13 @@ def check_limit(limit: int | float | None) -> int | float | None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
         raise ValueError(
-            f"eval limit={limit!r}: use an int > 0 (examples per task), "
+            f"eval.limit={limit!r}: use an int > 0 (examples per task), "
             "a float in (0, 1] (fraction) or null (all)"
         )
     if isinstance(limit, float):
         if limit > 1:
             raise ValueError(
-                f"eval limit={limit!r}: a float is a fraction in (0, 1]; "
+                f"eval.limit={limit!r}: a float is a fraction in (0, 1]; "
                 "use an int for a number of examples"
             )
         return None if limit == 1.0 else limit

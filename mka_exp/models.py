@@ -53,6 +53,9 @@ def cache_dir() -> Path:
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    from mka_exp.checks import check_device
+
+    check_device(device)  # one line (not torch's AssertionError) for a device this machine lacks
     return device
 
 

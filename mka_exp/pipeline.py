@@ -100,7 +100,43 @@ def run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
+    check_config(cfg)
     return run_points(cfg, curve_points(cfg))[-1]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs no model, before anything loads or is written: one line per bad
+    setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
+    from mka_exp import checks
+    from mka_exp.data import check_data_root
+    from mka_exp.models import DTYPES
+    from mka_exp.tracking import WANDB_MODES
+
+    checks.check_missing(OmegaConf.missing_keys(cfg))
+    c = OmegaConf.to_container(cfg, resolve=True)
+    ev, model, method, calib = c["eval"], c["model"], c["method"], c["calib"]
+    checks.gather(
+        lambda: checks.check_seed(c.get("seed")),
+        lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
+        lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
+        lambda: checks.check_writable_dir("paths.records_dir", c["paths"]["records_dir"]),
+        lambda: check_data_root(c.get("data_root")),
+        lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
+        lambda: checks.check_device(model.get("device", "auto")),
+        lambda: checks.check_dtype(model.get("dtype", "auto"), DTYPES),
+        lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
+        lambda: check_curve_methods(cfg, c.get("curve")),
+    )
+
+
+def check_curve_methods(cfg: DictConfig, curve: Any) -> None:
+    """`curve` is a non-empty list and the method accepts each of its ratios."""
+    from mka_exp import checks
+
+    checks.check_curve(curve, "ratio" in cfg.method)
+    reset = {"num_layers": None} if "num_layers" in cfg.method else {}
+    for ratio in curve or []:
+        instantiate(cfg.method, ratio=ratio, **reset)
 
 
 def curve_points(cfg: DictConfig) -> list[DictConfig]:
@@ -199,7 +235,7 @@ def compute_points(
     repair = instantiate(cfg.repair) if "repair" in cfg else NoRepair()
     repair.check_method(method)
     quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
-    check_tasks(eval_kwargs["tasks"])
+    check_tasks(eval_kwargs)
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
     dense = prepare_repair(repair, session, watch)
@@ -219,12 +255,12 @@ def compute_points(
     return records
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Unknown task names fail before the model loads (with close matches)."""
-    if tasks:
-        from mka_exp.evaluation import resolve_tasks
+def check_tasks(eval_kwargs: dict) -> None:
+    """Unknown task names (with close matches), few-shot names and a bad line in a benchmark file
+    fail before the model loads: the tasks are built (read) now and reused by the evaluation."""
+    from mka_exp.checks import check_eval_data
 
-        resolve_tasks(list(tasks))
+    check_eval_data(eval_kwargs["tasks"], eval_kwargs["num_fewshot"], eval_kwargs["data_root"])
 
 
 def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, eval_kwargs: dict) -> Session:
