@@ -41,7 +41,7 @@ def test_a_wide_off_diagonal_range_is_coloured_on_a_log_scale():
     values[0, 1] = values[1, 0] = 0.9  # one strongly similar pair, the rest 0.05-0.2
     image = heatmap_figure(values, "before").axes[0].images[0]
     assert isinstance(image.norm, LogNorm) and image.get_clim() == pytest.approx(
-        (values[values > 0].min(), 0.5)
+        (values[values > 0].min(), 0.9)
     )
     assert isinstance(heatmap_figure(matrix(), "x").axes[0].images[0].norm, Normalize)
     assert not isinstance(heatmap_figure(matrix(), "x").axes[0].images[0].norm, LogNorm)
