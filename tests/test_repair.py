@@ -3,6 +3,8 @@ than no repair on a real-shape model, reloadable, per point on curves, and bad i
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -17,7 +19,10 @@ from mka_exp.models import build_random_model
 from mka_exp.repair.linear import (
     LinearRepair,
     NormalEquations,
+    Prefix,
     fit_positions,
+    fold_into,
+    normal_equations,
     relative_residual,
     repair_plan,
     solve_map,
@@ -92,6 +97,27 @@ def test_linear_repair_recovers_a_linear_layer_exactly():
     (fit,) = stats["fits"]
     assert fit["layer"] == 0 and fit["span"] == [0, 1] and fit["merged"] is False
     assert fit["residual_before"] > 0.1 and fit["residual_after"] < 1e-5
+
+
+def test_later_fits_resume_from_the_cached_prefix_exactly():
+    """Two cuts: the second fit resumes at the first fit's layer; same maps as full passes."""
+    lm = build_random_model("llama", num_layers=7, hidden_size=64, device="cpu", seed=2)
+    calib = calib_of(lm.tokenizer)
+    repair = LinearRepair(ridge=0.5)
+    dense = repair.prepare(lm.model, calib)
+    remove_layers(lm.model, [2, 5])
+    reference = copy.deepcopy(lm.model)
+    stats = repair.repair(lm.model, calib, {"removed_layers": [2, 5]}, dense)
+    assert [f["position"] for f in stats["fits"]] == [1, 3]
+    for fit in stats["fits"]:  # each fit from a full forward pass
+        end = fit["span"][-1] + 1
+        eq = normal_equations(reference, calib, dense, fit["position"], end, None, Prefix())
+        fold_into(
+            decoder_layers(reference)[fit["position"]].mlp.down_proj, solve_map(eq, 0.5, False)
+        )
+    for ours, full in zip(decoder_layers(lm.model), decoder_layers(reference), strict=True):
+        torch.testing.assert_close(ours.mlp.down_proj.weight, full.mlp.down_proj.weight)
+    torch.testing.assert_close(logits_of(lm.model, calib), logits_of(reference, calib))
 
 
 def test_solve_map_is_the_ridge_closed_form_and_its_diagonal():

@@ -17,7 +17,9 @@ Which layers are repaired: with kept layers at original indices o_0 < o_1 < ...,
 stands for the originals [o_j, o_{j+1}) (the last one up to the end). A kept layer is refitted
 when its span holds a removed layer (pruning) or when a merge changed its weights (MKA, LaCo: the
 `keep` of each merge), with the dense hidden state at the start of o_{j+1} as its target. Layers
-are fitted front to back on the already-repaired model, so each fit sees its real inputs. Layers
+are fitted front to back on the already-repaired model, so each fit sees its real inputs; each
+fit runs only the layers since the previous fit, from that one's input kept per batch (at most
+one hidden state per calibration token, on CPU). Layers
 removed before the first kept layer have no `down_proj` in front of them and stay unrepaired
 (recorded). The dense targets come from one capture pass of the dense model, before the method.
 
@@ -162,9 +164,46 @@ class NormalEquations:
     tokens: int
 
 
-def normal_equations(model, calib, dense: DenseTargets, position: int, end: int, batch_size):
-    """Accumulate the fit of kept layer `position` (current index) towards dense boundary `end`."""
-    layer = decoder_layers(model)[position]
+@dataclass
+class Prefix:
+    """The hidden states entering layer `cursor` of the model being repaired, one tensor per
+    batch (CPU): the next fit resumes there instead of re-running the layers before it."""
+
+    cursor: int = 0
+    inputs: list | None = None
+
+
+def _resume_hooks(layers, prefix: Prefix, position: int, seen: dict) -> list:
+    """Feed the cached input at `prefix.cursor`; record the input of `position` for the next
+    fit (registered in this order, so the second sees what the first fed)."""
+
+    def feed(module, args, kwargs):
+        hidden = prefix.inputs[seen["batch"]]
+        old = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden.to(old.device, old.dtype)
+        return (
+            ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        )
+
+    def record(module, args, kwargs):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().cpu()
+
+    handles = []
+    if prefix.inputs is not None:
+        handles.append(layers[prefix.cursor].register_forward_pre_hook(feed, with_kwargs=True))
+    handles.append(layers[position].register_forward_pre_hook(record, with_kwargs=True))
+    return handles
+
+
+def normal_equations(
+    model, calib, dense: DenseTargets, position: int, end: int, batch_size, prefix: Prefix
+) -> NormalEquations:
+    """Accumulate the fit of kept layer `position` (current index) towards dense boundary `end`,
+    running only layers prefix.cursor..position; `prefix` moves to `position` afterwards."""
+    from mka_exp.methods.sleb import swapped_layers  # layers before the cursor are skipped
+
+    layers = decoder_layers(model)
+    layer = layers[position]
     seen: dict = {}
 
     def on_mlp(module, args, output):
@@ -174,11 +213,17 @@ def normal_equations(model, calib, dense: DenseTargets, position: int, end: int,
         seen["out"] = _hidden(output)
         raise _StopForward
 
-    handles = [layer.mlp.register_forward_hook(on_mlp), layer.register_forward_hook(on_layer)]
-    eq = None
-    with _hooked(handles), torch.no_grad():
-        for batch, rows, cols, index in _batches(calib, dense.picks, batch_size):
+    handles = _resume_hooks(layers, prefix, position, seen)
+    handles += [layer.mlp.register_forward_hook(on_mlp), layer.register_forward_hook(on_layer)]
+    skip = dict.fromkeys(range(prefix.cursor)) if prefix.inputs is not None else {}
+    eq, inputs = None, []
+    with _hooked(handles), torch.no_grad(), swapped_layers(model, skip):
+        for number, (batch, rows, cols, index) in enumerate(
+            _batches(calib, dense.picks, batch_size)
+        ):
+            seen["batch"] = number
             _run(model, batch)
+            inputs.append(seen["input"])
             device = seen["mlp"].device
             rows, cols = rows.to(device), cols.to(device)
             mlp = seen["mlp"][rows, cols].double()
@@ -192,6 +237,7 @@ def normal_equations(model, calib, dense: DenseTargets, position: int, end: int,
             eq.cross += mlp.T @ wanted
             eq.target_sq += float((wanted * wanted).sum())
             eq.tokens += len(mlp)
+    prefix.cursor, prefix.inputs = position, inputs
     return eq
 
 
@@ -338,12 +384,12 @@ class LinearRepair:
                 f"repair=linear: the model has {num_layers(model)} layers, the method's stats "
                 f"say {expected}"
             )
-        start, fits = time.perf_counter(), []
+        start, fits, prefix = time.perf_counter(), [], Prefix()
         for item in plan:
-            end = item["span"][-1] + 1
-            eq = normal_equations(model, calib, dense, item["position"], end, self.batch_size)
+            end, position = item["span"][-1] + 1, item["position"]
+            eq = normal_equations(model, calib, dense, position, end, self.batch_size, prefix)
             transform = solve_map(eq, self.ridge, self.diagonal)
-            fold_into(decoder_layers(model)[item["position"]].mlp.down_proj, transform)
+            fold_into(decoder_layers(model)[position].mlp.down_proj, transform)
             fits.append(
                 {
                     **item,
