@@ -9,6 +9,8 @@ decompresses them on load. bitsandbytes models use transformers' own serialisati
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,19 @@ def save_compressed(model: torch.nn.Module, tokenizer: Any, path: str | Path) ->
     return directory_bytes(path)
 
 
+@contextlib.contextmanager
+def config_source_hidden(model: torch.nn.Module) -> Iterator[None]:
+    """llm-compressor's save overwrites config.json with the config.json of the folder the model
+    was loaded from (`config._name_or_path`, for vLLM), which still has every layer the model
+    had before it was cut. Without that path it keeps transformers' config of the model as is."""
+    source = model.config._name_or_path
+    model.config._name_or_path = ""
+    try:
+        yield
+    finally:
+        model.config._name_or_path = source
+
+
 def save_llmcompressor_model(model: torch.nn.Module, path: Path) -> None:
     from compressed_tensors import ModelCompressor
     from compressed_tensors.offload import OffloadCache
@@ -54,7 +69,8 @@ def save_llmcompressor_model(model: torch.nn.Module, path: Path) -> None:
 
     was_offloaded = any(isinstance(m._parameters, OffloadCache) for m in model.modules())
     modify_save_pretrained(model)  # no-op when oneshot already wrapped it
-    model.save_pretrained(path, save_compressed=True)
+    with config_source_hidden(model):
+        model.save_pretrained(path, save_compressed=True)
     compressed = any(
         getattr(m, "quantization_status", None) == QuantizationStatus.COMPRESSED
         for m in model.modules()
