@@ -99,7 +99,7 @@ def read_jsonl(file: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                msg = f"{file}:{number}: not valid JSON ({err.msg}, column {err.colno})"
+                msg = f"{file}:{number}: not valid JSON at column {err.colno} ({err.msg})"
                 raise ValueError(msg) from None
     return rows
 

@@ -118,6 +118,8 @@ def check_config(cfg: DictConfig) -> None:
     checks.gather(
         lambda: checks.check_seed(c.get("seed")),
         lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
+        lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
+        lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
         lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
         lambda: checks.check_writable_dir("paths.records_dir", c["paths"]["records_dir"]),
         lambda: check_data_root(c.get("data_root")),
@@ -136,7 +138,10 @@ def check_curve_methods(cfg: DictConfig, curve: Any) -> None:
     checks.check_curve(curve, "ratio" in cfg.method)
     reset = {"num_layers": None} if "num_layers" in cfg.method else {}
     for ratio in curve or []:
-        instantiate(cfg.method, ratio=ratio, **reset)
+        try:
+            instantiate(cfg.method, ratio=ratio, **reset)
+        except InstantiationException as err:
+            raise ValueError(f"curve={curve}: {err.__cause__ or err}") from None
 
 
 def curve_points(cfg: DictConfig) -> list[DictConfig]:

@@ -58,7 +58,7 @@ BAD_SETTINGS = [
     ),
     (["curve=[]"], "curve=[]: allowed a non-empty list of method.ratio values"),
     (["curve=[0.25,abc]"], "curve=[0.25, 'abc']: 'abc' is not a number"),
-    (["curve=[0.25,1.5]"], "method.ratio=1.5 is outside the allowed range (0, 1)"),
+    (["curve=[0.25,1.5]"], "curve=[0.25, 1.5]: method.ratio=1.5 is outside the allowed range"),
     (["method=none", "curve=[0.25]"], "curve=[0.25]: this method has no method.ratio"),
     (["method.ratio=abc"], "method.ratio='abc' is not a number; allowed a float in (0, 1)"),
     (["method.ratio=null", "method.num_layers=two"], "method.num_layers='two': allowed an integer"),
