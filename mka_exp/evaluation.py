@@ -49,6 +49,8 @@ MACRO_METRICS = ("acc", "acc_norm")
 CPU_AUTO_BATCH_SIZE = 8
 BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
 MAX_BUILT_TASKS = 4
+PREFIX_CACHE_TOKENS = 16384  # defaults of mka_exp.prefix_cache (imported lazily: it loads lm-eval)
+PREFIX_MIN_SHARED = 16
 # lm-eval warns about these on every call with an in-memory model, which is what we intend.
 EXPECTED_WARNINGS = (
     "`pretrained` model kwarg is not of type `str`",
@@ -67,6 +69,8 @@ def evaluate(
     seed: int = 1234,
     log_samples: bool = False,
     share_prefix: bool = True,
+    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+    prefix_min_shared: int = PREFIX_MIN_SHARED,
 ) -> dict[str, float]:
     """Run lm-eval `tasks` on the model as it is in memory; return `{"<task>/<metric>": value}`.
 
@@ -74,9 +78,11 @@ def evaluate(
     None = all. `num_fewshot`: per-task shots; tasks not named use their lm-eval default
     (0 for ours). `data_root`: offline mirror to read instead of the hub. `log_samples` keeps
     per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
-    `share_prefix` runs each multiple-choice context once (`SharedPrefixHFLM`, same scores).
+    `share_prefix` runs every token prefix the requests share once (`PrefixCacheHFLM`, same
+    scores); `prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split.
     """
     args = (limit, batch_size, num_fewshot, data_root, seed, log_samples, share_prefix)
+    args += (prefix_cache_tokens, prefix_min_shared)
     return scored(model, tokenizer, tasks, *args)[0]
 
 
@@ -104,13 +110,18 @@ def scored(
     seed: int = 1234,
     log_samples: bool = False,
     share_prefix: bool = True,
+    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+    prefix_min_shared: int = PREFIX_MIN_SHARED,
 ) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
     """`evaluate`'s flat metrics, lm-eval's raw results and the resolved task names."""
     if not tasks:
         return {}, {}, {}
+    from mka_exp.prefix_cache import check_options as check_prefix_cache
+
     start = time.perf_counter()
     check_limit(limit)
-    check_data_root(data_root)  # both before the slow task index, so bad values fail at once
+    check_data_root(data_root)  # these before the slow task index, so bad values fail at once
+    check_prefix_cache(prefix_cache_tokens, prefix_min_shared)
     names = resolve_tasks(tasks)
     results = run_lm_eval(
         model,
@@ -123,6 +134,8 @@ def scored(
         seed,
         log_samples,
         share_prefix,
+        prefix_cache_tokens,
+        prefix_min_shared,
     )
     flat = flatten_results(results, names)
     log_summary(flat, names, results, time.perf_counter() - start)
@@ -140,12 +153,14 @@ def run_lm_eval(
     seed: int = 1234,
     log_samples: bool = False,
     share_prefix: bool = True,
+    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+    prefix_min_shared: int = PREFIX_MIN_SHARED,
 ) -> dict[str, Any]:
     """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...)."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
-    from mka_exp.shared_prefix import SharedPrefixHFLM
+    from mka_exp.prefix_cache import PrefixCacheHFLM
 
     limit = check_limit(limit)
     check_data_root(data_root)
@@ -154,8 +169,12 @@ def run_lm_eval(
     with quiet_lm_eval(), offline_datasets(data_root):
         # In-memory model: HFLM keeps model.device and takes max_length from the config.
         batch_size = resolve_batch_size(batch_size, model.device)
-        lm_class = SharedPrefixHFLM if share_prefix else HFLM
-        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm_kwargs = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if share_prefix:
+            cache = dict(cache_tokens=prefix_cache_tokens, min_shared=prefix_min_shared)
+            lm = PrefixCacheHFLM(**lm_kwargs, **cache)
+        else:
+            lm = HFLM(**lm_kwargs)
         task_dict = built_tasks(lm_tasks, shots, seed, data_root)
         try:
             return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)

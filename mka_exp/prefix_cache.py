@@ -1,0 +1,455 @@
+"""lm-eval's HFLM with a prefix cache across loglikelihood requests: every token prefix that
+requests share (a subject's five few-shot examples, a question shared by its answer choices)
+runs through the model once.
+
+Why: lm-eval runs each `(context, continuation)` request as its own sequence. In 5-shot MMLU,
+the paper's headline metric, every question of a subject repeats the same five worked examples
+(80-90 % of its tokens); on CPU that repetition is most of a sweep's time. vLLM's automatic prefix
+caching and SGLang's RadixAttention (arXiv 2312.07104) share such prefixes on their own engines;
+this does it for lm-eval's HF backend with the in-memory model.
+
+How: the requests' contexts, after lm-eval's left truncation, go into a radix tree. A node is a
+run of tokens shared by every context below it; a node shorter than `min_shared` tokens with no
+context ending on it is copied into its children instead (a split costs a forward and a cache
+copy, sharing a few tokens saves nothing). Continuations but their last token hang below their
+context's node as leaves. The tree runs level by level: a level's nodes go in batches, each row
+on a copy of its parent's KV cache (left-padded, so the distances between real tokens, which
+RoPE and sliding windows see, are those of the unshared sequence; position ids count from the
+row's first real token) and right-padded in its own tokens; the KV of nodes with children is kept
+until their subtree is done. Only the logits that score a token are computed (a hook on the
+output embedding gathers those positions). `cache_tokens` bounds both the tokens whose KV is kept
+(each level keeps at most half of what its ancestors left) and the token slots (rows x
+(past + width)) of one forward; a node that cannot fit falls back to `HFLM` for every request below
+it. Answers are lm-eval's `(sum log p, is_greedy)`: `tests/test_prefix_cache.py` checks them
+against `HFLM` on Llama, Qwen2, Qwen3 and Gemma3 configs. Anything but decoder-only models and
+`loglikelihood` requests (rolling windows; generation never comes here) takes lm-eval's path.
+
+Example (conf/eval/*.yaml; `share_prefix: false` gives plain HFLM)::
+
+    share_prefix: true
+    prefix_cache_tokens: 16384  # KV tokens kept at once, and token slots of one forward
+    prefix_min_shared: 16       # shorter shared runs are recomputed, not split off
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from mka_exp.checks import check_positive
+from mka_exp.shared_prefix import Request, SharedPrefixHFLM, group_by_prefix
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_TOKENS = 16384
+DEFAULT_MIN_SHARED = 16
+
+
+def check_options(cache_tokens: Any, min_shared: Any) -> None:
+    """One line for the first bad value, before any model work."""
+    check_positive("eval.prefix_cache_tokens", cache_tokens)
+    check_positive("eval.prefix_min_shared", min_shared)
+
+
+@dataclass(eq=False)
+class Node:
+    """Tokens one row runs on top of its parent's path. A context node scores the first token
+    of each request ending on it (`ends`); a tail (`tail=True`) is a continuation but its last
+    token and scores the rest."""
+
+    tokens: list[int]
+    parent: Node | None = None
+    ends: list[int] = field(default_factory=list)
+    kids: list[Node] = field(default_factory=list)
+    tail: bool = False
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this node's own positions
+
+    @property
+    def offset(self) -> int:
+        """Tokens on the path before this node."""
+        node, total = self.parent, 0
+        while node is not None:
+            total += len(node.tokens)
+            node = node.parent
+        return total
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.tokens)
+
+    def subtree(self) -> Iterator[Node]:
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.kids)
+
+    def subtree_by(self, index: dict[int, dict[int, Node]]) -> Iterator[Node]:
+        """`subtree` while the children still live in `build_tree`'s index."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(index.get(id(node), {}).values())
+
+
+def build_tree(
+    requests: list[Request], max_length: int, min_shared: int
+) -> tuple[Node, dict[int, Node]]:
+    """Radix tree of the truncated contexts (root: no tokens), short shared runs pushed down,
+    tails attached; also each request's context node."""
+    root = Node([])
+    index: dict[int, dict[int, Node]] = {}  # id(node) -> its children by first token
+    where: dict[int, Node] = {}
+    for context, indices in group_by_prefix(requests, max_length).items():
+        node = insert(root, list(context), index)
+        node.ends.extend(indices)
+        where.update(dict.fromkeys(indices, node))
+    for node in list(root.subtree_by(index)):
+        node.kids = list(index.get(id(node), {}).values())
+    push_down_short(root, min_shared)
+    for node in list(root.subtree()):
+        tails: dict[tuple[int, ...], Node] = {}
+        for i in node.ends:
+            cont = requests[i][2]
+            if len(cont) > 1:
+                key = tuple(cont[:-1])
+                if key not in tails:
+                    tails[key] = Node(list(key), node, tail=True)
+                    node.kids.append(tails[key])
+                tails[key].ends.append(i)
+    return root, where
+
+
+def insert(root: Node, seq: list[int], index: dict[int, dict[int, Node]]) -> Node:
+    """The node on which `seq` ends, splitting an edge where `seq` leaves it."""
+    node, pos = root, 0
+    while pos < len(seq):
+        child = index.setdefault(id(node), {}).get(seq[pos])
+        if child is None:
+            index[id(node)][seq[pos]] = new = Node(seq[pos:], node)
+            return new
+        shared = common_length(child.tokens, seq, pos)
+        if shared < len(child.tokens):  # split the edge: the shared run becomes a node
+            mid = Node(child.tokens[:shared], node)
+            index[id(node)][seq[pos]] = mid
+            child.tokens, child.parent = child.tokens[shared:], mid
+            index[id(mid)] = {child.tokens[0]: child}
+            child = mid
+        node, pos = child, pos + shared
+    return node
+
+
+def common_length(edge: list[int], seq: list[int], pos: int) -> int:
+    n = min(len(edge), len(seq) - pos)
+    for k in range(n):
+        if edge[k] != seq[pos + k]:
+            return k
+    return n
+
+
+def push_down_short(root: Node, min_shared: int) -> None:
+    """Copy each shared run shorter than `min_shared` (no context ending on it) into its
+    children, which then hang from its parent."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kids, node.kids = node.kids, []
+        while kids:
+            kid = kids.pop()
+            if kid.kids and not kid.ends and len(kid.tokens) < min_shared:
+                for grandkid in kid.kids:
+                    grandkid.tokens = kid.tokens + grandkid.tokens
+                    kids.append(grandkid)
+                continue
+            kid.parent = node
+            node.kids.append(kid)
+        stack.extend(node.kids)
+
+
+def tree_tokens(root: Node) -> int:
+    """Tokens the tree runs through the model (each node once, without padding)."""
+    return sum(len(node.tokens) for node in root.subtree())
+
+
+def requested_tokens(requests: list[Request], max_length: int) -> int:
+    """Tokens lm-eval's HFLM runs for these requests, one sequence each."""
+    return sum(min(len(c) + len(t), max_length + 1) - 1 for _, c, t in requests)
+
+
+class PrefixCacheHFLM(SharedPrefixHFLM):
+    """HFLM whose loglikelihood runs every shared prefix of its requests once."""
+
+    def __init__(
+        self,
+        *args: Any,
+        cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        min_shared: int = DEFAULT_MIN_SHARED,
+        **kwargs: Any,
+    ) -> None:
+        check_options(cache_tokens, min_shared)
+        super().__init__(*args, **kwargs)
+        self.cache_tokens, self.min_shared = cache_tokens, min_shared
+        self.stats: Counter[str] = Counter()  # summed over calls; see _loglikelihood_tokens
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[Request],
+        disable_tqdm: bool = False,
+        override_bs: int | None = None,
+    ) -> list[tuple[float, bool]]:
+        head = self.model.get_output_embeddings() if self.backend == "causal" else None
+        if head is None or any(req[0] is None for req in requests):
+            return super(SharedPrefixHFLM, self)._loglikelihood_tokens(
+                requests, disable_tqdm, override_bs
+            )
+        root, where = build_tree(requests, self.max_length, self.min_shared)
+        run = Run(self, requests, self.rows_per_batch(requests, override_bs))
+        run.bar = tqdm(
+            total=len(requests),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests (prefix cache)",
+        )
+        run.level(root.kids, self.cache_tokens)
+        run.bar.close()
+        answers = run.answers()
+        for i, ans in answers.items():
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)
+        if run.fallback:
+            todo = sorted(run.fallback)
+            log.info(
+                "prefix cache: %d requests do not fit %d tokens; HFLM runs them",
+                len(todo),
+                self.cache_tokens,
+            )
+            plain = super(SharedPrefixHFLM, self)._loglikelihood_tokens(
+                [requests[i] for i in todo], disable_tqdm, override_bs
+            )
+            answers.update(zip(todo, plain, strict=True))
+        self.stats.update(
+            requests=len(requests),
+            requested_tokens=requested_tokens(requests, self.max_length),
+            run_tokens=run.tokens,
+            padded_tokens=run.padded,
+            forwards=run.forwards,
+            fallback_requests=len(run.fallback),
+        )
+        return [answers[i] for i in range(len(requests))]
+
+
+class Run:
+    """One `_loglikelihood_tokens` call: the tree's levels, its batches, the partial answers."""
+
+    def __init__(self, lm: PrefixCacheHFLM, requests: list[Request], rows: int) -> None:
+        self.lm, self.requests, self.rows = lm, requests, rows
+        self.scores: dict[int, list[torch.Tensor]] = {}
+        self.greedy: dict[int, bool] = {}
+        self.fallback: set[int] = set()
+        self.tokens = self.padded = self.forwards = 0
+        self.bar: Any = None
+
+    def answers(self) -> dict[int, tuple[float, bool]]:
+        return {
+            i: (float(torch.stack(parts).sum()), self.greedy[i])
+            for i, parts in self.scores.items()
+            if i not in self.fallback
+        }
+
+    def level(self, nodes: list[Node], budget: int) -> None:
+        """Run `nodes` (their parents' KV kept) in chunks whose kept KV fits half of `budget`,
+        each chunk's children right after it, then drop the chunk's KV."""
+        for chunk, kept in self.chunks(nodes, budget):
+            for batch in self.batches(chunk):
+                self.forward(batch)
+            kids = [kid for node in chunk for kid in node.kids]
+            if kids:
+                self.level(kids, budget - kept)
+            for node in chunk:
+                node.kv = None
+
+    def chunks(self, nodes: list[Node], budget: int) -> Iterator[tuple[list[Node], int]]:
+        chunk: list[Node] = []
+        kept = 0
+        for node in sorted(nodes, key=lambda n: n.end, reverse=True):
+            keep = len(node.tokens) if node.kids else 0
+            if node.end > self.lm.cache_tokens or keep > budget:
+                self.fall_back(node)
+                continue
+            if chunk and kept + keep > budget // 2:
+                yield chunk, kept
+                chunk, kept = [], 0
+            chunk.append(node)
+            kept += keep
+        if chunk:
+            yield chunk, kept
+
+    def fall_back(self, node: Node) -> None:
+        for below in node.subtree():
+            self.fallback.update(below.ends)
+
+    def batches(self, nodes: list[Node]) -> Iterator[list[Node]]:
+        """At most `rows` rows and `cache_tokens` token slots each, longest rows first."""
+        batch: list[Node] = []
+        past = width = 0
+        for node in sorted(nodes, key=lambda n: (len(n.tokens), n.offset), reverse=True):
+            new_past, new_width = max(past, node.offset), max(width, len(node.tokens))
+            slots = (len(batch) + 1) * (new_past + new_width)
+            if batch and (len(batch) >= self.rows or slots > self.lm.cache_tokens):
+                yield batch
+                batch, new_past, new_width = [], node.offset, len(node.tokens)
+            batch.append(node)
+            past, width = new_past, new_width
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def forward(self, batch: list[Node]) -> None:
+        lm, device = self.lm, self.lm.device
+        offsets = [node.offset for node in batch]
+        past, width = max(offsets), max(len(node.tokens) for node in batch)
+        ids = torch.tensor(
+            [n.tokens + [lm.pad_id] * (width - len(n.tokens)) for n in batch], device=device
+        )
+        positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(
+            width, device=device
+        )
+        mask = None
+        if past and min(offsets) < past:  # left padding in the past: mask it
+            mask = torch.tensor(
+                [[0] * (past - o) + [1] * (o + width) for o in offsets], device=device
+            )
+        keep = any(node.kids for node in batch)
+        cache = past_cache(batch, past) if past else (DynamicCache() if keep else None)
+        rows, cols = wanted_positions(batch)
+        with (
+            torch.autocast(
+                device_type=device.type,
+                dtype=lm.mixed_precision_dtype,
+                enabled=lm.mixed_precision_dtype is not None,
+            ),
+            gather_logits(lm.model, rows, cols),
+        ):
+            out = lm.model(
+                ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        self.forwards += 1
+        self.tokens += sum(len(node.tokens) for node in batch)
+        self.padded += ids.numel()
+        if keep:
+            keep_kv(batch, out.past_key_values, past)
+        self.score(batch, F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype))
+
+    def score(self, batch: list[Node], logprobs: torch.Tensor) -> None:
+        """A context node's last position scores each ending request's first token; a tail's
+        positions score the rest of its requests' continuations."""
+        at = 0
+        for node in batch:
+            if not node.ends:
+                continue
+            width = len(node.tokens) if node.tail else 1
+            rows = logprobs[at : at + width]
+            at += width
+            for i in node.ends:
+                cont = self.requests[i][2]
+                target = cont[1:] if node.tail else cont[:1]
+                t = torch.tensor(target, device=rows.device)
+                part = rows.gather(1, t[:, None]).sum()
+                greedy = bool((rows.argmax(dim=-1) == t).all())
+                self.scores.setdefault(i, []).append(part)
+                self.greedy[i] = self.greedy.get(i, True) and greedy
+                if node.tail or len(cont) == 1:
+                    self.bar.update(1)
+
+
+def wanted_positions(batch: list[Node]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every scored position, in `Run.score`'s order."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for r, node in enumerate(batch):
+        if node.ends:
+            span = range(len(node.tokens)) if node.tail else [len(node.tokens) - 1]
+            rows += [r] * len(span)
+            cols += list(span)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def path_kv(node: Node) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KV of every token on the path to `node` (inclusive), `[1, heads, end, dim]` per layer."""
+    chain = []
+    while node is not None and node.tokens:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()
+    if len(chain) == 1:
+        return chain[0].kv  # type: ignore[return-value]
+    return [
+        (
+            torch.cat([n.kv[layer][0] for n in chain], dim=2),  # type: ignore[index]
+            torch.cat([n.kv[layer][1] for n in chain], dim=2),
+        )  # type: ignore[index]
+        for layer in range(len(chain[0].kv))  # type: ignore[arg-type]
+    ]
+
+
+def past_cache(batch: list[Node], past: int) -> DynamicCache:
+    """The parents' KV, each row's right-aligned at `past` (left padding masked). A plain
+    DynamicCache keeps every layer whole: sliding windows come from the masks, which count
+    cache positions, and real tokens sit at their unshared distances."""
+    parents: dict[int, Node] = {}
+    for node in batch:
+        parents.setdefault(id(node.parent), node.parent)  # type: ignore[arg-type]
+    kvs = {key: path_kv(parent) for key, parent in parents.items()}
+    first = next(iter(kvs.values()))
+    layers = []
+    for layer in range(len(first)):
+        pair = []
+        for part in (0, 1):
+            like = first[layer][part]
+            shape = (len(batch), like.shape[1], past, like.shape[3])
+            full = like.new_zeros(shape)
+            for r, node in enumerate(batch):
+                src = kvs[id(node.parent)][layer][part]
+                full[r, :, past - src.shape[2] :] = src[0]
+            pair.append(full)
+        layers.append(tuple(pair))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def keep_kv(batch: list[Node], cache: Any, past: int) -> None:
+    """Copy out each parent row's own positions (the batch tensors are then freed)."""
+    for r, node in enumerate(batch):
+        if node.kids:
+            span = slice(past, past + len(node.tokens))
+            node.kv = [
+                (layer.keys[r : r + 1, :, span].clone(), layer.values[r : r + 1, :, span].clone())
+                for layer in cache.layers
+            ]
+
+
+@contextlib.contextmanager
+def gather_logits(model: Any, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Run the output embedding (and whatever the model does after it, e.g. soft-capping) on
+    the scored positions only: `logits` comes back as `[1, len(rows), vocab]`."""
+
+    def pick(_module: Any, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), cols.to(hidden.device)][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
