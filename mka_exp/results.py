@@ -58,6 +58,8 @@ NON_RESULT_KEYS = (
     "resume",
     "method.cache",
     "eval.share_prefix",
+    "eval.prefix_cache_tokens",
+    "eval.prefix_min_shared",
     "data_root",
     "calib.data_root",
     "eval.data_root",
