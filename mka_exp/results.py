@@ -357,6 +357,9 @@ def upsert_rows(
             if present:
                 rows = rows[rows["config_hash"] != key]
             rows = pd.concat([rows, rows_of([record])], ignore_index=True)
+        if rows.columns.empty:  # no records at all: no table (an empty file reads as damaged)
+            table.unlink(missing_ok=True)
+            return
         with atomic_target(table) as tmp:
             rows.to_csv(tmp, index=False)
 
