@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from mka_exp.calibration import format_mmlu, mmlu_prompts, text_dataset
 from mka_exp.data import MMLU_SUBJECTS, load_split
 from mka_exp.models import train_tokenizer
-from tests.helpers import CONF
+from mka_exp.results import config_hash
+from tests.helpers import CONF, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,13 @@ def test_bad_seed_is_named(tokenizer, tmp_path, seed):
     path.write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"calib\.seed=.*allowed: null"):
         text_dataset(tokenizer, str(path), seed=seed)
+
+
+def test_default_seed_leaves_the_config_hash_as_before_the_key(tmp_path, data_root):
+    """Records made before `calib.seed` existed drew the first rows: the same hash resumes them."""
+    config = OmegaConf.to_container(compose_config([], tmp_path, data_root), resolve=True)
+    assert config["calib"]["seed"] is None
+    before_the_key = {**config, "calib": {k: v for k, v in config["calib"].items() if k != "seed"}}
+    assert config_hash(config) == config_hash(before_the_key)
+    seeded = {**config, "calib": {**config["calib"], "seed": 1}}
+    assert config_hash(seeded) != config_hash(config)
