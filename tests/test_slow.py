@@ -105,3 +105,35 @@ def test_layer_method_then_quantizer_on_smollm2(method, keep, quant, tmp_path, d
     assert 0.0 <= record["metrics"]["piqa/acc"] <= 1.0
     group = record["quant_stats"]["group_size"]
     assert group is None or 576 % group == 0  # `auto` fits SmolLM2's hidden size
+
+
+def test_qwen25_coder_05b_cut_quantized_saved_and_reloaded(tmp_path, data_root):
+    """Qwen2.5-Coder-0.5B (a GGUF joined from six PyPI wheels; q/k/v biases): a layer method and
+    RTN end to end, and the saved model is the one scored (its own 20 layers, its biases)."""
+    cfg = compose_config(
+        [
+            "model=qwen25_coder_05b",
+            "method=reverse_prune",
+            "method.ratio=null",
+            "method.num_layers=4",
+            "quant=rtn",
+            "calib.max_length=64",
+            "eval.tasks=[piqa]",
+            "eval.limit=10",
+            "save=true",
+        ],
+        tmp_path,
+        data_root,
+    )
+    record = pipeline.run(cfg)
+    assert (record["layers_before"], record["layers_after"]) == (24, 20)
+    assert record["quantizer"] == "rtn" and record["weight_bits"] == 4
+    assert 896 % record["quant_stats"]["group_size"] == 0  # `auto` fits Qwen's hidden size
+    assert 0.0 <= record["metrics"]["piqa/acc"] <= 1.0
+    model_dir = tmp_path / "run" / "model"
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert reloaded.config.num_hidden_layers == 20
+    assert reloaded.model.layers[0].self_attn.q_proj.bias is not None
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    again = evaluate(reloaded, tokenizer, ["piqa"], limit=10, data_root=str(data_root))
+    assert again == pytest.approx(record["metrics"], abs=1e-9)
