@@ -149,7 +149,7 @@ def test_cpu_dry_run_records_every_step(tmp_path, data_root):
     lm_eval = steps["throughput"]["figures"]["throughput"]["lm_eval"]
     assert lm_eval["scored_tokens"] > 0 and lm_eval["batches"] > 0
     assert lm_eval["share_of_raw"] == pytest.approx(
-        lm_eval["raw_same_batches_s"] / lm_eval["hflm_s"], rel=0.01
+        lm_eval["raw_same_batches_s"] / lm_eval["hflm_s"], rel=0.02
     )
     assert lm_eval["metrics_equal"] is True
     assert steps["throughput"]["figures"]["throughput"]["raw_random"]["tokens_per_s"] > 0
