@@ -28,6 +28,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 def wandb_base_url() -> str:
     """The server wandb would talk to: WANDB_BASE_URL, `wandb login --host`, else its default."""
+    if os.environ.get("WANDB_BASE_URL"):  # read now: wandb's settings singleton keeps the first
+        return os.environ["WANDB_BASE_URL"]
     try:
         from wandb.sdk import wandb_setup
 
@@ -98,6 +100,7 @@ class WandbTracker(NoTracker):
     def start(self, config: dict, name: str, output_dir: Path) -> None:
         import wandb
 
+        self.run = None
         if self.settings["mode"] == "online":
             why = reachable(wandb_base_url(), self.probe_timeout)
             if why is not None:
