@@ -1,0 +1,254 @@
+"""Faults a long sweep meets: damaged caches, an unreachable wandb server, a failed job under a
+submitit launcher, and an output root with one damaged state file of every kind."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from mka_exp import activations, pipeline, results
+from mka_exp.activations import capture_hidden_states
+from mka_exp.calibration import tokenize
+from mka_exp.methods.mka import MKA
+from mka_exp.models import build_random_model
+from tests.helpers import REPO_ROOT, compose_config
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "Layers that compute nearly the same function can be merged.",
+    "Manifold learning finds structure in high-dimensional data.",
+]
+SHRINK = ["eval.tasks=[piqa]", "eval.limit=4"]
+
+
+def calib_of(tokenizer):
+    return tokenize(TEXTS, tokenizer, max_length=32, name="t", batch_size=2)
+
+
+def damage(path, how: str) -> None:
+    """Cut the file short, overwrite its middle with random bytes, or replace it."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbled":
+        middle = len(data) // 2
+        noise = random.Random(0).randbytes(64)
+        path.write_bytes(data[:middle] + noise + data[middle + 64 :])
+    elif how == "random":
+        path.write_bytes(random.Random(1).randbytes(len(data)))
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled", "random", "other_shape", "nan"])
+def test_damaged_activation_cache_is_named_deleted_and_recomputed(tiny, tmp_path, caplog, how):
+    calib = calib_of(tiny.tokenizer)
+    fresh = capture_hidden_states(tiny.model, calib, "tokens", cache=tmp_path)
+    (path,) = tmp_path.glob("hidden_*.pt")
+    if how == "other_shape":  # loads fine, holds something else (an old format, another model)
+        torch.save(torch.zeros(3, 2, 64), path)
+    elif how == "nan":
+        torch.save(torch.full_like(fresh, float("nan")), path)
+    else:
+        damage(path, how)
+    with caplog.at_level(logging.WARNING):
+        again = capture_hidden_states(tiny.model, calib, "tokens", cache=tmp_path)
+    assert torch.equal(again, fresh)
+    (warning,) = warnings_of(caplog)
+    assert str(path) in warning and "weights_only" not in caplog.text
+    assert (
+        activations.load_cache(path, path.stem.removeprefix("hidden_"), tuple(fresh.shape))
+        is not None
+    )
+
+
+def test_cache_checks_shape_key_checksum_and_finiteness(tiny, tmp_path):
+    from mka_exp.activations import cache_problem, save_cache, tensor_crc
+
+    tensor = torch.randn(3, 4)
+    path = tmp_path / "c.pt"
+    save_cache(tensor, path, "k")
+    entry = torch.load(path, weights_only=True)
+    assert cache_problem(entry, "k", (3, None)) is None
+    assert "made for key" in cache_problem(entry, "other", (3, 4))
+    assert "shape [3, 4]" in cache_problem(entry, "k", (5, 4))
+    assert cache_problem({**entry, "crc32": 0}, "k", (3, 4)) == "checksum mismatch"
+    bad = tensor.clone()
+    bad[0, 0] = float("inf")
+    assert cache_problem({**entry, "tensor": bad, "crc32": tensor_crc(bad)}, "k", (3, 4)) == (
+        "non-finite values"
+    )
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "other_shape"])
+def test_damaged_similarity_cache_is_named_deleted_and_recomputed(tmp_path, caplog, how):
+    def model():
+        return build_random_model("llama", num_layers=4, hidden_size=64, device="cpu").model
+
+    tokenizer = build_random_model("llama", num_layers=1, device="cpu").tokenizer
+    calib = calib_of(tokenizer)
+    first = MKA(num_layers=2, cache=str(tmp_path)).compress(model(), calib)
+    paths = sorted(tmp_path.glob("npib_*.pt"))
+    assert len(paths) == 2
+    for path in paths:
+        if how == "other_shape":
+            torch.save(torch.eye(7), path)
+        else:
+            damage(path, how)
+    with caplog.at_level(logging.WARNING):
+        second = MKA(num_layers=2, cache=str(tmp_path)).compress(model(), calib)
+    assert second == first
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 2 and all(str(p) in w for p, w in zip(paths, warnings, strict=True))
+    assert "weights_only" not in caplog.text
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def count_wandb_inits(monkeypatch):
+    import wandb
+
+    modes = []
+    real = wandb.init
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    monkeypatch.setattr(pipeline, "TRACKERS", {})
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return modes
+
+
+def wandb_curve(tmp_path, data_root, *extra):
+    cfg = compose_config(
+        ["method=reverse_prune", "curve=[0.25,0.5,0.75]", "logger=wandb", "logger.mode=online"]
+        + [*SHRINK, *extra],
+        tmp_path,
+        data_root,
+    )
+    return pipeline.run(cfg)
+
+
+def test_unreachable_wandb_is_found_out_once_per_process(
+    tmp_path, data_root, monkeypatch, caplog, count_wandb_inits
+):
+    """A closed port: no online init is tried at all (the probe fails at once), one warning,
+    every point logs offline and is recorded."""
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    with caplog.at_level(logging.WARNING):
+        last = wandb_curve(tmp_path, data_root)
+    assert count_wandb_inits == ["offline"] * 3
+    unreachable = [w for w in warnings_of(caplog) if "wandb server unreachable" in w]
+    assert len(unreachable) == 1, warnings_of(caplog)
+    assert last["layers_after"] == 1 and len(list((tmp_path / "records").glob("*.json"))) == 3
+    assert len(list((tmp_path / "run").glob("ratio_*/wandb/offline-run-*"))) == 3
+
+
+def test_wandb_server_that_never_answers_costs_one_init_timeout(
+    tmp_path, data_root, monkeypatch, caplog, count_wandb_inits
+):
+    """The port accepts connections but never answers: one online init (short timeout), then
+    offline for the rest of the process."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        with caplog.at_level(logging.WARNING):
+            wandb_curve(tmp_path, data_root, "logger.init_timeout=2")
+    finally:
+        server.close()
+    assert count_wandb_inits == ["online", "offline", "offline", "offline"]
+    assert len([w for w in warnings_of(caplog) if "wandb server unreachable" in w]) == 1
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3
+
+
+def test_local_launcher_sweep_reports_a_bad_point_and_runs_the_rest(tmp_path, data_root):
+    """The same as with the basic launcher, with every job in its own submitit process."""
+    args = [
+        sys.executable, "run.py", "-m", "hydra/launcher=local", "model=tiny_llama", "logger=none",
+        "method=reverse_prune", "method.ratio=0.05,0.5", "eval.tasks=[piqa]", "eval.limit=2",
+        "calib.max_length=32", f"data_root={data_root}", f"paths.output_root={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:]
+    summary = done.stdout[done.stdout.index("1 of 2 sweep job(s) failed") :]
+    assert "method.ratio=0.05 " in summary and "ValueError: method.ratio=0.05 removes 0" in summary
+    (record,) = (tmp_path / "records").glob("*.json")
+    assert json.loads(record.read_text())["layers_after"] == 2
+    assert len(list((tmp_path / "failures").glob("*.json"))) == 1
+
+
+def test_chaos_every_damaged_state_file_is_recovered(tmp_path, data_root, monkeypatch, caplog):
+    """One damaged file of each kind in an output root (table, record, activation cache,
+    similarity cache, failure marker); a rerun keeps every finished point, recomputes every
+    damaged one and duplicates nothing."""
+    curve = ["method=mka", "curve=[0.25,0.5,0.75]", *SHRINK]
+    real = pipeline.measure_point
+
+    def fail_at_last(point, *args, **kwargs):
+        if point.cfg.method.ratio == 0.75:
+            raise RuntimeError("simulated crash at the last point")
+        return real(point, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_point", fail_at_last)
+    with pytest.raises(RuntimeError):
+        pipeline.run(compose_config(curve, tmp_path, data_root))
+    records = {p.stem: p for p in (tmp_path / "records").glob("*.json")}
+    (failure,) = (tmp_path / "failures").glob("*.json")
+    assert len(records) == 2 and failure.stem not in records
+    kept, broken = sorted(records, key=lambda k: json.loads(records[k].read_text())["layers_after"])
+    kept_text = records[kept].read_text()
+    similarity = next((tmp_path / "cache").glob("npib_*.pt"))  # npib_<key>_<options>.pt
+    damaged = {
+        "table": tmp_path / "results.csv",
+        "record": records[broken],
+        "similarity": similarity,  # damaged: recomputed from the activations of the same key
+        "activations": tmp_path / "cache" / f"hidden_{similarity.stem.split('_')[1]}.pt",
+        "failure": failure,
+    }
+    for name, path in damaged.items():
+        damage(path, "random" if name == "table" else "truncated")
+
+    evaluated = []
+    monkeypatch.setattr(pipeline, "measure_point",
+                        lambda p, *a, **k: evaluated.append(p.key) or real(p, *a, **k))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        pipeline.run(compose_config(curve, tmp_path, data_root))
+
+    assert sorted(evaluated) == sorted([broken, failure.stem])  # damaged and failed: recomputed
+    assert records[kept].read_text() == kept_text  # finished: untouched
+    table = results.read_table(tmp_path / "results.csv")
+    keys = sorted(p.stem for p in (tmp_path / "records").glob("*.json"))
+    assert sorted(table["config_hash"]) == keys and len(keys) == 3  # one row per point
+    assert sorted(table["layers_after"]) == [1, 2, 3]
+    assert not list((tmp_path / "failures").glob("*.json"))
+    assert (tmp_path / "records" / f"{broken}.json.damaged").exists()
+    text = "\n".join(warnings_of(caplog))
+    for name, path in damaged.items():
+        assert str(path) in text, (name, text)
+    assert "weights_only" not in caplog.text
