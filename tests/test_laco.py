@@ -11,6 +11,7 @@ import torch
 from mka_exp import pipeline
 from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, num_layers
+from mka_exp.methods import laco
 from mka_exp.methods.laco import LaCo, rdsc_merge
 from mka_exp.models import build_random_model
 from tests.helpers import compose_config
@@ -105,12 +106,18 @@ def test_partial_last_merge_reaches_any_target():
     assert num_layers(lm.model) == 3 and len(stats["removed_layers"]) == 3
 
 
-def test_fallback_takes_the_most_similar_merge_and_is_recorded(caplog):
+def test_fallback_takes_the_most_similar_merge_and_is_recorded(caplog, monkeypatch):
     lm = model_of(5)
     calib = calib_of(lm.tokenizer)
     strict = copy.deepcopy(lm.model)
+    passes = []
+    real = laco.final_states
+    monkeypatch.setattr(laco, "final_states", lambda *a: passes.append(len(a[1])) or real(*a))
     with caplog.at_level(logging.WARNING):
-        stats = LaCo(num_layers=1, m=1, threshold=1.0).compress(lm.model, calib)
+        stats = LaCo(num_layers=1, m=1, threshold=1.0, num_prompts=3).compress(lm.model, calib)
+    # The dense pass and the four candidates 3, 2, 1, 0, on the first 3 prompts; the fallback
+    # reuses their scores instead of scoring them again.
+    assert passes == [3] * 5
     (merge,) = stats["merges"]
     assert merge["accepted"] is False and stats["fallback_merges"] == 1
     best = max(stats["candidates"], key=lambda c: c[2])  # every start was tried top-down

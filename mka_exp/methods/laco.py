@@ -13,6 +13,8 @@ model's. The search is top-down: it starts with the last layers (l = L−1−m) 
 one after a rejected merge and by `min_interval` after an accepted one (so no layer is merged
 again right away), until the target number of layers is gone. The last merge takes only as many
 layers as are still missing, so any target count can be reached.
+Each candidate costs one forward pass over the calibration prompts (`num_prompts` takes only the
+first n; the paper scores a few sentences); a candidate is scored once per state of the model.
 
 The official code updates its copies in place, so its merge reduces to dropping layers (its
 repository's issues #4 and #5); here the merged weights follow the formula (`tests/test_laco.py`).
@@ -34,6 +36,7 @@ Example config (`conf/method/laco.yaml`)::
     threshold: 0.65
     min_interval: 2
     fallback: true
+    num_prompts: null  # similarity on the first n calibration prompts (null: all)
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import _mergeable, decoder_layers, num_layers, remove_layers
 from mka_exp.methods.base import (
     LayerMethod,
@@ -73,6 +77,16 @@ def rdsc_merge(first: nn.Module, others: list[nn.Module]) -> nn.Module:
     return merged
 
 
+def first_prompts(calib: CalibrationSet, n: int | None) -> CalibrationSet:
+    """The first n calibration prompts (all with None): the similarity's cost is one forward
+    pass over them per candidate merge."""
+    if n is None or n >= len(calib):
+        return calib
+    return CalibrationSet(
+        calib.name, calib.texts[:n], calib.input_ids[:n], calib.attention_mask[:n], calib.batch_size
+    )
+
+
 def final_states(model, calib, batch_size: int | None) -> torch.Tensor:
     """Final hidden states of every non-pad calibration token, [n, D] float32 (model's device)."""
     device = model.get_input_embeddings().weight.device
@@ -98,6 +112,7 @@ class LaCo(LayerMethod):
         threshold: float = 0.65,
         min_interval: int = 2,
         fallback: bool = True,
+        num_prompts: int | None = None,
         batch_size: int | None = None,
     ) -> None:
         for name, value in (("m", m), ("min_interval", min_interval)):
@@ -111,13 +126,16 @@ class LaCo(LayerMethod):
             )
         if not isinstance(fallback, bool):
             raise ValueError(f"method.fallback={fallback!r} must be true or false")
+        if num_prompts is not None and (isinstance(num_prompts, bool) or num_prompts < 1):
+            raise ValueError(f"method.num_prompts={num_prompts!r} must be null or an integer >= 1")
         check_amount(ratio, num_layers)
         self.ratio, self.num_layers = ratio, num_layers
         self.m, self.threshold, self.min_interval = m, float(threshold), min_interval
-        self.fallback, self.batch_size = fallback, batch_size
+        self.fallback, self.num_prompts, self.batch_size = fallback, num_prompts, batch_size
+        self._scores: dict[tuple[int, int], float] = {}  # (start, k) -> similarity, this model
 
     def options(self) -> dict:
-        names = ("m", "threshold", "min_interval", "fallback")
+        names = ("m", "threshold", "min_interval", "fallback", "num_prompts")
         return {name: getattr(self, name) for name in names}
 
     def check_m(self, total: int) -> None:
@@ -131,8 +149,10 @@ class LaCo(LayerMethod):
         total = num_layers(model)
         self.check_m(total)
         counts = check_counts(counts, total)
+        calib = first_prompts(calib, self.num_prompts)
         dense = final_states(model, calib, self.batch_size)
         tracker, merges, tried = LayerTracker(total), [], []
+        self._scores = {}
         start = total - 1 - self.m  # the top-down search position (current index)
         for count in counts:
             removed = sum(len(merge["merged"]) for merge in merges)
@@ -153,18 +173,25 @@ class LaCo(LayerMethod):
             yield count, self.stats(merges, tried)
 
     def similarity(self, model, calib, dense: torch.Tensor, start: int, k: int) -> float:
-        """Mean token cosine of the final states with layers start..start+k merged vs dense."""
+        """Mean token cosine of the final states with layers start..start+k merged vs dense
+        (each candidate once per state of the model: the fallback reuses the search's scores)."""
+        if (start, k) in self._scores:
+            return self._scores[start, k]
         layers = decoder_layers(model)
         merged = rdsc_merge(layers[start], [layers[start + i] for i in range(1, k + 1)])
         swap = {start: merged, **dict.fromkeys(range(start + 1, start + k + 1))}
         with swapped_layers(model, swap):
             states = final_states(model, calib, self.batch_size)
-        return float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
+        score = float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
+        log.info("LaCo candidate: layers %d..%d, similarity %.4f", start, start + k, score)
+        self._scores[start, k] = score
+        return score
 
     def apply(self, model, tracker, start: int, k: int, similarity: float, accepted: bool) -> dict:
         layers = decoder_layers(model)
         layers[start] = rdsc_merge(layers[start], [layers[start + i] for i in range(1, k + 1)])
         remove_layers(model, list(range(start + 1, start + k + 1)))
+        self._scores = {}  # the model changed
         keep, merged = tracker[start], [tracker.remove(start + 1) for _ in range(k)]
         log.info("LaCo merges layers %s into %d (similarity %.4f)", merged, keep, similarity)
         return {"keep": keep, "merged": merged, "similarity": similarity, "accepted": accepted}

@@ -54,6 +54,7 @@ from torch import nn
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import decoder_layers, num_layers
+from mka_exp.methods.sleb import swapped_layers
 
 POSITIONS = ("all", "skip_first", "last")
 
@@ -200,8 +201,6 @@ def normal_equations(
 ) -> NormalEquations:
     """Accumulate the fit of kept layer `position` (current index) towards dense boundary `end`,
     running only layers prefix.cursor..position; `prefix` moves to `position` afterwards."""
-    from mka_exp.methods.sleb import swapped_layers  # layers before the cursor are skipped
-
     layers = decoder_layers(model)
     layer = layers[position]
     seen: dict = {}
@@ -215,6 +214,7 @@ def normal_equations(
 
     handles = _resume_hooks(layers, prefix, position, seen)
     handles += [layer.mlp.register_forward_hook(on_mlp), layer.register_forward_hook(on_layer)]
+    # Layers before the cursor stand aside: the cursor layer gets the cached input instead.
     skip = dict.fromkeys(range(prefix.cursor)) if prefix.inputs is not None else {}
     eq, inputs = None, []
     with _hooked(handles), torch.no_grad(), swapped_layers(model, skip):
