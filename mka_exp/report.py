@@ -23,10 +23,16 @@ choice, calibration, ...) get a `variant` label built from the config keys that 
 from __future__ import annotations
 
 import argparse
+import difflib
+import itertools
 import json
 import os
+import re
+import shlex
 import sys
+import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,8 +43,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mka_exp import samples as samples_mod
+from mka_exp import stats
 from mka_exp.plots import similarity_heatmap
-from mka_exp.results import NON_RESULT_KEYS, rebuild_table
+from mka_exp.results import NON_RESULT_KEYS, config_hash, rebuild_table, without_keys
 
 # Our model config names → the paper's model names.
 PAPER_MODELS = {
@@ -89,6 +97,8 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     heatmaps: list[Path] = field(default_factory=list)
+    stats: Stats | None = None
+    statistics: str = ""  # the statistics sections as markdown
 
 
 # ---------------------------------------------------------------- input
@@ -167,7 +177,8 @@ def variants(df: pd.DataFrame) -> pd.Series:
     for _, group in df.groupby(["model", "method", "quantizer"]):
         differing = [k for k in keys if group[k].astype(str).nunique() > 1][:MAX_VARIANT_KEYS]
         for idx, row in group.iterrows():
-            labels[idx] = ", ".join(f"{short_key(k)}={row[k]}" for k in differing)
+            parts = [f"{short_key(k)}={cell(row[k])}" for k in differing if notna(row[k])]
+            labels[idx] = ", ".join(parts)  # a key a run lacks is left out of its label
     # Runs still indistinguishable (e.g. a CSV without configs): tell them apart by config hash.
     key = ["model", "method", "quantizer", "compression_ratio"]
     clash = df.assign(variant=labels).duplicated(key + ["variant"], keep=False)
@@ -175,6 +186,10 @@ def variants(df: pd.DataFrame) -> pd.Series:
         hashes = df.loc[clash, "config_hash"].astype(str).str[:8]
         labels[clash] = (labels[clash] + " #" + hashes).str.strip()
     return labels
+
+
+def notna(value: object) -> bool:
+    return not (isinstance(value, float) and np.isnan(value)) and value is not None
 
 
 def is_variant_key(key: str) -> bool:
@@ -266,7 +281,7 @@ def table2(df: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     runs = df[(df["quantizer"] == "none") & df[list(TASKS)].notna().any(axis=1)]
     runs = with_paper(runs, paper, TASKS)
     columns = ["model", "method", "variant", "compression_ratio", "layers_after"]
-    columns += [c for task in TASKS for c in (task, f"{task}_paper")]
+    columns += [c for task in TASKS for c in (task, f"{task}_low", f"{task}_high", f"{task}_paper")]
     return finish(runs, columns)
 
 
@@ -275,7 +290,7 @@ def table3_4(df: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     runs = df[(df["quantizer"] == "none") & df["mmlu"].notna()]
     runs = with_paper(runs, paper, ("mmlu",))
     columns = ["model", "method", "variant", "layers_before", "layers_after"]
-    columns += ["compression_ratio", "mmlu", "mmlu_paper"]
+    columns += ["compression_ratio", "mmlu", "mmlu_low", "mmlu_high", "mmlu_paper"]
     return finish(runs, columns)
 
 
@@ -290,9 +305,11 @@ def finish(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """A GitHub-markdown table (no tabulate dependency); blanks for missing values."""
+    """A GitHub-markdown table (no tabulate dependency); blanks for missing values; a column's
+    `<name>_low`/`<name>_high` columns are shown in its cell as `value [low, high]`."""
     if table.empty:
         return "_no matching runs_\n"
+    table = fold_intervals(table)
     digits = [2 if is_accuracy(c) else None for c in table.columns]
     rows = table.itertuples(index=False)
     cells = [[cell(v, d) for v, d in zip(row, digits, strict=True)] for row in rows]
@@ -302,8 +319,40 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fold_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.copy()
+    for name in [c for c in table if {f"{c}_low", f"{c}_high"} <= set(table)]:
+        digits = 2 if is_accuracy(name) else None
+        bounds = zip(table[name], table[f"{name}_low"], table[f"{name}_high"], strict=True)
+        out[name] = [
+            cell(v, digits) + (f" [{cell(lo, digits)}, {cell(hi, digits)}]" if pd.notna(lo) else "")
+            for v, lo, hi in bounds
+        ]
+        out = out.drop(columns=[f"{name}_low", f"{name}_high"])
+    return out
+
+
 def is_accuracy(column_name: str) -> bool:
-    return column_name.removesuffix("_paper") in TASKS
+    name = column_name.removesuffix("_paper").removesuffix("_low").removesuffix("_high")
+    return name in TASKS
+
+
+def with_intervals(df: pd.DataFrame, st: Stats | None) -> pd.DataFrame:
+    """`<task>_low`/`<task>_high` (%) beside each task column, from the per-example records
+    (NaN where a run has none); the interval of the metric the column holds (MMLU: macro)."""
+    out = df.copy()
+    for task in TASKS:
+        names = [f"{task} acc_macro", f"{task} acc"] if task == "mmlu" else [f"{task} acc"]
+        for bound in ("low", "high"):
+            out[f"{task}_{bound}"] = np.nan
+            for name in reversed(names):  # the first name wins
+                if st is None or st.accuracy.empty:
+                    break
+                rows = st.accuracy[st.accuracy["column"] == name].set_index("config_hash")
+                mapped = out["config_hash"].map(100 * rows[bound]) if "config_hash" in out else None
+                if mapped is not None:
+                    out[f"{task}_{bound}"] = mapped.where(mapped.notna(), out[f"{task}_{bound}"])
+    return out
 
 
 def cell(value: object, digits: int | None = None) -> str:
@@ -317,6 +366,418 @@ def cell(value: object, digits: int | None = None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# ---------------------------------------------------------------- statistics (per-example records)
+
+
+# What a record's accuracy is compared against by default: the best of these at its layer count.
+PRUNING_METHODS = ("reverse_prune", "shortgpt", "angular", "sleb")
+# A random guess among the choices. BoolQ's line is the majority answer's share of the evaluated
+# examples instead, where per-example records give it: a model that always says "yes" gets that.
+CHANCE = {"piqa": 0.5, "hellaswag": 0.25, "race": 0.25, "mmlu": 0.25, "boolq": 0.5}
+MAJORITY_TASKS = ("boolq",)
+MARK = "*"
+CALIB_SEED = "calib.seed"
+ID_COLUMNS = ["config_hash", "model", "quantizer", "method", "variant", "layers_before"]
+ID_COLUMNS += ["layers_after", "removed"]
+
+
+@dataclass
+class Stats:
+    """Intervals and paired differences for every record with per-example records.
+
+    `accuracy`: one row per record × task metric (`column` = "<task> <metric>"; MMLU's is
+    `acc_macro`): value, low, high (95 %), n. `differences`: one row per compressed record ×
+    column: its baseline, the paired difference, its interval, McNemar's p, `significant`.
+    `notes`: one line per problem (no baseline, different examples, missing records), with the
+    model, quantizer and layer count it belongs to. Values are fractions."""
+
+    accuracy: pd.DataFrame
+    differences: pd.DataFrame
+    notes: pd.DataFrame
+    sensitivity: pd.DataFrame
+    chance: dict[str, tuple[float, str]]
+    baseline: str
+
+
+def load_records(root: Path) -> dict[str, dict]:
+    records = (json.loads(p.read_text()) for p in sorted((root / "records").glob("*.json")))
+    return {r["config_hash"]: r for r in records if "config_hash" in r}
+
+
+def run_label(run: pd.Series | dict, model: bool = False) -> str:
+    """`method (variant)`; with `model`, `model method (variant) -<layers removed>`."""
+    variant = f" ({run['variant']})" if run.get("variant") else ""
+    if not model:
+        return f"{run['method']}{variant}"
+    return f"{run['model']} {run['method']}{variant} -{int(run['removed'])}"
+
+
+def outcome_sets(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """(task, metric) -> the outcomes under it (`subtask`, `doc_id`, hashes, `y`); a task with
+    several subtasks (MMLU) is scored as their macro average, so its metric is `<m>_macro`."""
+    frame = frame[frame["filter"] == "none"]
+    sets = {}
+    for task, rows in frame.groupby("task", sort=False):
+        macro = rows["subtask"].nunique() > 1
+        for metric in samples_mod.METRICS:
+            kept = rows[rows[metric].notna()]
+            if not kept.empty:
+                name = f"{metric}_macro" if macro else metric
+                keys = ["subtask", "doc_id", "doc_hash", "prompt_hash", "target"]
+                sets[(str(task), name)] = kept[keys].assign(y=kept[metric].to_numpy())
+    return sets
+
+
+def accuracy_interval(outcomes: pd.DataFrame, metric: str, resamples: int) -> stats.Interval:
+    if metric.endswith("_macro"):
+        return stats.macro_interval(outcomes["y"], outcomes["subtask"], n_resamples=resamples)
+    return stats.wilson(outcomes["y"])
+
+
+def read_all_samples(
+    df: pd.DataFrame, records: dict[str, dict], root: Path
+) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+    """Each run's per-example rows; a note for runs without them or with a damaged file."""
+    frames, notes, older = {}, [], []
+    for _, run in df.iterrows():
+        record = records.get(run["config_hash"], {})
+        try:
+            frame = samples_mod.read_samples(root, record)
+        except samples_mod.SamplesError as err:
+            notes.append(note(run, f"{err}: no interval or paired test for {run_label(run, True)}"))
+            continue
+        if frame is None:
+            older.append(run_label(run, model=True))
+        else:
+            frames[run["config_hash"]] = frame
+    if older:
+        text = f"{len(older)} record(s) without per-example records (older runs; no interval, "
+        text += f"no paired test): {', '.join(older)}"
+        notes.append({"model": None, "quantizer": None, "removed": None, "text": text})
+    return frames, notes
+
+
+def note(run: pd.Series, text: str) -> dict:
+    return {
+        "model": run["model"],
+        "quantizer": run["quantizer"],
+        "removed": run["removed"],
+        "text": text,
+    }
+
+
+def compute_stats(
+    df: pd.DataFrame, root: Path, baseline: str | None = None, resamples: int = stats.N_RESAMPLES
+) -> Stats:
+    """Intervals, paired differences against the baseline and calibration sensitivity."""
+    records = load_records(root)
+    df = df.assign(removed=column(df, "layers_before") - column(df, "layers_after"))
+    check_baseline(df, baseline)
+    frames, notes = read_all_samples(df, records, root)
+    rows, sets = [], {}
+    for _, run in df[df["config_hash"].isin(frames)].iterrows():
+        for (task, metric), outcomes in outcome_sets(frames[run["config_hash"]]).items():
+            interval = accuracy_interval(outcomes, metric, resamples)
+            column_name = f"{task} {metric}"
+            sets[(run["config_hash"], column_name)] = outcomes
+            ident = {k: run[k] for k in ID_COLUMNS}
+            rows.append({**ident, "task": task, "metric": metric, "column": column_name,
+                         "value": interval.value, "low": interval.low, "high": interval.high,
+                         "n": interval.n, "groups": outcomes["subtask"].nunique()})  # fmt: skip
+    accuracy = pd.DataFrame(rows, columns=[*ID_COLUMNS, "task", "metric", "column", "value",
+                                           "low", "high", "n", "groups"])  # fmt: skip
+    differences, more = paired_differences(accuracy, sets, baseline, resamples)
+    notes = pd.DataFrame(notes + more, columns=["model", "quantizer", "removed", "text"])
+    return Stats(
+        accuracy,
+        differences,
+        notes.drop_duplicates(),
+        calibration_sensitivity(df, records),
+        chance_levels(sets),
+        baseline or "best pruning",
+    )
+
+
+def check_baseline(df: pd.DataFrame, baseline: str | None) -> None:
+    """`--baseline METHOD` must name a method some record used."""
+    if baseline is None or (df["method"] == baseline).any():
+        return
+    methods = sorted(set(df["method"]))
+    close = difflib.get_close_matches(baseline, methods, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ReportError(
+        f"--baseline {baseline}: no records of that method ({hint}methods: {', '.join(methods)})"
+    )
+
+
+def pick_baseline(accuracy: pd.DataFrame, row: pd.Series, method: str | None) -> pd.Series | None:
+    """The baseline run for `row`'s column: the most accurate record of `method` (default: of
+    any pruning method) with the same model, quantizer and layer count; None if there is none."""
+    pool = accuracy[
+        (accuracy["model"] == row["model"])
+        & (accuracy["quantizer"] == row["quantizer"])
+        & (accuracy["layers_after"] == row["layers_after"])
+        & (accuracy["column"] == row["column"])
+    ]
+    pool = pool[pool["method"] == method] if method else pool[pool["method"].isin(PRUNING_METHODS)]
+    return None if pool.empty else pool.loc[pool["value"].idxmax()]  # ties: the first in order
+
+
+def paired_differences(
+    accuracy: pd.DataFrame, sets: dict, baseline: str | None, resamples: int
+) -> tuple[pd.DataFrame, list[dict]]:
+    rows, notes = [], []
+    wanted = baseline or f"pruning ({', '.join(PRUNING_METHODS)})"
+    for _, row in accuracy[accuracy["removed"] > 0].iterrows():
+        base = pick_baseline(accuracy, row, baseline)
+        if base is None:
+            text = f"no baseline at {int(row['removed'])} layers removed: no {wanted} record with "
+            notes.append(note(row, text + "per-example records there"))
+            continue
+        out = {k: row[k] for k in ID_COLUMNS} | {"column": row["column"]}
+        out |= {"baseline": run_label(base), "baseline_hash": base["config_hash"]}
+        if base["config_hash"] == row["config_hash"]:
+            rows.append(out | {"is_baseline": True})
+            continue
+        a, b = sets[(row["config_hash"], row["column"])], sets[(base["config_hash"], row["column"])]
+        aligned, problem = align(a, b)
+        if problem:
+            text = f"paired test impossible: {run_label(row)} and {run_label(base)} were "
+            notes.append(
+                note(row, text + f"evaluated on different {row['task']} examples ({problem})")
+            )
+            continue
+        groups = aligned["subtask"] if row["metric"].endswith("_macro") else None
+        result = stats.paired(aligned["y_a"], aligned["y_b"], groups, n_resamples=resamples)
+        d = result.difference
+        rows.append(out | {"is_baseline": False, "difference": d.value, "low": d.low,
+                           "high": d.high, "p_value": result.p_value, "a_only": result.a_only,
+                           "b_only": result.b_only, "significant": result.significant})  # fmt: skip
+    return pd.DataFrame(rows), notes
+
+
+def align(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """A's and B's outcomes side by side, example by example; or why they cannot be paired."""
+    key = ["subtask", "doc_id"]
+    both = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
+    only = int((both["_merge"] != "both").sum())
+    if only:
+        return both, f"{only} of {len(both)} examples evaluated by only one"
+    if (both["doc_hash_a"] != both["doc_hash_b"]).any():
+        return both, "same ids, different documents"
+    if (both["prompt_hash_a"] != both["prompt_hash_b"]).any():
+        return both, "same documents, different prompts (few-shot settings?)"
+    return both, ""
+
+
+def chance_levels(sets: dict) -> dict[str, tuple[float, str]]:
+    """Task -> (chance accuracy, how it was chosen), for the plots' reference line."""
+    levels = {task: (level, "random guess") for task, level in CHANCE.items()}
+    for (_, column_name), outcomes in sets.items():
+        task = column_name.split(" ", 1)[0]
+        if task in MAJORITY_TASKS and levels[task][1] == "random guess":
+            share = outcomes["target"].astype(str).value_counts(normalize=True).iloc[0]
+            levels[task] = (float(share), "majority answer")
+    return levels
+
+
+def layer_choice(method_stats: dict) -> tuple | None:
+    """What a method chose: MKA's merged (kept, dropped) pairs, else the removed layers."""
+    if method_stats.get("merges"):
+        return tuple((m.get("keep"), m.get("drop")) for m in method_stats["merges"])
+    removed = method_stats.get("removed_layers")
+    return tuple(sorted(removed)) if removed is not None else None
+
+
+def sensitivity_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A record's task accuracies under the accuracy tables' column names (MMLU: macro)."""
+    out = {}
+    for key, value in metrics.items():
+        task, _, metric = key.partition("/")
+        if metric not in ("acc", "acc_norm", "acc_macro", "acc_norm_macro"):
+            continue
+        if f"{task}/{metric}_macro" in metrics:
+            continue  # a group: its macro average is the column
+        out[f"{task} {metric}"] = value
+    return out
+
+
+def calibration_sensitivity(df: pd.DataFrame, records: dict[str, dict]) -> pd.DataFrame:
+    """For runs that differ only in `calib.seed`: how often the chosen layers change and how
+    far each accuracy moves (mean, standard deviation and range over the seeds, fractions)."""
+    groups: dict[str, list[dict]] = {}
+    for record in records.values():
+        config = record.get("config") or {}
+        if (config.get("calib") or {}).get("seed") is not None:
+            key = config_hash(without_keys(config, (CALIB_SEED,)))
+            groups.setdefault(key, []).append(record)
+    labels = df.set_index("config_hash")["variant"].to_dict() if "variant" in df else {}
+    rows = []
+    for group in groups.values():
+        if len({r["config"]["calib"]["seed"] for r in group}) < 2:
+            continue
+        rows.append(seed_row(group, labels))
+    return pd.DataFrame(rows)
+
+
+def seed_row(group: list[dict], labels: dict[str, str]) -> dict:
+    choices = [layer_choice(r.get("method_stats") or {}) for r in group]
+    most = Counter(choices).most_common(1)[0][1]
+    pairs = list(itertools.combinations(choices, 2))
+    first = group[0]
+    variant = re.sub(r"calib\.seed=[^,]*(, )?", "", labels.get(first["config_hash"], "")).strip(
+        ", "
+    )
+    row = {
+        "model": first.get("model"),
+        "method": first.get("method"),
+        "variant": variant,
+        "removed": first.get("layers_before", 0) - first.get("layers_after", 0),
+        "seeds": len(group),
+        "layer_choices": len(set(choices)),
+        "seeds_off_most_common": len(group) - most,
+        "seed_pairs_differing": float(np.mean([x != y for x, y in pairs])),
+    }
+    values = [sensitivity_metrics(r.get("metrics") or {}) for r in group]
+    for name in sorted(set.intersection(*(set(v) for v in values)), key=column_order):
+        series = np.array([v[name] for v in values])
+        row |= {f"{name} mean": series.mean(), f"{name} sd": series.std(ddof=1),
+                f"{name} range": series.max() - series.min()}  # fmt: skip
+    return row
+
+
+def column_order(name: str) -> tuple:
+    """Our five tasks in the paper's order first, then others; acc before acc_norm."""
+    task, _, metric = name.partition(" ")
+    rank = TASKS.index(task) if task in TASKS else len(TASKS)
+    return (rank, task, metric)
+
+
+# ---------------------------------------------------------------- statistics as markdown
+
+
+def percent(value: float, sign: bool = False) -> str:
+    return "" if pd.isna(value) else f"{100 * value:{'+' if sign else ''}.1f}"
+
+
+def interval_cell(row: pd.Series) -> str:
+    return f"{percent(row['value'])} [{percent(row['low'])}, {percent(row['high'])}]"
+
+
+def difference_cell(row: pd.Series) -> str:
+    if row.get("is_baseline") is True:
+        return "baseline"
+    mark = MARK if row["significant"] else ""
+    span = f"[{percent(row['low'], True)}, {percent(row['high'], True)}]"
+    return f"{percent(row['difference'], True)} {span}{mark} {p_text(row['p_value'])}"
+
+
+def p_text(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}" if p < 0.1 else f"p={p:.2f}"
+
+
+def pivot(long: pd.DataFrame, cells: pd.Series, index: list[str]) -> pd.DataFrame:
+    """One row per run, one column per task metric (in the paper's task order)."""
+    wide = long.assign(cell=cells).pivot_table(
+        index=index, columns="column", values="cell", aggfunc="first", sort=False
+    )
+    wide = wide[sorted(wide.columns, key=column_order)].fillna("")
+    return wide.reset_index().rename(columns={"config_hash": "run"})
+
+
+def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
+    """Sections per model: accuracies with intervals, then one comparison per layer count."""
+    lines = [f"- {t}" for t in st.notes[st.notes["model"].isna()]["text"]]
+    for (model, quant), acc in st.accuracy.groupby(["model", "quantizer"], sort=False):
+        title = model if quant == "none" else f"{model} + {quant}"
+        lines += [f"\n## {title}\n", examples_line(acc) + "\n", ACCURACY_HEADING]
+        lines.append(accuracy_table(acc, records))
+        for removed in sorted(set(acc["removed"]) - {0}):
+            lines += comparison_section(
+                st, model, quant, removed, int(acc["layers_before"].iloc[0])
+            )
+    if not st.sensitivity.empty:
+        lines += ["\n## Calibration sensitivity\n", sensitivity_text(st.sensitivity)]
+    return "\n".join(lines) + "\n"
+
+
+ACCURACY_HEADING = """### Accuracy (%, 95 % interval)
+
+"layers removed": original layer indices; for MKA each merge as kept+dropped (the kept layer
+holds the merge).
+"""
+
+
+def examples_line(acc: pd.DataFrame) -> str:
+    parts = []
+    for name in sorted(set(acc["column"]), key=column_order):
+        rows = acc[acc["column"] == name]
+        if name.endswith("_norm") and name.replace("acc_norm", "acc") in set(acc["column"]):
+            continue
+        counts = "/".join(str(n) for n in sorted(set(rows["n"])))
+        groups = int(rows["groups"].max())
+        parts.append(
+            f"{name.split()[0]} {counts}" + (f" ({groups} subjects)" if groups > 1 else "")
+        )
+    return "Examples per task: " + ", ".join(parts) + "."
+
+
+def accuracy_table(acc: pd.DataFrame, records: dict[str, dict]) -> str:
+    wide = pivot(
+        acc, acc.apply(interval_cell, axis=1), ["config_hash", "method", "variant", "removed"]
+    )
+    removed = [layers_text(records.get(h, {})) for h in wide["run"]]
+    wide.insert(4, "layers removed", removed)
+    return markdown(wide.drop(columns="run"))
+
+
+def layers_text(record: dict) -> str:
+    choice = layer_choice(record.get("method_stats") or {})
+    if choice and isinstance(choice[0], tuple):
+        return " ".join(f"{k}+{d}" for k, d in choice)  # MKA: kept+dropped
+    return "" if choice is None else " ".join(map(str, choice))
+
+
+def comparison_section(st: Stats, model: str, quant: str, removed: int, total: int) -> list[str]:
+    diffs = st.differences
+    if not diffs.empty:
+        diffs = diffs[(diffs["model"] == model) & (diffs["quantizer"] == quant)]
+        diffs = diffs[diffs["removed"] == removed]
+    notes = st.notes[(st.notes["model"] == model) & (st.notes["quantizer"] == quant)]
+    notes = notes[notes["removed"] == removed]
+    lines = [f"\n### Against {st.baseline} at {removed} of {total} layers removed\n"]
+    if not diffs.empty:
+        base = diffs.drop_duplicates("column").sort_values(
+            "column", key=lambda c: c.map(column_order)
+        )
+        named = "; ".join(f"{r['column']}: {r['baseline']}" for _, r in base.iterrows())
+        lines.append(f"Baseline per column: {named}. Difference in points, 95 % paired bootstrap "
+                     f"interval, `{MARK}` = excludes 0, McNemar exact p.\n")  # fmt: skip
+        wide = pivot(
+            diffs, diffs.apply(difference_cell, axis=1), ["config_hash", "method", "variant"]
+        )
+        lines.append(markdown(wide.drop(columns="run")))
+    lines += [f"- {text}" for text in notes["text"]]
+    return lines
+
+
+def sensitivity_text(table: pd.DataFrame) -> str:
+    """Per method and point: layer choices over the seeds and each accuracy's spread."""
+    out = table[["model", "method", "variant", "removed", "seeds", "layer_choices",
+                 "seeds_off_most_common"]].copy()  # fmt: skip
+    names = sorted({c.rsplit(" ", 1)[0] for c in table if c.endswith(" mean")}, key=column_order)
+    for name in names:
+        out[name] = [
+            f"{percent(m)} ± {percent(s)} (range {percent(r)})" if pd.notna(m) else ""
+            for m, s, r in zip(table[f"{name} mean"], table[f"{name} sd"], table[f"{name} range"],
+                               strict=True)
+        ]  # fmt: skip
+    intro = ("Runs that differ only in `calib.seed`: distinct layer choices over the seeds, seeds "
+             "whose choice differs from the most common one, and each accuracy (%) as mean ± sd "
+             "(range) over the seeds.\n\n")  # fmt: skip
+    return intro + markdown(out)
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -327,21 +788,33 @@ def new_figure(size: tuple[float, float] = (6.5, 4.5)) -> Figure:
     return fig
 
 
-def curve_plots(df: pd.DataFrame, paper: pd.DataFrame, out: Path) -> list[Path]:
-    """Accuracy vs compression ratio per model and task, one line per method (paper Fig. 2)."""
+def curve_plots(
+    df: pd.DataFrame, paper: pd.DataFrame, out: Path, chance: dict | None = None
+) -> list[Path]:
+    """Accuracy vs compression ratio per model and task, one line per method (paper Fig. 2),
+    with 95 % error bars where per-example records give them, the dense model and chance."""
     runs = df[df["quantizer"] == "none"]
+    chance = chance or {task: (level, "random guess") for task, level in CHANCE.items()}
     paths = []
     for model, group in runs.groupby("model"):
         for task in TASKS:
             if group[task].notna().any():
-                paths.append(curve_plot(group, paper, str(model), task, out))
+                paths.append(curve_plot(group, paper, str(model), task, out, chance.get(task)))
     return paths
 
 
-def curve_plot(runs: pd.DataFrame, paper: pd.DataFrame, model: str, task: str, out: Path) -> Path:
+def curve_plot(
+    runs: pd.DataFrame,
+    paper: pd.DataFrame,
+    model: str,
+    task: str,
+    out: Path,
+    chance: tuple[float, str] | None = None,
+) -> Path:
     fig = new_figure()
     ax = fig.add_subplot()
     plot_ours(ax, runs[runs[task].notna()], task)
+    plot_references(ax, runs[runs[task].notna()], task, chance)
     published = paper[(paper["model"] == model) & (paper["task"] == task)]
     plot_paper(ax, published[published["quantizer"] == "none"])
     xlabel = "compression ratio (fraction of layers removed; of weights for sparsegpt)"
@@ -365,7 +838,27 @@ def plot_ours(ax: Axes, runs: pd.DataFrame, task: str) -> None:
             line = line.sort_values("compression_ratio")
             label = f"{method} ({variant})" if variant else method
             style = {"color": method_color(str(method)), "marker": markers[i % len(markers)]}
-            ax.plot(line["compression_ratio"], line[task], "-", label=label, **style)
+            low, high = line.get(f"{task}_low"), line.get(f"{task}_high")
+            if low is not None and low.notna().any():
+                yerr = np.vstack([line[task] - low, high - line[task]])
+                ax.errorbar(line["compression_ratio"], line[task], yerr=yerr, fmt="-",
+                            capsize=3, label=label, **style)  # fmt: skip
+            else:
+                ax.plot(line["compression_ratio"], line[task], "-", label=label, **style)
+
+
+def plot_references(
+    ax: Axes, runs: pd.DataFrame, task: str, chance: tuple[float, str] | None
+) -> None:
+    """The dense model's accuracy and the task's chance level as horizontal lines."""
+    dense = runs[(runs["method"] == "none") & (runs["compression_ratio"] == 0)]
+    if len(dense):
+        value = float(dense[task].iloc[0])
+        ax.axhline(value, color="grey", linestyle=":", label=f"dense ({value:.1f})")
+    if chance is not None:
+        level, how = chance
+        ax.axhline(100 * level, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
+                   label=f"chance ({how}, {100 * level:.1f})")  # fmt: skip
 
 
 def plot_paper(ax: Axes, published: pd.DataFrame) -> None:
@@ -430,6 +923,8 @@ def write_index(report: Report, source: Path, runs: int) -> Path:
     """report.md: every table inline (with its CSV) and every figure."""
     intro = f"{runs} runs from `{source}`. Accuracies in %; `*_paper` = published numbers "
     lines = [f"# MKA experiment report\n\n{intro}(arXiv 2406.16330) for the same point.\n"]
+    if report.statistics:
+        lines.append(f"## Intervals and paired tests\n\n{METHODS_TEXT}\n{report.statistics}")
     for name, table in report.tables.items():
         lines.append(f"## {TITLES[name]}\n\n[{name}.csv]({name}.csv)\n\n{markdown(table)}")
     for title, paths in (
@@ -462,36 +957,138 @@ def log_to_wandb(report: Report) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-def build_report(source: Path, out: Path | None = None) -> Report:
+def build_report(
+    source: Path,
+    out: Path | None = None,
+    baseline: str | None = None,
+    resamples: int = stats.N_RESAMPLES,
+) -> Report:
     """Read the runs, write every table and figure; returns what was written."""
     table, root = load_table(source)
     report = Report(out=out or root / "report")
     report.out.mkdir(parents=True, exist_ok=True)
     df, paper = prepare(table), load_paper()
+    if source.is_dir():
+        report.stats = compute_stats(df, root, baseline, resamples)
+        report.statistics = stats_markdown(report.stats, load_records(root))
+        write_stats(report.stats, report.statistics, report.out)
+    elif baseline:
+        raise ReportError(f"--baseline {baseline}: paired tests need an outputs dir, not {source}")
+    df = with_intervals(df, report.stats)
     report.tables = {"table1": table1(df, paper), "table2": table2(df, paper)}
     report.tables["table3_4"] = table3_4(df, paper)
     write_tables(report.tables, report.out)
-    report.plots = curve_plots(df, paper, report.out)
+    chance = report.stats.chance if report.stats else None
+    report.plots = curve_plots(df, paper, report.out, chance)
     report.heatmaps = heatmaps(root, report.out)
     write_index(report, source, len(df))
     return report
 
 
+def write_stats(st: Stats, text: str, out: Path) -> None:
+    st.accuracy.to_csv(out / "accuracy_intervals.csv", index=False)
+    st.differences.to_csv(out / "paired_differences.csv", index=False)
+    st.sensitivity.to_csv(out / "calibration_sensitivity.csv", index=False)
+    (out / "statistics.md").write_text(f"# Intervals and paired tests\n\n{METHODS_TEXT}\n{text}")
+
+
+METHODS_TEXT = f"""Accuracies in %, each with a 95 % interval: Wilson score for one task, a bootstrap over
+subjects and their questions for MMLU's macro average ({stats.N_RESAMPLES:,} resamples, seed
+{stats.SEED}). Each compressed run is compared with a baseline on the same examples: the paired
+difference in points with a paired bootstrap 95 % interval (by subject and question for MMLU) and
+McNemar's exact p on the discordant examples (all examples pooled); `{MARK}` marks a difference
+whose interval excludes 0. The default baseline of a column is the most accurate run of a pruning
+method ({", ".join(PRUNING_METHODS)}) with the same model and layer count (picked per column, so
+it is a strong baseline: a method that beats it beats every pruning run there).
+"""
+GENERATED = "<!-- generated by `python -m mka_exp.report --markdown`: edit only below KEPT -->"
+KEPT = "<!-- KEPT: everything below this line survives when the report regenerates the file -->"
+
+
+def write_comparison_doc(path: Path, report: Report, source: Path, command: str) -> Path:
+    """The method comparison document: the generated header and statistics, then whatever the
+    old file kept below the KEPT line (a hand-written file is kept whole, under a heading)."""
+    if report.stats is None:
+        raise ReportError(f"--markdown needs an outputs dir with records/, not {source}")
+    header = comparison_header(report.stats, load_records(source), source, command)
+    text = f"{GENERATED}\n{header}\n{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples_mod.write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
+    return path
+
+
+def kept_part(path: Path) -> str:
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    if KEPT in text:
+        return text.split(KEPT, 1)[1].lstrip("\n")
+    if text.startswith(GENERATED):
+        return ""
+    return "## Previous hand-written version (kept)\n\n" + text.replace("\n# ", "\n### ")
+
+
+def comparison_header(st: Stats, records: dict[str, dict], source: Path, command: str) -> str:
+    runs = [r for r in records.values() if r.get("config_hash") in set(st.accuracy["config_hash"])]
+    models = sorted({f"{r.get('model')} ({r.get('layers_before')} layers)" for r in runs})
+    protocols = sorted({eval_protocol(r.get("config") or {}) for r in runs})
+    versions = sorted({str(r.get("code_version", "?")) for r in runs})
+    chance = ", ".join(f"{t} {100 * v:.1f} ({how})" for t, (v, how) in st.chance.items())
+    return "\n".join([
+        "# Method comparison\n",
+        f"Generated on {time.strftime('%Y-%m-%d')} from {len(runs)} run records with per-example "
+        f"records in `{source}` by\n\n```bash\n{command}\n```\n",
+        f"- Models: {', '.join(models) or 'none'}.",
+        f"- Evaluation: {'; '.join(protocols) or 'none'} (examples per task under each model).",
+        f"- Code versions: {', '.join(versions)}.",
+        f"- Baseline: {st.baseline}. Chance levels drawn in the plots: {chance}.\n",
+        METHODS_TEXT,
+    ])  # fmt: skip
+
+
+def eval_protocol(config: dict) -> str:
+    ev = config.get("eval") or {}
+    shots = ev.get("num_fewshot") or {}
+    shot_text = ", ".join(f"{t} {n}-shot" for t, n in sorted(shots.items())) or "all 0-shot"
+    return f"tasks {', '.join(ev.get('tasks') or [])}, limit {ev.get('limit')}, {shot_text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="python -m mka_exp.report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("source", type=Path, help="an outputs dir (with records/) or a results.csv")
     parser.add_argument("--out", type=Path, default=None, help="default: <outputs dir>/report")
     parser.add_argument("--wandb", action="store_true", help="also log tables and plots to wandb")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="METHOD",
+        help="compare every run with this method at the same layer count "
+        f"(default: the best of {', '.join(PRUNING_METHODS)} there)",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the method comparison document (e.g. docs/method_comparison.md)",
+    )
+    parser.add_argument("--resamples", type=int, default=stats.N_RESAMPLES, help="bootstrap size")
     args = parser.parse_args(argv)
     try:
-        report = build_report(args.source, args.out)
-    except ReportError as err:
+        report = build_report(args.source, args.out, args.baseline, args.resamples)
+        if args.markdown:
+            command = shlex.join(["python", "-m", "mka_exp.report", *argv])
+            write_comparison_doc(args.markdown, report, args.source, command)
+    except (ReportError, samples_mod.SamplesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, table in report.tables.items():
         print(f"## {TITLES[name]}\n\n{markdown(table)}")
+    if report.statistics:
+        print(f"## Intervals and paired tests\n{report.statistics}")
     if args.wandb:
         log_to_wandb(report)
     print(f"report written to {report.out / 'report.md'}")

@@ -8,6 +8,7 @@ part a paired comparison needs, one row per example and filter:
     subtask   lm-eval's leaf task (for MMLU the subject, e.g. `mmlu_anatomy`; else = the task)
     doc_id    lm-eval's document index within the subtask
     doc_hash  the first 16 hex digits of lm-eval's sha256 of the document (pairing checks it)
+    prompt_hash  the same of the prompt (few-shot examples included: equal only for one protocol)
     target    the gold answer as lm-eval logged it (an index for the multiple-choice tasks)
     pred      the answer with the highest log-likelihood (the choice `acc` scores)
     acc, acc_norm   lm-eval's per-example metrics (acc_norm null where the task has none)
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm", "filter")
+COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "prompt_hash", "target", "pred")
+COLUMNS += ("acc", "acc_norm", "filter")
 METRICS = ("acc", "acc_norm")
 HASH_DIGITS = 16
 SUFFIX = ".samples.jsonl.gz"
@@ -57,6 +59,7 @@ def sample_row(task: str, subtask: str, sample: dict[str, Any]) -> dict[str, Any
         "subtask": subtask,
         "doc_id": int(sample["doc_id"]),
         "doc_hash": str(sample.get("doc_hash", ""))[:HASH_DIGITS],
+        "prompt_hash": str(sample.get("prompt_hash", ""))[:HASH_DIGITS],
         "target": plain(sample.get("target")),
         "pred": chosen_answer(sample.get("filtered_resps")),
         **{m: float(sample[m]) if m in sample else None for m in METRICS},

@@ -124,6 +124,7 @@ def paired(
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p: the discordant pairs as a binomial test of p = 1/2."""
+    a_only, b_only = int(a_only), int(b_only)
     if a_only + b_only == 0:
         return 1.0
     return float(binomtest(a_only, a_only + b_only, 0.5).pvalue)

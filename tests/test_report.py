@@ -3,14 +3,19 @@ render, bad input fails with one line naming the path."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mka_exp import report, results
+from mka_exp import report, results, samples, stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -226,3 +231,215 @@ def test_bad_input_is_one_line_naming_the_path(kind, tmp_path, capsys):
     assert report.main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(path) in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- statistics from a tiny sweep
+
+SWEEP_EVAL = ["eval.tasks=[piqa,boolq]", "eval.limit=24"]
+
+
+def planted(root: Path, record: dict, name: str, rows: pd.DataFrame, **config: object) -> dict:
+    """A copy of `record` as another run (its config changed) with the given per-example rows."""
+    copy = json.loads(json.dumps(record))
+    copy["config"]["method"].update(config)
+    copy["config_hash"] = results.config_hash(copy["config"])
+    copy["method"] = name
+    copy["samples"] = samples.write_samples(root, copy["config_hash"], rows)
+    copy["metrics"] = samples.aggregate(rows)
+    results.save_record(root, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_root) -> tuple[Path, dict]:
+    """Tiny-model runs with per-example records: dense, reverse_prune and shortgpt curves at 1
+    and 2 of 4 layers, MKA at 1; plus a planted run that answers every example right (a sure
+    win), one scored on fewer examples (no paired test possible) and three calibration seeds."""
+    from mka_exp import pipeline
+    from tests.helpers import compose_config
+
+    root = tmp_path_factory.mktemp("sweep")
+    runs = {}
+    for method, extra in (
+        ("none", []),
+        ("reverse_prune", ["curve=[0.25,0.5]"]),
+        ("shortgpt", ["curve=[0.25,0.5]"]),
+        ("mka", ["method.ratio=0.25"]),
+    ):
+        cfg = compose_config([f"method={method}", *extra, *SWEEP_EVAL], root / method, data_root)
+        cfg.paths.records_dir = str(root)
+        runs[method] = pipeline.run(cfg)
+    short = next(
+        json.loads(p.read_text())
+        for p in (root / "records").glob("*.json")
+        if '"method": "shortgpt"' in p.read_text() and '"layers_after": 3' in p.read_text()
+    )
+    rows = samples.read_samples(root, short)
+    right = rows.assign(acc=1.0, acc_norm=rows["acc_norm"].where(rows["acc_norm"].isna(), 1.0))
+    runs["perfect"] = planted(root, short, "mka", right, tag="perfect")
+    runs["fewer"] = planted(root, short, "mka", rows.iloc[3:], tag="fewer")
+    for seed, layers, acc in ((0, [1, 2], 1.0), (1, [1, 2], 0.0), (2, [0, 2], 1.0)):
+        seeded = json.loads(json.dumps(runs["mka"]))
+        seeded["config"]["calib"]["seed"] = seed
+        seeded["method_stats"] = {"removed_layers": layers}
+        flipped = rows.assign(acc=(rows["doc_id"] % 2 == seed % 2) * acc)
+        seeded["config_hash"] = results.config_hash(seeded["config"])
+        seeded["samples"] = samples.write_samples(root, seeded["config_hash"], flipped)
+        seeded["metrics"] = samples.aggregate(flipped)
+        results.save_record(root, seeded)
+    return root, runs
+
+
+@pytest.fixture(scope="module")
+def swept(sweep, tmp_path_factory) -> tuple[Path, str, Path]:
+    root, _ = sweep
+    doc = tmp_path_factory.mktemp("docs") / "method_comparison.md"
+    doc.write_text("# Layer methods (hand-written)\n\n| method | piqa |\n|---|---|\n| x | 0.5 |\n")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert report.main([str(root), "--markdown", str(doc), "--resamples", "2000"]) == 0
+    return root / "report", stdout.getvalue(), doc
+
+
+def test_accuracy_intervals_are_wilson_on_the_records(sweep, swept):
+    root, runs = sweep
+    out, _, _ = swept
+    acc = pd.read_csv(out / "accuracy_intervals.csv", dtype={"config_hash": str})
+    dense = runs["none"]
+    frame = samples.read_samples(root, dense)
+    piqa = frame[frame["task"] == "piqa"]
+    hit = acc[(acc["config_hash"] == dense["config_hash"]) & (acc["column"] == "piqa acc")]
+    expected = stats.wilson(piqa["acc"])
+    assert len(hit) == 1 and hit["n"].iloc[0] == 24
+    assert hit["value"].iloc[0] == pytest.approx(dense["metrics"]["piqa/acc"], abs=1e-12)
+    assert (hit["low"].iloc[0], hit["high"].iloc[0]) == pytest.approx((expected.low, expected.high))
+    assert set(acc["column"]) == {"piqa acc", "piqa acc_norm", "boolq acc"}
+
+
+def test_differences_pair_against_the_best_pruning_run(sweep, swept):
+    root, runs = sweep
+    out, _, _ = swept
+    diffs = pd.read_csv(out / "paired_differences.csv", dtype={"config_hash": str})
+    perfect = diffs[(diffs["config_hash"] == runs["perfect"]["config_hash"])]
+    piqa = perfect[perfect["column"] == "piqa acc"].iloc[0]
+    acc = pd.read_csv(out / "accuracy_intervals.csv")
+    pruned = acc[(acc["removed"] == 1) & acc["method"].isin(["reverse_prune", "shortgpt"])]
+    best = pruned[pruned["column"] == "piqa acc"]["value"].max()
+    assert piqa["difference"] == pytest.approx(1 - best) and piqa["significant"]
+    assert piqa["b_only"] == 0 and piqa["a_only"] == round(24 * (1 - best))
+    assert piqa["p_value"] == pytest.approx(stats.mcnemar_exact(piqa["a_only"], 0))
+    assert piqa["baseline"] in ("reverse_prune", "shortgpt")
+    assert set(diffs["removed"]) == {1, 2}  # the dense run has no baseline
+
+
+def test_markdown_marks_significant_differences_and_notes_problems(sweep, swept):
+    root, runs = sweep
+    out, printed, _ = swept
+    text = (out / "statistics.md").read_text()
+    assert "### Accuracy (%, 95 % interval)" in text and "Examples per task: piqa 24" in text
+    assert "### Against best pruning at 1 of 4 layers removed" in text
+    perfect = [line for line in text.splitlines() if "tag=perfect" in line and " p" in line]
+    assert len(perfect) == 1 and perfect[0].count("* p<0.001") == 3  # every column
+    assert perfect[0].count("+") == 9  # Δ, low and high positive in each
+    assert re.search(r"\| none \|  \| 0 \|  \| \d+\.\d \[\d+\.\d, \d+\.\d\]", text)
+    assert "baseline" in text
+    fewer = "paired test impossible: " in text and "evaluated on different boolq examples" in text
+    assert fewer and "3 of 24 examples evaluated by only one" in text
+    assert "## Intervals and paired tests" in printed and "statistics" not in str(out / "x")
+
+
+def test_tables_and_plots_carry_intervals(swept):
+    out, printed, _ = swept
+    table = pd.read_csv(out / "table2.csv")
+    dense = table[table["method"] == "none"].iloc[0]
+    assert dense["piqa_low"] < dense["piqa"] < dense["piqa_high"]
+    assert re.search(
+        r"\| none \|  \| 0 \| 4 \| \| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", printed
+    ) or (f"{dense['piqa']:.2f} [{dense['piqa_low']:.2f}, {dense['piqa_high']:.2f}]" in printed)
+    assert (out / "plots" / "curve_tiny_llama_piqa.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_curve_plot_draws_error_bars_dense_and_chance():
+    from matplotlib.container import ErrorbarContainer
+
+    runs = pd.DataFrame(
+        {
+            "method": ["none", "shortgpt", "shortgpt"],
+            "variant": ["", "", ""],
+            "compression_ratio": [0.0, 0.25, 0.5],
+            "piqa": [60.0, 55.0, 52.0],
+            "piqa_low": [55.0, 50.0, 47.0],
+            "piqa_high": [65.0, 60.0, 57.0],
+        }
+    )
+    ax = report.new_figure().add_subplot()
+    report.plot_ours(ax, runs, "piqa")
+    report.plot_references(ax, runs, "piqa", (0.5, "random guess"))
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # one per method line
+    levels = {line.get_label(): line.get_ydata()[0] for line in ax.lines if "(" in line.get_label()}
+    assert levels["dense (60.0)"] == 60.0 and levels["chance (random guess, 50.0)"] == 50.0
+
+
+def test_calibration_sensitivity(swept):
+    out, _, _ = swept
+    table = pd.read_csv(out / "calibration_sensitivity.csv")
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["seeds"], row["layer_choices"], row["seeds_off_most_common"]) == (3, 2, 1)
+    values = [0.5, 0.0, 0.5]  # acc 1 on even or odd doc ids of 24, or 0
+    assert row["piqa acc mean"] == pytest.approx(np.mean(values))
+    assert row["piqa acc range"] == pytest.approx(0.5)
+    assert row["piqa acc sd"] == pytest.approx(np.std(values, ddof=1))
+    assert "## Calibration sensitivity" in (out / "statistics.md").read_text()
+
+
+def test_generated_doc_keeps_the_hand_written_part(sweep, swept):
+    root, _ = sweep
+    _, _, doc = swept
+    first = doc.read_text()
+    assert first.startswith(report.GENERATED) and "python -m mka_exp.report" in first
+    assert "--markdown" in first and "tiny_llama (4 layers)" in first
+    assert "## Previous hand-written version (kept)" in first and "| x | 0.5 |" in first
+    assert report.main([str(root), "--markdown", str(doc), "--resamples", "200"]) == 0
+    again = doc.read_text()
+    assert again.count("| x | 0.5 |") == 1 and again.count(report.KEPT) == 1
+    assert stat.S_IMODE(doc.stat().st_mode) == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--baseline", "shortgp"],
+            "--baseline shortgp: no records of that method (did you mean shortgpt?",
+        ),
+        (["--baseline", "shortgpt"], None),
+    ],
+)
+def test_baseline_option(sweep, tmp_path, capsys, args, message):
+    root, _ = sweep
+    code = report.main([str(root), "--out", str(tmp_path), "--resamples", "200", *args])
+    err = capsys.readouterr().err.strip()
+    if message:
+        assert code == 2 and err.startswith(f"error: {message}") and "\n" not in err
+        return
+    assert code == 0
+    text = (tmp_path / "statistics.md").read_text()
+    assert "### Against shortgpt at 2 of 4 layers removed" in text
+    assert "no baseline" not in text.split("Against shortgpt at 1")[0]
+
+
+def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
+    root, runs = sweep
+    assert report.main([str(root), "--out", str(tmp_path), "--baseline", "mka",
+                        "--resamples", "200"]) == 0  # fmt: skip
+    text = (tmp_path / "statistics.md").read_text()
+    line = "- no baseline at 2 layers removed: no mka record with per-example records there"
+    assert text.count(line) == 1

@@ -79,13 +79,14 @@ def test_pred_is_the_answer_acc_scores(curve):
 def test_curve_points_differ_but_share_examples(curve):
     root, records, _ = curve
     first, second = (samples.read_samples(root, r) for r in records)
-    key = ["task", "subtask", "doc_id", "doc_hash", "target"]
+    key = ["task", "subtask", "doc_id", "doc_hash", "prompt_hash", "target"]
     pd.testing.assert_frame_equal(first[key], second[key])
 
 
 def test_equal_rows_give_an_equal_file(tmp_path):
     frame = pd.DataFrame(
-        [["piqa", "piqa", 0, "ab" * 8, 1, 1, 1.0, float("nan"), "none"]], columns=samples.COLUMNS
+        [["piqa", "piqa", 0, "ab" * 8, "cd" * 8, 1, 1, 1.0, float("nan"), "none"]],
+        columns=samples.COLUMNS,
     )
     one = samples.write_samples(tmp_path / "a", "k", frame)
     two = samples.write_samples(tmp_path / "b", "k", frame)
