@@ -22,7 +22,7 @@ repository's issues #4 and #5); here the merged weights follow the formula (`tes
 When the threshold rejects too much. The paper stops with fewer layers removed than asked.
 A curve point must have the layer count its ratio says, so with `fallback: true` (default) the
 search continues past layer 0 by taking, among all merges of the current model, the one with the
-highest similarity, below the threshold, with a warning; the record counts these
+highest similarity (after earlier merges it may reach the threshold; if not, with a warning); the record counts these
 (`fallback_merges`) and marks each (`accepted: false`). `fallback: false` stops the run instead.
 
 Not nested: the last, partial merge and the interval make a longer run's first merges differ
@@ -197,8 +197,9 @@ class LaCo(LayerMethod):
         return {"keep": keep, "merged": merged, "similarity": similarity, "accepted": accepted}
 
     def fallback_merge(self, model, calib, dense, tracker, k: int, removed: int) -> dict:
-        """The search reached layer 0 short of the target: the most similar merge, below the
-        threshold (or stop, with fallback: false)."""
+        """The search reached layer 0 short of the target: the most similar merge of the current
+        model (accepted if it reaches the threshold, else warned and recorded as a fallback), or
+        stop with fallback: false."""
         if not self.fallback:
             raise RuntimeError(
                 f"LaCo: method.threshold={self.threshold} accepted merges removing only {removed} "
@@ -207,12 +208,14 @@ class LaCo(LayerMethod):
         candidates = range(num_layers(model) - k)
         scores = [self.similarity(model, calib, dense, start, k) for start in candidates]
         best = max(candidates, key=lambda start: (scores[start], -start))
-        log.warning(
-            "LaCo: no merge reaches threshold %.3f on the way to %d removed layers; merging "
-            "layers %d..%d anyway (best similarity %.4f)",
-            self.threshold, removed + k, tracker[best], tracker[best + k], scores[best],
-        )  # fmt: skip
-        return self.apply(model, tracker, best, k, scores[best], False)
+        accepted = scores[best] >= self.threshold  # the model changed since the search passed
+        if not accepted:
+            log.warning(
+                "LaCo: no merge reaches threshold %.3f on the way to %d removed layers; merging "
+                "layers %d..%d anyway (best similarity %.4f)",
+                self.threshold, removed + k, tracker[best], tracker[best + k], scores[best],
+            )  # fmt: skip
+        return self.apply(model, tracker, best, k, scores[best], accepted)
 
     def stats(self, merges: list[dict], tried: list) -> dict:
         return {
