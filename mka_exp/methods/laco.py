@@ -22,8 +22,9 @@ repository's issues #4 and #5); here the merged weights follow the formula (`tes
 When the threshold rejects too much. The paper stops with fewer layers removed than asked.
 A curve point must have the layer count its ratio says, so with `fallback: true` (default) the
 search continues past layer 0 by taking, among all merges of the current model, the one with the
-highest similarity (after earlier merges it may reach the threshold; if not, with a warning); the record counts these
-(`fallback_merges`) and marks each (`accepted: false`). `fallback: false` stops the run instead.
+highest similarity (after earlier merges it may reach the threshold; if not, with a warning);
+the record counts those below it (`fallback_merges`) and marks each (`accepted: false`).
+`fallback: false` stops the run instead.
 
 Not nested: the last, partial merge and the interval make a longer run's first merges differ
 from a shorter run's, so a curve compresses a fresh copy of the dense model per point.
