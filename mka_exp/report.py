@@ -12,6 +12,11 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
 - `plots/curve_<model>_<task>.png`  accuracy vs compression ratio, one line per method (Fig. 2)
 - `heatmaps/*.png`  every `similarity_*.npy` found under the outputs dir (Fig. 3)
 - `report.md`  an index of all of the above
+- from an outputs dir, per-example records (`mka_exp.samples`) give `accuracy_intervals.csv`
+  (95 % interval on every accuracy), `paired_differences.csv` (each compressed run minus the
+  baseline: `--baseline METHOD`, default the best pruning run at the same layer count; paired
+  bootstrap interval, McNemar exact p), `calibration_sensitivity.csv` and `statistics.md`
+  (`mka_exp.stats`); `--markdown docs/method_comparison.md` writes the comparison document
 
 Accuracies are in percent like the paper's; each `<task>_paper` column holds the published
 number (`mka_exp/paper_results.csv`) where model, method, quantizer and ratio (or retained layers)
