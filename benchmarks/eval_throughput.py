@@ -16,6 +16,17 @@
     context once; same requests and metrics, fewer tokens through the model. (a) and (b) use
     lm-eval's plain HFLM (`share_prefix=False`).
 
+`--prefix-cache`: a different comparison, in one run, per model (`--models`): MMLU 5-shot on
+all 57 subjects (`--mmlu-limits`: questions per subject, one per model) and the paper's four 0-shot
+tasks (`--zero-shot-limit`), each evaluated three ways: (1) plain `HFLM` (`share_prefix=False`),
+(2) today's shared contexts (`SharedPrefixHFLM`: each context once), (3) the prefix cache
+(`PrefixCacheHFLM`, the default: each shared token prefix once). Per way: wall and CPU seconds
+(`time.process_time`), forwards and tokens through the model (input ids with padding, and without
+padding: HFLM's unpadded rows, distinct contexts + continuation tails, the cache's tree), against
+the tokens requested (one sequence per request, as HFLM without its logits cache) and the bound
+(the radix tree with every shared run split off, `prefix_min_shared=1`); metrics compared exactly.
+Tasks are built once per workload before the timed calls (an untimed `limit=1` evaluation).
+
 Tokens counted are the tokens lm-eval scores: the unpadded length of every request row
 (context + continuation minus the last token), read from lm-eval's own `pad_and_concat` call;
 padded tokens are shown too. tokens/s = scored tokens / seconds; the ratio (a)/(b) is the share
@@ -151,6 +162,165 @@ def profile_text(profiler: cProfile.Profile, top: int) -> str:
     return "\n\n".join(parts)
 
 
+WAYS = ("plain HFLM", "shared contexts", "prefix cache")
+ZERO_SHOT = ["piqa", "hellaswag", "race", "boolq"]
+
+
+@contextlib.contextmanager
+def way(name: str):
+    """Make `evaluate(share_prefix=...)` build the LM of one of WAYS; record its requests."""
+    import lm_eval.models.huggingface as hf
+
+    import mka_exp.prefix_cache as pc
+    from mka_exp.shared_prefix import SharedPrefixHFLM
+
+    seen: list = []
+    cls = {"plain HFLM": hf.HFLM, "shared contexts": SharedPrefixHFLM}.get(name, pc.PrefixCacheHFLM)
+    inner = cls._loglikelihood_tokens
+    depth = [0]
+
+    def recording(self, requests, *args, **kwargs):
+        depth[0] += 1
+        try:
+            if depth[0] == 1:
+                seen.append((self, list(requests)))
+            return inner(self, requests, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    original = pc.PrefixCacheHFLM
+
+    def today(*args, cache_tokens=None, min_shared=None, **kwargs):
+        return SharedPrefixHFLM(*args, **kwargs)
+
+    cls._loglikelihood_tokens = recording
+    if name == "shared contexts":
+        pc.PrefixCacheHFLM = today
+    try:
+        yield seen
+    finally:
+        cls._loglikelihood_tokens = inner
+        pc.PrefixCacheHFLM = original
+
+
+def unpadded_tokens(name: str, seen: list) -> int:
+    """Tokens each way runs without its padding, from the requests it got."""
+    from mka_exp.prefix_cache import build_tree, tree_tokens
+    from mka_exp.shared_prefix import group_by_prefix
+
+    total = 0
+    for lm, reqs in seen:
+        if name == "plain HFLM":  # one row per context+continuation[:-1] (its logits cache)
+            rows = {tuple((c + t)[-(lm.max_length + 1) :][:-1]) for _, c, t in reqs}
+            total += sum(map(len, rows))
+        elif name == "shared contexts":
+            groups = group_by_prefix(reqs, lm.max_length)
+            total += sum(map(len, groups)) + sum(len(t) - 1 for _, _, t in reqs)
+        else:
+            total += tree_tokens(build_tree(reqs, lm.max_length, lm.min_shared)[0])
+    return total
+
+
+def request_counts(seen: list) -> tuple[int, int, int]:
+    """(requests, tokens requested, bound: tokens of the fully split radix tree)."""
+    from mka_exp.prefix_cache import build_tree, requested_tokens, tree_tokens
+
+    n = asked = bound = 0
+    for lm, reqs in seen:
+        n += len(reqs)
+        asked += requested_tokens(reqs, lm.max_length)
+        bound += tree_tokens(build_tree(reqs, lm.max_length, 1)[0])
+    return n, asked, bound
+
+
+def load_named(name: str):
+    """SmolLM2 (the benchmark's safetensors copy) or a model config under conf/model/."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if name == "smollm2_135m":
+        return load_model(False)
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml")
+    return instantiate(cfg, device="cpu")
+
+
+def compare_prefix_cache(args) -> None:
+    from mka_exp.evaluation import evaluate
+
+    for model_name, mmlu_limit in zip(args.models, args.mmlu_limits, strict=True):
+        lm = load_named(model_name)
+        workloads = [
+            (
+                f"MMLU 5-shot, {mmlu_limit}/subject",
+                args.mmlu_tasks,
+                mmlu_limit,
+                {t: 5 for t in args.mmlu_tasks},
+            ),
+            (f"0-shot x4, {args.zero_shot_limit} each", ZERO_SHOT, args.zero_shot_limit, {}),
+        ]
+        for title, tasks, limit, shots in workloads:
+            kwargs = dict(num_fewshot=shots, data_root=DATA_ROOT, batch_size=args.batch_size)
+            evaluate(lm.model, lm.tokenizer, tasks, 1, **kwargs)  # builds the tasks, untimed
+            rows, metrics = [], {}
+            for name in WAYS:
+                recorder = Recorder(lm.model)
+                with way(name) as seen:
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    metrics[name] = evaluate(
+                        lm.model,
+                        lm.tokenizer,
+                        tasks,
+                        limit,
+                        share_prefix=name != "plain HFLM",
+                        **kwargs,
+                    )
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                recorder.remove()
+                padded = sum(int(b.numel()) for b in recorder.batches)
+                rows.append(
+                    (name, wall, cpu, len(recorder.batches), padded, unpadded_tokens(name, seen))
+                )
+                counts = request_counts(seen)
+            print_comparison(model_name, title, rows, counts, metrics, tasks)
+        del lm
+
+
+def print_comparison(model_name, title, rows, counts, metrics, tasks) -> None:
+    n, asked, bound = counts
+    plain_wall, plain_tokens = rows[0][1], rows[0][5]
+    print(
+        f"\n{model_name}, {title}: {n} requests, {asked} tokens requested, "
+        f"bound {bound} ({plain_tokens / bound:.2f}x fewer than plain HFLM runs)"
+    )
+    head = (
+        f"{'':<17}{'wall s':>8}{'CPU s':>8}{'forwards':>9}{'tokens':>9}{'padded':>9}"
+        f"{'speed-up':>9}{'of bound':>9}  metrics"
+    )
+    print(head + "\n" + "-" * len(head))
+    for name, wall, cpu, forwards, padded, tokens in rows:
+        speedup = plain_wall / wall
+        same = exact(metrics[name], metrics["plain HFLM"])
+        print(
+            f"{name:<17}{wall:>8.1f}{cpu:>8.1f}{forwards:>9}{tokens:>9}{padded:>9}"
+            f"{speedup:>8.2f}x{speedup / (plain_tokens / bound):>9.0%}  {same}"
+        )
+    scores = {
+        k: round(v, 4)
+        for k, v in metrics["plain HFLM"].items()
+        if "stderr" not in k and k.split("/")[0] in tasks
+    }
+    print(f"metrics (plain HFLM): {scores}")
+
+
+def exact(got: dict, want: dict) -> str:
+    """'identical' (every metric, stderr included, equal as floats) or what differs."""
+    if got == want:
+        return "identical"
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    close = got == pytest_approx(want)
+    return f"{len(diff)} differ ({'within 1e-9' if close else 'NOT close'}): {diff[:3]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random-model", action="store_true", help="12-layer random Llama")
@@ -161,8 +331,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--profile", action="store_true", help="cProfile one lm-eval call")
     parser.add_argument("--top", type=int, default=15, help="profile entries shown")
+    parser.add_argument("--prefix-cache", action="store_true", help="the three-way comparison")
+    parser.add_argument("--models", nargs="+", default=["smollm2_135m"])
+    parser.add_argument("--mmlu-limits", nargs="+", type=int, default=[10], help="per model")
+    parser.add_argument("--mmlu-tasks", nargs="+", default=["mmlu"], help="e.g. mmlu_anatomy")
+    parser.add_argument("--zero-shot-limit", type=int, default=20)
     args = parser.parse_args()
     set_threads(args.threads)
+    if args.prefix_cache:
+        compare_prefix_cache(args)
+        return
 
     from mka_exp.evaluation import evaluate, known_tasks
 

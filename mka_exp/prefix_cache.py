@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_TOKENS = 16384
 DEFAULT_MIN_SHARED = 16
+MAX_PADDING = 0.2
 
 
 def check_options(cache_tokens: Any, min_shared: Any) -> None:
@@ -297,15 +298,20 @@ class Run:
             self.fallback.update(below.ends)
 
     def batches(self, nodes: list[Node]) -> Iterator[list[Node]]:
-        """At most `rows` rows and `cache_tokens` token slots each, longest rows first."""
+        """At most `rows` rows and `cache_tokens` token slots each, longest rows first, a new
+        batch where padding would pass MAX_PADDING of the input (on CPU padding is compute)."""
         batch: list[Node] = []
-        past = width = 0
+        past = width = real = 0
         for node in sorted(nodes, key=lambda n: (len(n.tokens), n.offset), reverse=True):
             new_past, new_width = max(past, node.offset), max(width, len(node.tokens))
             slots = (len(batch) + 1) * (new_past + new_width)
-            if batch and (len(batch) >= self.rows or slots > self.lm.cache_tokens):
+            real += len(node.tokens)
+            padding = 1 - real / ((len(batch) + 1) * new_width)
+            full = len(batch) >= self.rows or slots > self.lm.cache_tokens
+            if batch and (full or padding > MAX_PADDING):
                 yield batch
                 batch, new_past, new_width = [], node.offset, len(node.tokens)
+                real = len(node.tokens)
             batch.append(node)
             past, width = new_past, new_width
         if batch:

@@ -130,12 +130,12 @@ def count_embedded(model, lm, reqs) -> tuple[int, int]:
 
 
 def test_each_shared_prefix_runs_once(tiny):
-    """Subject prefix P (40 tokens) under 3 questions (5, 7, 9 tokens), 4 one-token answers
+    """Subject prefix P (40 tokens) under 3 questions (7, 8, 9 tokens), 4 one-token answers
     each, plus one 3-token answer: P once, the questions once, one tail of 2 tokens."""
     gen = torch.Generator().manual_seed(3)
     prefix = tokens(gen, 40)
     reqs = []
-    for n in (5, 7, 9):
+    for n in (7, 8, 9):
         context = prefix + tokens(gen, n)
         reqs += [(("q", str(len(reqs))), context, tokens(gen, 1)) for _ in range(4)]
     reqs.append((("q", "long"), reqs[0][1], tokens(gen, 3)))
@@ -143,8 +143,8 @@ def test_each_shared_prefix_runs_once(tiny):
     forwards, seen = count_embedded(tiny.model, cached, reqs)
     # level 1: P; level 2: the 3 questions right-padded to 9; level 3: the tail
     assert (forwards, seen) == (3, 40 + 3 * 9 + 2)
-    assert cached.stats["run_tokens"] == 40 + 5 + 7 + 9 + 2
-    assert cached.stats["requested_tokens"] == 12 * 40 + 4 * (5 + 7 + 9) + 40 + 5 + 2
+    assert cached.stats["run_tokens"] == 40 + 7 + 8 + 9 + 2
+    assert cached.stats["requested_tokens"] == 12 * 40 + 4 * (7 + 8 + 9) + 40 + 7 + 2
 
 
 def test_tree_pushes_short_shared_runs_down():
