@@ -283,6 +283,7 @@ def test_quant_configs_instantiate(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name, bits", [("bnb_int8", 8), ("bnb_nf4", 4)])
 def test_bnb_quantizes_on_gpu(name, bits):
     import bitsandbytes as bnb
