@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The evidence comparisons of issues 13 and 14, resumable across sessions: every finished point is
+# a record under OUT/records (kept in git under docs/evidence/NAME), so rerunning the same command
+# skips what is done and computes only what is missing. Two lanes, one torch thread each.
+#
+#   bash benchmarks/evidence.sh NAME [OUT]        NAME: qwen15b_mmlu | qwen05b_tasks | smollm2_tasks
+#   python -m mka_exp.report OUT --markdown docs/method_comparison.md
+#
+# qwen15b_mmlu   Qwen2.5-Coder-1.5B (28 layers), MMLU 0-shot, 3 questions per subject (171), 4 and 8
+#                layers removed: dense, shortgpt, mka Algorithm 1, mka defaults, reverse_prune;
+#                then the best pruning and merging variants with repair=linear.
+# qwen05b_tasks  Qwen2.5-Coder-0.5B (24 layers), piqa/hellaswag/race/boolq 0-shot, 300 each, 4 and
+#                8 removed: every layer method with repair=none and repair=linear.
+# smollm2_tasks  SmolLM2-135M (30 layers), the same tasks and methods, 4 and 8 removed.
+# Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation.
+set -euo pipefail
+name=${1:?usage: bash benchmarks/evidence.sh NAME [OUT]}
+out=${2:-docs/evidence/$name}
+data=${MKA_EXP_DATA_ROOT:-../shared/benchmarks}
+export OMP_NUM_THREADS=1
+alg1="method=mka method.pairing=most_similar method.lam=paper method.scope=all"
+tasks4=(logger=none "eval.tasks=[piqa,hellaswag,race,boolq]" eval.limit=300)
+layer_methods() {  # every layer method at the curve $1, each with repair=none and repair=linear
+  local m
+  for repair in none linear; do
+    for m in "method=shortgpt" "method=reverse_prune" "method=reverse_prune method.keep_final=true" \
+      "method=angular" "method=sleb" "method=laco" "method=mka" "$alg1"; do
+      echo "$m curve=$1 repair=$repair"
+    done
+  done
+}
+case $name in
+  qwen15b_mmlu)
+    common=(model=qwen25_coder_15b eval=mmlu eval.num_fewshot.mmlu=0 eval.limit=3 logger=none)
+    c="[0.142857,0.285714]"  # 4 and 8 of 28
+    points=("method=none" "method=shortgpt curve=$c" "$alg1 curve=$c" "method=mka curve=$c"
+      "method=reverse_prune curve=$c" "method=shortgpt curve=$c repair=linear"
+      "method=mka curve=$c repair=linear") ;;
+  qwen05b_tasks)
+    common=(model=qwen25_coder_05b "${tasks4[@]}")
+    mapfile -t rest < <(layer_methods "[0.166667,0.333333]")  # 4 and 8 of 24
+    points=("method=none" "${rest[@]}") ;;
+  smollm2_tasks)
+    common=(model=smollm2_135m "${tasks4[@]}")
+    mapfile -t rest < <(layer_methods "[0.13333,0.26667]")  # 4 and 8 of 30
+    points=("method=none" "${rest[@]}") ;;
+  *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks)" >&2
+    exit 2 ;;
+esac
+mkdir -p "$out"
+lane() {  # every second point, from $1
+  local i
+  for ((i = $1; i < ${#points[@]}; i += 2)); do
+    echo "=== $(date +%T) ${points[i]}"
+    # shellcheck disable=SC2086  # a point is several overrides
+    python run.py ${points[i]} "${common[@]}" "data_root=$data" "paths.output_root=$out" ||
+      echo "=== failed: ${points[i]}"
+  done
+}
+lane 0 >>"$out/lane_a.log" 2>&1 &
+lane 1 >>"$out/lane_b.log" 2>&1 &
+wait
