@@ -104,7 +104,8 @@ def test_answers_equal_hflm(model_type, batch_size):
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_left_truncation_equals_hflm(model_type):
     """max_length 24 cuts the long contexts from the left, differently for each continuation
-    length; a 24-token continuation leaves one token of its context."""
+    length; a 24-token continuation leaves one token of its context. A 25-token one would leave
+    none (its first token unscoreable): HFLM fails on a bare AssertionError, we name the request."""
     loaded = build(model_type)
     reqs = few_shot_requests(loaded.model)
     gen = torch.Generator().manual_seed(2)
@@ -114,6 +115,11 @@ def test_left_truncation_equals_hflm(model_type):
         cached._loglikelihood_tokens(reqs, disable_tqdm=True),
         plain._loglikelihood_tokens(reqs, disable_tqdm=True),
     )
+    too_long = [(("longer", "cont"), reqs[0][1], tokens(gen, 25))]
+    with pytest.raises(
+        ValueError, match=r"request 0: context \(\d+ tokens\) and continuation \(25\)"
+    ):
+        cached._loglikelihood_tokens(too_long, disable_tqdm=True)
 
 
 def count_embedded(model, lm, reqs) -> tuple[int, int]:
