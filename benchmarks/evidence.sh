@@ -21,12 +21,11 @@ export OMP_NUM_THREADS=1
 alg1="method=mka method.pairing=most_similar method.lam=paper method.scope=all"
 tasks4=(logger=none "eval.tasks=[piqa,hellaswag,race,boolq]" eval.limit=300)
 layer_methods() {  # every layer method at the curve $1, each with repair=none and repair=linear
-  local m
-  for repair in none linear; do
-    for m in "method=shortgpt" "method=reverse_prune" "method=reverse_prune method.keep_final=true" \
-      "method=angular" "method=sleb" "method=laco" "method=mka" "$alg1"; do
-      echo "$m curve=$1 repair=$repair"
-    done
+  local m  # both repairs of a method side by side: the two lanes run them at once
+  for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=sleb" \
+    "method=laco" "method=angular" "method=reverse_prune method.keep_final=true"; do
+    echo "$m curve=$1 repair=none"
+    echo "$m curve=$1 repair=linear"
   done
 }
 case $name in
@@ -48,15 +47,15 @@ case $name in
     exit 2 ;;
 esac
 mkdir -p "$out"
-lane() {  # every second point, from $1
+lane() {  # the first point (dense), then every second point from $1
   local i
-  for ((i = $1; i < ${#points[@]}; i += 2)); do
+  for i in $(if (($1 == 1)); then echo 0; fi; seq "$1" 2 $((${#points[@]} - 1))); do
     echo "=== $(date +%T) ${points[i]}"
     # shellcheck disable=SC2086  # a point is several overrides
     python run.py ${points[i]} "${common[@]}" "data_root=$data" "paths.output_root=$out" ||
       echo "=== failed: ${points[i]}"
   done
 }
-lane 0 >>"$out/lane_a.log" 2>&1 &
-lane 1 >>"$out/lane_b.log" 2>&1 &
+lane 1 >>"$out/lane_a.log" 2>&1 &
+lane 2 >>"$out/lane_b.log" 2>&1 &
 wait
