@@ -155,7 +155,13 @@ def offline_datasets(data_root: str | None) -> Iterator[None]:
             dd = load_mirrored(root, path, name)
             split = kwargs.get("split")
             return dd[split] if split else with_empty_train(dd)
-        return real(path, name, *args, **kwargs)
+        try:
+            return real(path, name, *args, **kwargs)
+        except OSError as err:  # ConnectionError (offline, no network) is an OSError
+            raise FileNotFoundError(
+                f"dataset {path!r} is not in data_root={root} (no folder {root / path}) and the "
+                f"hub gave: {err}; add it to the mirror, or run without data_root"
+            ) from None
 
     datasets.load_dataset = routed
     try:

@@ -131,6 +131,29 @@ def test_corrupt_benchmark_line_names_file_and_line_before_the_model_loads(
     assert message.startswith(f"{bad}:7: not valid JSON")
 
 
+def test_dataset_missing_from_the_mirror_with_the_hub_unreachable_is_one_line(
+    no_model, tmp_path, data_root, monkeypatch
+):
+    """A partial mirror falls through to the hub; offline, that must name the dataset and the
+    mirror folder it was looked for in, not end in the hub client's traceback."""
+    import datasets
+
+    def offline(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    root = tmp_path / "mirror"
+    (root / "cais").mkdir(parents=True)
+    (root / "cais" / "mmlu").symlink_to(data_root / "cais" / "mmlu")  # no baber/piqa
+    cfg = compose_config(["method=reverse_prune", "eval.tasks=[piqa]"], tmp_path, root)
+    with pytest.raises(FileNotFoundError) as err:
+        pipeline.run(cfg)
+    assert str(err.value).startswith(
+        f"dataset 'baber/piqa' is not in data_root={root} (no folder {root / 'baber' / 'piqa'})"
+    )
+    assert "OfflineModeIsEnabled" in str(err.value)
+
+
 def test_read_jsonl_counts_blank_lines(tmp_path):
     file = tmp_path / "rows.jsonl"
     file.write_text('{"a": 1}\n\n{"a": 2}\n{"a": \n')
