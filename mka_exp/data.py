@@ -115,15 +115,35 @@ def load_split(path: str, name: str | None, split: str, data_root: str | None) -
     return read_jsonl(file)
 
 
+class MissingSplit(FileNotFoundError, KeyError):
+    """A user error (one line) that code probing a split with `except KeyError` still catches."""
+
+
+class MirroredSplits(datasets.DatasetDict):
+    """The splits of one mirrored dataset; asking for a split it lacks names the missing file
+    (lm-eval indexes the split its task config names: a bare KeyError 'validation' otherwise)."""
+
+    path: str = ""
+    folder: Path = Path()
+
+    def __missing__(self, split: str):
+        raise MissingSplit(
+            f"split {split!r} of {self.path!r} is not in the mirror: no {self.folder}/{split}.jsonl"
+            f" (splits there: {', '.join(sorted(self)) or 'none'})"
+        )
+
+
 def load_mirrored(root: Path, path: str, name: str | None) -> datasets.DatasetDict:
     """Every split present in the mirror, as the DatasetDict `load_dataset` would return."""
     folder = mirror_dir(root, path, name)
     files = {f.stem: str(f) for f in sorted(folder.glob("*.jsonl"))}
     if not files:
         raise FileNotFoundError(f"{path} ({name or 'default'}) has no *.jsonl in {folder}")
-    return datasets.DatasetDict(
+    splits = MirroredSplits(
         {split: datasets.Dataset.from_list(read_jsonl(Path(f))) for split, f in files.items()}
     )
+    splits.path, splits.folder = path, folder
+    return splits
 
 
 def with_empty_train(dd: datasets.DatasetDict) -> datasets.DatasetDict:

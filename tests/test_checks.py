@@ -154,6 +154,24 @@ def test_dataset_missing_from_the_mirror_with_the_hub_unreachable_is_one_line(
     assert "OfflineModeIsEnabled" in str(err.value)
 
 
+def test_split_missing_from_a_mirrored_dataset_names_the_file(no_model, tmp_path, data_root):
+    root = tmp_path / "mirror"
+    (root / "cais").mkdir(parents=True)
+    (root / "cais" / "mmlu").symlink_to(data_root / "cais" / "mmlu")
+    folder = root / "baber" / "piqa" / "default"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text(
+        (data_root / "baber" / "piqa" / "default" / "validation.jsonl").read_text()
+    )
+    cfg = compose_config(["method=reverse_prune", "eval.tasks=[piqa]"], tmp_path, root)
+    with pytest.raises(FileNotFoundError) as err:
+        pipeline.run(cfg)
+    assert str(err.value).startswith(
+        f"split 'validation' of 'baber/piqa' is not in the mirror: no {folder}/validation.jsonl "
+        "(splits there: train)"
+    )
+
+
 def test_read_jsonl_counts_blank_lines(tmp_path):
     file = tmp_path / "rows.jsonl"
     file.write_text('{"a": 1}\n\n{"a": 2}\n{"a": \n')
