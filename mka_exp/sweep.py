@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,31 @@ def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
             failure = {"error": f"unreadable {path} ({err})", "overrides": []}
         failures.append({**failure, "dir": str(path.parent)})
     return failures
+
+
+class OutputRootCheck(Callback):
+    """`paths.output_root` checked before Hydra creates the run (or sweep) directory under it:
+    Hydra makes that directory before the job starts, so the pipeline's checks come too late
+    and a bad root ended in Hydra's traceback. One line, exit status 2, like the other checks."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_root(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_root(config)
+
+
+def check_output_root(config: DictConfig) -> None:
+    from mka_exp.checks import check_writable_dir  # reads data modules: only when a run starts
+
+    root = OmegaConf.select(config, "paths.output_root")
+    if root is None:
+        return
+    try:
+        check_writable_dir("paths.output_root", str(root))
+    except ValueError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class FailureSummary(Callback):

@@ -252,3 +252,20 @@ def test_chaos_every_damaged_state_file_is_recovered(tmp_path, data_root, monkey
     for name, path in damaged.items():
         assert str(path) in text, (name, text)
     assert "weights_only" not in caplog.text
+
+
+@pytest.mark.parametrize("mode", [[], ["-m"]])
+def test_output_root_under_a_file_is_one_line_before_hydra_makes_the_run_dir(tmp_path, mode):
+    """Hydra creates the run directory before the job starts, so the pipeline's own checks come
+    too late for `paths.output_root`; a callback checks it first."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    args = [sys.executable, "run.py", *mode, "model=tiny_llama", "logger=none",
+            f"paths.output_root={blocker}/out"]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert done.stdout.strip().splitlines() == [
+        f"ERROR: paths.output_root='{blocker}/out': {blocker} is a file, not a directory; "
+        "allowed: a directory you can write to"
+    ]
