@@ -152,7 +152,7 @@ def line_score(line: str, hint: str, warn: bool) -> int:
     if not text or any(n in text for n in NOISE):
         return 0
     score = 0
-    if "[ERROR]" in text:
+    if "[ERROR]" in text or text.startswith("ERROR: "):  # a log record, or a line before logging
         score = 100
     elif EXCEPTION.match(text):
         score = 80

@@ -116,7 +116,7 @@ def check_output_root(config: DictConfig) -> None:
     try:
         check_writable_dir("paths.output_root", str(root))
     except ValueError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+        print(f"ERROR: ConfigError: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -266,6 +266,7 @@ def test_output_root_under_a_file_is_one_line_before_hydra_makes_the_run_dir(tmp
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2, done.stdout[-3000:]
     assert done.stdout.strip().splitlines() == [
-        f"ERROR: paths.output_root='{blocker}/out': {blocker} is a file, not a directory; "
+        f"ERROR: ConfigError: paths.output_root='{blocker}/out': {blocker} is a file, not a "
+        "directory; "
         "allowed: a directory you can write to"
     ]
