@@ -261,6 +261,8 @@ def compare_prefix_cache(args) -> None:
             ),
         ]
         for title, tasks, limit, shots, ways in workloads:
+            if not limit:  # --zero-shot-limit 0: MMLU only
+                continue
             kwargs = dict(num_fewshot=shots, data_root=DATA_ROOT, batch_size=args.batch_size)
             evaluate(lm.model, lm.tokenizer, tasks, 1, **kwargs)  # builds the tasks, untimed
             rows, metrics = [], {}
@@ -343,7 +345,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2_135m"])
     parser.add_argument("--mmlu-limits", nargs="+", type=int, default=[10], help="per model")
     parser.add_argument("--mmlu-tasks", nargs="+", default=["mmlu"], help="e.g. mmlu_anatomy")
-    parser.add_argument("--zero-shot-limit", type=int, default=20)
+    parser.add_argument("--zero-shot-limit", type=int, default=20, help="0: skip the 0-shot tasks")
     parser.add_argument(
         "--mmlu-ways",
         nargs="+",
