@@ -1053,7 +1053,8 @@ def comparison_header(st: Stats, records: dict[str, dict], source: Path, command
 
 def eval_protocol(config: dict) -> str:
     ev = config.get("eval") or {}
-    shots = ev.get("num_fewshot") or {}
+    tasks = set(ev.get("tasks") or [])
+    shots = {t: n for t, n in (ev.get("num_fewshot") or {}).items() if t in tasks}
     shot_text = ", ".join(f"{t} {n}-shot" for t, n in sorted(shots.items())) or "all 0-shot"
     return f"tasks {', '.join(ev.get('tasks') or [])}, limit {ev.get('limit')}, {shot_text}"
 

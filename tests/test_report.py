@@ -443,3 +443,9 @@ def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
     text = (tmp_path / "statistics.md").read_text()
     line = "- no baseline at 2 layers removed: no mka record with per-example records there"
     assert text.count(line) == 1
+
+
+def test_protocol_line_names_the_shots_of_the_evaluated_tasks_only():
+    config = {"eval": {"tasks": ["mmlu"], "limit": 3,
+                       "num_fewshot": {"mmlu": 0, "piqa": 0, "boolq": 5}}}  # fmt: skip
+    assert report.eval_protocol(config) == "tasks mmlu, limit 3, mmlu 0-shot"
