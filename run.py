@@ -1,6 +1,11 @@
 """mka-exp entry point: `python run.py [group=option ...] [key=value ...]` (add -m to sweep)."""
 
+import sys
+from pathlib import Path
+
 import hydra
+
+from mka_exp.choices import check_group_options
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -11,4 +16,5 @@ def entry(cfg) -> None:
 
 
 if __name__ == "__main__":
+    check_group_options(sys.argv[1:], Path(__file__).parent / "conf")  # Hydra would not suggest
     entry()

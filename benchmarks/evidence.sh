@@ -4,6 +4,7 @@
 # skips what is done and computes only what is missing. Two lanes, one torch thread each.
 #
 #   bash benchmarks/evidence.sh NAME [OUT]        NAME: qwen15b_mmlu | qwen05b_tasks | smollm2_tasks
+#   CURVE="[0.13333]" bash benchmarks/evidence.sh smollm2_tasks   only these points of every curve
 #   python -m mka_exp.report OUT --markdown docs/method_comparison.md
 #
 # qwen15b_mmlu   Qwen2.5-Coder-1.5B (28 layers), MMLU 0-shot, 3 questions per subject (171), 4 and 8
@@ -12,7 +13,10 @@
 # qwen05b_tasks  Qwen2.5-Coder-0.5B (24 layers), piqa/hellaswag/race/boolq 0-shot, 300 each, 4 and
 #                8 removed: every layer method with repair=none and repair=linear.
 # smollm2_tasks  SmolLM2-135M (30 layers), the same tasks and methods, 4 and 8 removed.
-# Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation.
+# A curve point is the same record as the single run at its ratio, so CURVE can take the cheap
+# points first and the full curves resume from them later (sleb is last: its search is the costliest).
+# Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation;
+# SmolLM2 four tasks x 300, 723 s per evaluation.
 set -euo pipefail
 name=${1:?usage: bash benchmarks/evidence.sh NAME [OUT]}
 out=${2:-docs/evidence/$name}
@@ -22,16 +26,16 @@ alg1="method=mka method.pairing=most_similar method.lam=paper method.scope=all"
 tasks4=(logger=none "eval.tasks=[piqa,hellaswag,race,boolq]" eval.limit=300)
 layer_methods() {  # every layer method at the curve $1, each with repair=none and repair=linear
   local m  # both repairs of a method side by side: the two lanes run them at once
-  for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=sleb" \
-    "method=laco" "method=angular" "method=reverse_prune method.keep_final=true"; do
-    echo "$m curve=$1 repair=none"
-    echo "$m curve=$1 repair=linear"
+  for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=laco" \
+    "method=angular" "method=reverse_prune method.keep_final=true" "method=sleb"; do
+    echo "$m curve=${CURVE:-$1} repair=none"
+    echo "$m curve=${CURVE:-$1} repair=linear"
   done
 }
 case $name in
   qwen15b_mmlu)
     common=(model=qwen25_coder_15b eval=mmlu eval.num_fewshot.mmlu=0 eval.limit=3 logger=none)
-    c="[0.142857,0.285714]"  # 4 and 8 of 28
+    c=${CURVE:-"[0.142857,0.285714]"}  # 4 and 8 of 28
     points=("method=none" "method=shortgpt curve=$c" "$alg1 curve=$c" "method=mka curve=$c"
       "method=reverse_prune curve=$c" "method=shortgpt curve=$c repair=linear"
       "method=mka curve=$c repair=linear") ;;

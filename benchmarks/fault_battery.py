@@ -223,6 +223,15 @@ def bad(name: str, *overrides: str, hint: str = "", multirun: bool = False) -> N
     CASES.append(Case(name, lambda ctx: (ctx.run(*overrides, multirun=multirun), None), key))
 
 
+def first_point(ctx: Ctx, *over: str) -> tuple[Run, Path | None]:
+    """The first run of a two-run case and its one record (None when it failed)."""
+    run = ctx.run(*over)
+    if run.code != 0:
+        return run, None
+    (rec,) = records(ctx.root)
+    return run, rec
+
+
 @case("baseline: a plain tiny run")
 def plain(ctx: Ctx):
     run = ctx.run()
@@ -231,10 +240,9 @@ def plain(ctx: Ctx):
 
 @case("results.csv holding only hashes of digits / with one `e`: another point's upsert")
 def numeric_hashes(ctx: Ctx):
-    first = ctx.run("method.ratio=0.25")
-    if first.code != 0:
+    first, rec = first_point(ctx, "method.ratio=0.25")
+    if rec is None:
         return first, "first run failed"
-    (rec,) = records(ctx.root)
     add_fake_points(ctx.root, rec)
     run = ctx.run("method.ratio=0.5")
     rows = table_hashes(ctx.root)
@@ -264,10 +272,9 @@ def add_fake_points(root: Path, rec: Path) -> None:
 
 @case("resume=false recomputes a recorded point", hint="resume")
 def resume_false(ctx: Ctx):
-    first = ctx.run()
-    if first.code != 0:
+    first, rec = first_point(ctx)
+    if rec is None:
         return first, "first run failed"
-    (rec,) = records(ctx.root)
     os.utime(rec, ns=(0, 0))
     run = ctx.run("resume=false")
     redone = "recomputed" if rec.stat().st_mtime_ns != 0 else "NOT recomputed"
@@ -288,8 +295,8 @@ def damage(path: Path, how: str) -> None:
 
 def damaged_table(how: str):
     def body(ctx: Ctx):
-        first = ctx.run("method.ratio=0.25")
-        if first.code != 0:
+        first, rec = first_point(ctx, "method.ratio=0.25")
+        if rec is None:
             return first, "first run failed"
         damage(ctx.root / "results.csv", how)
         run = ctx.run("method.ratio=0.5")
@@ -306,10 +313,9 @@ for _how, _what in (("cut", "cut mid-row"), ("empty", "emptied"), ("random", "ra
 
 @case("truncated record json, then the same point again", hint="record", warn=True)
 def truncated_record(ctx: Ctx):
-    first = ctx.run()
-    if first.code != 0:
+    first, rec = first_point(ctx)
+    if rec is None:
         return first, "first run failed"
-    (rec,) = records(ctx.root)
     damage(rec, "half")
     run = ctx.run()
     try:
@@ -485,10 +491,9 @@ CASES.append(Case(NPIB, damaged_cache("npib_*.pt", "random"), "npib_", True))
 
 @case("damaged failures/<hash>.json marker, then the point", hint="failures", warn=True)
 def damaged_failure(ctx: Ctx):
-    first = ctx.run()
-    if first.code != 0:
+    first, rec = first_point(ctx)
+    if rec is None:
         return first, "first run failed"
-    (rec,) = records(ctx.root)
     marker = ctx.root / "failures" / rec.name
     marker.parent.mkdir(exist_ok=True)
     marker.write_text('{"error": "ValueError: bad", "conf')

@@ -18,7 +18,6 @@ Nothing here reads Hydra config.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import logging
 import math
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mka_exp.choices import did_you_mean
 from mka_exp.data import check_data_root, offline_datasets
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,8 @@ def resolve_task(name: str) -> str:
     lm_name = TASK_ALIASES.get(name, name)
     if lm_name in known_tasks():
         return lm_name
-    close = difflib.get_close_matches(name, [*TASK_ALIASES, *task_manager().all_tasks], n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else "no close match"
-    raise ValueError(f"unknown eval task {name!r} ({hint})")
+    hint = did_you_mean(name, [*TASK_ALIASES, *task_manager().all_tasks], n=3)
+    raise ValueError(f"unknown eval task {name!r} (an lm-eval task, group or tag{hint})")
 
 
 def resolve_tasks(tasks: list[str]) -> dict[str, str]:

@@ -28,7 +28,6 @@ choice, calibration, ...) get a `variant` label built from the config keys that 
 from __future__ import annotations
 
 import argparse
-import difflib
 import itertools
 import json
 import os
@@ -50,6 +49,7 @@ from matplotlib.figure import Figure
 
 from mka_exp import samples as samples_mod
 from mka_exp import stats
+from mka_exp.choices import did_you_mean
 from mka_exp.plots import similarity_heatmap
 from mka_exp.results import NON_RESULT_KEYS, config_hash, rebuild_table, without_keys
 
@@ -508,10 +508,9 @@ def check_baseline(df: pd.DataFrame, baseline: str | None) -> None:
     if baseline is None or (df["method"] == baseline).any():
         return
     methods = sorted(set(df["method"]))
-    close = difflib.get_close_matches(baseline, methods, n=1)
-    hint = f"did you mean {close[0]}? " if close else ""
+    hint = did_you_mean(baseline, methods)
     raise ReportError(
-        f"--baseline {baseline}: no records of that method ({hint}methods: {', '.join(methods)})"
+        f"--baseline {baseline}: no records of that method (methods: {', '.join(methods)}{hint})"
     )
 
 

@@ -69,7 +69,7 @@ def test_bad_input_fails_before_any_record(tmp_path, data_root, override, messag
         pipeline.run(cfg)
 
 
-def test_cli_unknown_option_lists_choices(tmp_path):
+def test_cli_unknown_option_is_one_line_with_a_close_match(tmp_path):
     proc = subprocess.run(
         [sys.executable, "run.py", "method=mkaa", f"paths.output_root={tmp_path}"],
         cwd=REPO_ROOT,
@@ -77,8 +77,11 @@ def test_cli_unknown_option_lists_choices(tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0
-    assert "Available options in 'method'" in proc.stderr and "reverse_prune" in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("ERROR: ConfigError: method=mkaa: unknown method 'mkaa' (options: ")
+    assert "reverse_prune" in line and line.endswith("; did you mean mka?)")
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_bad_value_is_one_line(tmp_path, data_root):

@@ -418,7 +418,7 @@ def current_umask() -> int:
     [
         (
             ["--baseline", "shortgp"],
-            "--baseline shortgp: no records of that method (did you mean shortgpt?",
+            "--baseline shortgp: no records of that method (methods: ",
         ),
         (["--baseline", "shortgpt"], None),
     ],
@@ -429,6 +429,7 @@ def test_baseline_option(sweep, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     if message:
         assert code == 2 and err.startswith(f"error: {message}") and "\n" not in err
+        assert err.endswith("; did you mean shortgpt?)")
         return
     assert code == 0
     text = (tmp_path / "statistics.md").read_text()
