@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -450,3 +451,30 @@ def test_protocol_line_names_the_shots_of_the_evaluated_tasks_only():
     config = {"eval": {"tasks": ["mmlu"], "limit": 3,
                        "num_fewshot": {"mmlu": 0, "piqa": 0, "boolq": 5}}}  # fmt: skip
     assert report.eval_protocol(config) == "tasks mmlu, limit 3, mmlu 0-shot"
+
+
+def test_several_outputs_dirs_report_as_one(sweep, tmp_path, capsys):
+    """The sweep's records split over two outputs dirs give the same statistics as one dir."""
+    root, runs = sweep
+    one = tmp_path / "one"
+    dense = {runs["none"]["config_hash"], runs["mka"]["config_hash"]}
+    parts = [tmp_path / "a", tmp_path / "b"]
+    for path in sorted((root / "records").glob("*")):
+        part = parts[0] if path.name.split(".")[0] in dense else parts[1]
+        (part / "records").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, part / "records" / path.name)
+    doc, out = tmp_path / "doc.md", tmp_path / "out"
+    argv = [*map(str, parts), "--out", str(out), "--markdown", str(doc), "--resamples", "2000"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main(argv) == 0
+        assert report.main([str(root), "--out", str(one), "--resamples", "2000"]) == 0
+    for name in ("accuracy_intervals.csv", "paired_differences.csv"):
+        merged = pd.read_csv(out / name, dtype={"config_hash": str})
+        alone = pd.read_csv(one / name, dtype={"config_hash": str})
+        pd.testing.assert_frame_equal(merged, alone)
+    assert f"records in `{parts[0]}`, `{parts[1]}` by" in doc.read_text()
+    assert report.main([*map(str, parts)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: several sources need --out DIR (where the report goes)"
+    )
