@@ -161,6 +161,8 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     df["mmlu"] = 100 * mmlu
     for task in TASKS[1:]:
         df[task] = 100 * column(df, f"metrics.{task}/acc")
+    if "config.repair._target_" in df:  # the repair stage's option name, e.g. "linear"
+        df["config.repair.name"] = df["config.repair._target_"].map(repair_name)
     df["variant"] = variants(df)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     df["_order"] = df["method"].map(order).fillna(len(order))
@@ -181,9 +183,14 @@ def variants(df: pd.DataFrame) -> pd.Series:
     keys = [c for c in df if c.startswith("config.") and is_variant_key(c[len("config.") :])]
     labels = pd.Series("", index=df.index)
     for _, group in df.groupby(["model", "method", "quantizer"]):
-        differing = [k for k in keys if group[k].astype(str).nunique() > 1][:MAX_VARIANT_KEYS]
+        # Keys only some runs have (a repair's options) tell runs apart only by their values.
+        differing = [k for k in keys if group[k].dropna().astype(str).nunique() > 1]
+        differing = differing[:MAX_VARIANT_KEYS]
         for idx, row in group.iterrows():
             parts = [f"{short_key(k)}={cell(row[k])}" for k in differing if notna(row[k])]
+            repair = row.get("config.repair.name")
+            if notna(repair) and repair != "none" and "config.repair.name" not in differing:
+                parts.insert(0, f"repair={repair}")  # a repaired run says so even alone
             labels[idx] = ", ".join(parts)  # a key a run lacks is left out of its label
     # Runs still indistinguishable (e.g. a CSV without configs): tell them apart by config hash.
     key = ["model", "method", "quantizer", "compression_ratio"]
@@ -192,6 +199,11 @@ def variants(df: pd.DataFrame) -> pd.Series:
         hashes = df.loc[clash, "config_hash"].astype(str).str[:8]
         labels[clash] = (labels[clash] + " #" + hashes).str.strip()
     return labels
+
+
+def repair_name(target: object) -> object:
+    """`mka_exp.repair.linear.LinearRepair` -> `linear` (the module is the option's name)."""
+    return target.split(".")[-2] if isinstance(target, str) and target.count(".") > 1 else target
 
 
 def notna(value: object) -> bool:
@@ -204,6 +216,8 @@ def is_variant_key(key: str) -> bool:
 
 def short_key(column_name: str) -> str:
     key = column_name[len("config.") :]
+    if key == "repair.name":
+        return "repair"
     return key[len("method.") :] if key.startswith("method.") else key
 
 
@@ -697,6 +711,7 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
         title = model if quant == "none" else f"{model} + {quant}"
         lines += [f"\n## {title}\n", examples_line(acc) + "\n", ACCURACY_HEADING]
         lines.append(accuracy_table(acc, records))
+        lines += [COST_HEADING, cost_table(acc, records)]
         for removed in sorted(set(acc["removed"]) - {0}):
             lines += comparison_section(
                 st, model, quant, removed, int(acc["layers_before"].iloc[0])
@@ -711,6 +726,41 @@ ACCURACY_HEADING = """### Accuracy (%, 95 % interval)
 "layers removed": original layer indices; for MKA each merge as kept+dropped (the kept layer
 holds the merge).
 """
+
+
+COST_HEADING = """
+### Cost (seconds, memory)
+
+Wall seconds of each stage as recorded (one process; a curve's later points reuse the repair's
+dense capture, so its capture seconds are counted once per process). "repair holds": the dense
+hidden states and the largest fit's normal equations and cached inputs the repair keeps beside
+the models; "peak RSS": the whole process.
+"""
+
+
+def cost_table(acc: pd.DataFrame, records: dict[str, dict]) -> str:
+    runs = acc.drop_duplicates("config_hash")
+    rows = []
+    for _, run in runs.iterrows():
+        record = records.get(run["config_hash"], {})
+        timings = record.get("timings") or {}
+        repair = ("repair_capture", "repair")
+        held = (record.get("repair_stats") or {}).get("held_bytes")
+        rows.append({
+            "method": run["method"], "variant": run["variant"], "removed": run["removed"],
+            "method s": seconds_cell(timings.get("compress")),
+            "repair s (capture + fit)": " + ".join(seconds_cell(timings.get(k)) for k in repair)
+            if any(k in timings for k in repair) else "",
+            "repair holds": f"{held / 2**20:,.0f} MiB" if held else "",
+            "evaluate s": seconds_cell(timings.get("evaluate")),
+            "peak RSS": f"{record['peak_rss_bytes'] / 2**30:.1f} GiB"
+            if record.get("peak_rss_bytes") else "",
+        })  # fmt: skip
+    return markdown(pd.DataFrame(rows))
+
+
+def seconds_cell(value: object) -> str:
+    return f"{value:,.0f}" if isinstance(value, int | float) else ""
 
 
 def examples_line(acc: pd.DataFrame) -> str:

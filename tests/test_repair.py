@@ -109,6 +109,9 @@ def test_later_fits_resume_from_the_cached_prefix_exactly():
     reference = copy.deepcopy(lm.model)
     stats = repair.repair(lm.model, calib, {"removed_layers": [2, 5]}, dense)
     assert [f["position"] for f in stats["fits"]] == [1, 3]
+    # Held: the dense states, one fit's float64 normal equations, one layer's cached inputs.
+    inputs = calib.input_ids.numel() * 64 * 4
+    assert stats["held_bytes"] == dense.states.nbytes + 2 * 64 * 64 * 8 + inputs
     for fit in stats["fits"]:  # each fit from a full forward pass
         end = fit["span"][-1] + 1
         eq = normal_equations(reference, calib, dense, fit["position"], end, None, Prefix())

@@ -478,3 +478,30 @@ def test_several_outputs_dirs_report_as_one(sweep, tmp_path, capsys):
         capsys.readouterr().err.strip()
         == "error: several sources need --out DIR (where the report goes)"
     )
+
+
+def test_variant_names_the_repair_and_cost_table_lists_its_seconds_and_bytes():
+    linear, none = "mka_exp.repair.linear.LinearRepair", "mka_exp.repair.none.NoRepair"
+    table = pd.DataFrame({
+        "config_hash": ["a", "b", "c"], "model": "m", "quantizer": "none",
+        "method": ["shortgpt", "shortgpt", "mka"], "layers_before": 8, "layers_after": 6,
+        "config.repair._target_": [none, linear, linear],
+        "config.repair.ridge": [np.nan, 0.0, 0.0],  # only a linear repair has options
+    })  # fmt: skip
+    df = report.prepare(table)
+    labels = dict(zip(df["config_hash"], df["variant"], strict=True))
+    assert labels == {"a": "repair=none", "b": "repair=linear", "c": "repair=linear"}
+    records = {
+        "a": {"timings": {"compress": 3.2, "evaluate": 40.0}, "peak_rss_bytes": 3 * 2**30},
+        "b": {
+            "timings": {"compress": 3.0, "repair_capture": 5.4, "repair": 7.6, "evaluate": 41},
+            "repair_stats": {"held_bytes": 300 * 2**20},
+        },
+    }
+    acc = df.assign(removed=2)[["config_hash", "method", "variant", "removed"]]
+    lines = report.cost_table(acc, records).splitlines()
+    assert set(lines[2:]) == {
+        "| shortgpt | repair=none | 2 | 3 |  |  | 40 | 3.0 GiB |",
+        "| shortgpt | repair=linear | 2 | 3 | 5 + 8 | 300 MiB | 41 |  |",
+        "| mka | repair=linear | 2 |  |  |  |  |  |",  # no record: no figures, not made up
+    }

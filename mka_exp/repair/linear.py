@@ -241,6 +241,11 @@ def normal_equations(
     return eq
 
 
+def held_bytes(eq: NormalEquations, prefix: Prefix) -> int:
+    """Bytes of one fit's normal equations and the layer inputs cached for the next fit."""
+    return eq.gram.nbytes + eq.cross.nbytes + sum(t.nbytes for t in prefix.inputs or [])
+
+
 def solve_map(eq: NormalEquations, ridge: float, diagonal: bool) -> torch.Tensor:
     """T = (MᵀM + αI)⁻¹ Mᵀ(L − Y), or its diagonal-only version, in float64."""
     gram, cross = eq.gram, eq.cross
@@ -384,10 +389,11 @@ class LinearRepair:
                 f"repair=linear: the model has {num_layers(model)} layers, the method's stats "
                 f"say {expected}"
             )
-        start, fits, prefix = time.perf_counter(), [], Prefix()
+        start, fits, prefix, held = time.perf_counter(), [], Prefix(), 0
         for item in plan:
             end, position = item["span"][-1] + 1, item["position"]
             eq = normal_equations(model, calib, dense, position, end, self.batch_size, prefix)
+            held = max(held, held_bytes(eq, prefix))
             transform = solve_map(eq, self.ridge, self.diagonal)
             fold_into(decoder_layers(model)[position].mlp.down_proj, transform)
             fits.append(
@@ -404,4 +410,7 @@ class LinearRepair:
             "fits": fits,
             "unrepaired_layers": unrepaired,
             "fit_seconds": seconds,
+            # What the repair holds beside the two models: the dense hidden states it fits to,
+            # plus the largest fit's normal equations and cached layer inputs.
+            "held_bytes": dense.states.nbytes + held,
         }
