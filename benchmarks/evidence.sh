@@ -4,6 +4,7 @@
 # skips what is done and computes only what is missing. Two lanes, one torch thread each.
 #
 #   bash benchmarks/evidence.sh NAME [OUT]        NAME: qwen15b_mmlu | qwen05b_tasks | smollm2_tasks
+#                                                       | smollm2_seeds
 #   CURVE="[0.13333]" bash benchmarks/evidence.sh smollm2_tasks   only these points of every curve
 #   python -m mka_exp.report OUT --markdown docs/method_comparison.md
 #
@@ -13,6 +14,10 @@
 # qwen05b_tasks  Qwen2.5-Coder-0.5B (24 layers), piqa/hellaswag/race/boolq 0-shot, 300 each, 4 and
 #                8 removed: every layer method with repair=none and repair=linear.
 # smollm2_tasks  SmolLM2-135M (30 layers), the same tasks and methods, 4 and 8 removed.
+# smollm2_seeds  Calibration sensitivity: shortgpt, angular and MKA Algorithm 1 at 4 of 30 layers
+#                with calib.seed=0,1,2 (which validation question of each subject calibrates),
+#                piqa 300 (the same first 300 as smollm2_tasks, so its records pair with those).
+# LANES=1 runs the points one after another (default 2 lanes side by side).
 # A curve point is the same record as the single run at its ratio, so CURVE can take the cheap
 # points first and the full curves resume from them later (sleb is last: its search is the costliest).
 # Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation;
@@ -47,13 +52,21 @@ case $name in
     common=(model=smollm2_135m "${tasks4[@]}")
     mapfile -t rest < <(layer_methods "[0.13333,0.26667]")  # 4 and 8 of 30
     points=("method=none" "${rest[@]}") ;;
-  *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks)" >&2
+  smollm2_seeds)
+    common=(model=smollm2_135m logger=none "eval.tasks=[piqa]" eval.limit=300)
+    points=("method=none")
+    for m in "method=shortgpt" "method=angular" "$alg1"; do
+      for seed in 0 1 2; do points+=("$m method.ratio=0.13333 calib.seed=$seed"); done
+    done ;;
+  *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks," \
+      "smollm2_seeds)" >&2
     exit 2 ;;
 esac
 mkdir -p "$out"
-lane() {  # the first point (dense), then every second point from $1
+lanes=${LANES:-2}
+lane() {  # lane $1 of $lanes: the first point (dense) in lane 1, then every $lanes-th from $1
   local i
-  for i in $(if (($1 == 1)); then echo 0; fi; seq "$1" 2 $((${#points[@]} - 1))); do
+  for i in $(if (($1 == 1)); then echo 0; fi; seq "$1" "$lanes" $((${#points[@]} - 1))); do
     echo "=== $(date +%T) ${points[i]}"
     # shellcheck disable=SC2086  # a point is several overrides
     python run.py ${points[i]} "${common[@]}" "data_root=$data" "paths.output_root=$out" ||
@@ -61,5 +74,5 @@ lane() {  # the first point (dense), then every second point from $1
   done
 }
 lane 1 >>"$out/lane_a.log" 2>&1 &
-lane 2 >>"$out/lane_b.log" 2>&1 &
+if ((lanes > 1)); then lane 2 >>"$out/lane_b.log" 2>&1 & fi
 wait
