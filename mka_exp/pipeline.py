@@ -236,7 +236,9 @@ def compute_points(
 ) -> list[dict[str, Any]]:
     """Load once and compute the points not in `done`, adding each finished key to `finished`."""
     torch.manual_seed(cfg.seed)
-    method = instantiate(cfg.method)  # bad method/quant/eval values fail before the model loads
+    # The first point's method: for a one-point curve the top-level config still holds the
+    # yaml's ratio, and a method built from it cut at that ratio under the point's label.
+    method = instantiate(configs[0].method)  # bad values fail before the model loads
     repair = instantiate(cfg.repair) if "repair" in cfg else NoRepair()
     repair.check_method(method)
     quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)

@@ -41,6 +41,16 @@ def test_curve_point_equals_single_run(method, tmp_path, data_root):
         assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["reverse_prune", "shortgpt"])
+def test_one_point_curve_cuts_at_its_ratio_not_the_method_default(method, tmp_path, data_root):
+    """`curve=[0.5]` is the single run at 0.5, not at the yaml's ratio (0.25) under 0.5's label."""
+    cfg = compose_config([f"method={method}", "curve=[0.5]", *SHRINK], tmp_path, data_root)
+    assert cfg.method.ratio == 0.25
+    record = pipeline.run(cfg)
+    assert record["config"]["method"]["ratio"] == 0.5
+    assert record["layers_after"] == 2 and len(record["method_stats"]["removed_layers"]) == 2
+
+
 def test_curve_resumes_point_by_point(tmp_path, data_root, monkeypatch):
     cfg = compose_config(["method=reverse_prune", "curve=[0.25,0.5]", *SHRINK], tmp_path, data_root)
     single = ["method=reverse_prune", "method.ratio=0.25", *SHRINK]
