@@ -253,6 +253,7 @@ def compute_points(
             log.info("point %s already recorded; not evaluated again", point.key)
             records.append(done[point.key])
             continue
+        check_cut(point, stats, session.layers_before)
         save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
@@ -260,6 +261,20 @@ def compute_points(
         records.append(finish_point(point, repaired, stats, session, watch, last))
         finished.add(point.key)
     return records
+
+
+def check_cut(point: Point, stats: dict, total: int) -> None:
+    """A layer method removed exactly the layers its point asks for: a record must never carry
+    one cut under another's label (a one-point curve once did)."""
+    removed = stats.get("removed_layers")
+    if removed is None:
+        return
+    wanted = point_count(point.cfg, total)
+    if len(removed) != wanted:
+        raise RuntimeError(
+            f"method removed {len(removed)} layers {removed} where the point asks for {wanted} "
+            f"of {total} (method.ratio={point.cfg.method.get('ratio')}); nothing is recorded"
+        )
 
 
 def check_tasks(eval_kwargs: dict) -> None:

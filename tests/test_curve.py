@@ -169,3 +169,19 @@ def test_sweep_reports_a_bad_point_and_runs_the_rest(tmp_path, data_root):
         second.returncode == 1 and "failed before (ValueError: method.ratio=0.05" in second.stdout
     )
     assert sorted((tmp_path / "records").glob("*.json")) == records
+
+
+def test_a_cut_that_disagrees_with_its_point_is_never_recorded(tmp_path, data_root, monkeypatch):
+    from mka_exp.methods.reverse_prune import ReversePrune
+
+    real = ReversePrune.compress
+
+    def one_short(self, model, calib):
+        stats = real(self, model, calib)
+        return {**stats, "removed_layers": stats["removed_layers"][1:]}
+
+    monkeypatch.setattr(ReversePrune, "compress", one_short)
+    cfg = compose_config(["method=reverse_prune", "method.ratio=0.5", *SHRINK], tmp_path, data_root)
+    with pytest.raises(RuntimeError, match=r"method removed 1 layers \[3\] where the point asks"):
+        pipeline.run(cfg)
+    assert not list(tmp_path.rglob("records/*.json"))
