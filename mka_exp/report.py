@@ -417,6 +417,7 @@ class Stats:
     sensitivity: pd.DataFrame
     chance: dict[str, tuple[float, str]]
     baseline: str
+    repair: pd.DataFrame = field(default_factory=pd.DataFrame)  # repaired vs unrepaired twin
 
 
 def load_records(root: Path) -> dict[str, dict]:
@@ -515,7 +516,45 @@ def compute_stats(
         calibration_sensitivity(df, records),
         chance_levels(sets),
         baseline or "best pruning",
+        repair_effects(accuracy, sets, records, resamples),
     )
+
+
+def twin_key(record: dict) -> str:
+    """The record's config without its repair (and without paths): equal for repair twins."""
+    config = json.loads(json.dumps(record.get("config") or {}))
+    for part in (config, config.get("calib") or {}, config.get("eval") or {}):
+        part.pop("data_root", None)
+    config.pop("repair", None)
+    config.pop("paths", None)
+    return json.dumps(config, sort_keys=True)
+
+
+def repair_effects(
+    accuracy: pd.DataFrame, sets: dict, records: dict[str, dict], resamples: int
+) -> pd.DataFrame:
+    """Each repaired run against the same run without repair, paired per column."""
+    names = {h: repair_name((r.get("config") or {}).get("repair", {}).get("_target_"))
+             for h, r in records.items()}  # fmt: skip
+    plain = {twin_key(r): h for h, r in records.items() if names[h] == "none"}
+    rows = []
+    for _, row in accuracy.iterrows():
+        record = records.get(row["config_hash"], {})
+        twin = plain.get(twin_key(record)) if names.get(row["config_hash"]) != "none" else None
+        if twin is None or (twin, row["column"]) not in sets:
+            continue
+        a, b = sets[(row["config_hash"], row["column"])], sets[(twin, row["column"])]
+        aligned, problem = align(a, b)
+        if problem:
+            continue
+        groups = aligned["subtask"] if row["metric"].endswith("_macro") else None
+        result = stats.paired(aligned["y_a"], aligned["y_b"], groups, n_resamples=resamples)
+        d = result.difference
+        rows.append({**{k: row[k] for k in ID_COLUMNS}, "column": row["column"],
+                     "repair": names[row["config_hash"]], "difference": d.value, "low": d.low,
+                     "high": d.high, "p_value": result.p_value,
+                     "significant": result.significant})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def check_baseline(df: pd.DataFrame, baseline: str | None) -> None:
@@ -716,6 +755,7 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
             lines += comparison_section(
                 st, model, quant, removed, int(acc["layers_before"].iloc[0])
             )
+        lines += repair_section(st, model, quant)
     if not st.sensitivity.empty:
         lines += ["\n## Calibration sensitivity\n", sensitivity_text(st.sensitivity)]
     return "\n".join(lines) + "\n"
@@ -814,6 +854,26 @@ def comparison_section(st: Stats, model: str, quant: str, removed: int, total: i
         lines.append(markdown(wide.drop(columns="run")))
     lines += [f"- {text}" for text in notes["text"]]
     return lines
+
+
+def repair_section(st: Stats, model: str, quant: str) -> list[str]:
+    effects = st.repair
+    if effects.empty:
+        return []
+    effects = effects[(effects["model"] == model) & (effects["quantizer"] == quant)]
+    if effects.empty:
+        return []
+    wide = pivot(effects, effects.apply(difference_cell, axis=1),
+                 ["config_hash", "method", "variant", "removed"])  # fmt: skip
+    return [REPAIR_HEADING, markdown(wide.drop(columns="run"))]
+
+
+REPAIR_HEADING = """
+### Repair against the same run without it
+
+Each repaired run minus its twin with `repair=none` (the same config otherwise), paired on the
+same examples: difference in points, 95 % paired bootstrap interval, `*` = excludes 0, McNemar p.
+"""
 
 
 def sensitivity_text(table: pd.DataFrame) -> str:

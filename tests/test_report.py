@@ -505,3 +505,31 @@ def test_variant_names_the_repair_and_cost_table_lists_its_seconds_and_bytes():
         "| shortgpt | repair=linear | 2 | 3 | 5 + 8 | 300 MiB | 41 |  |",
         "| mka | repair=linear | 2 |  |  |  |  |  |",  # no record: no figures, not made up
     }
+
+
+def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
+    """A planted repaired twin of a shortgpt run (every piqa answer right) is compared with that
+    run on the same examples; runs without a twin are left out."""
+    root, _ = sweep
+    short = next(
+        json.loads(p.read_text())
+        for p in (root / "records").glob("*.json")
+        if '"method": "shortgpt"' in p.read_text() and '"layers_after": 2' in p.read_text()
+    )
+    twin = json.loads(json.dumps(short))
+    twin["config"]["repair"] = {"_target_": "mka_exp.repair.linear.LinearRepair", "ridge": 0.0}
+    twin["config_hash"] = results.config_hash(twin["config"])
+    rows = samples.read_samples(root, short)
+    right = rows.assign(acc=rows["acc"].where(rows["task"] != "piqa", 1.0))
+    copy = tmp_path / "with_twin"
+    shutil.copytree(root / "records", copy / "records")
+    twin["samples"] = samples.write_samples(copy, twin["config_hash"], right)
+    twin["metrics"] = samples.aggregate(right)
+    results.save_record(copy, twin)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
+    text = (tmp_path / "out" / "statistics.md").read_text()
+    assert "### Repair against the same run without it" in text
+    piqa = rows[rows["task"] == "piqa"]
+    gain = 100 * (1 - piqa["acc"].mean())
+    assert f"+{gain:.1f} [" in text.split("### Repair against")[1]
