@@ -547,13 +547,9 @@ def repair_effects(
         aligned, problem = align(a, b)
         if problem:
             continue
-        groups = aligned["subtask"] if row["metric"].endswith("_macro") else None
-        result = stats.paired(aligned["y_a"], aligned["y_b"], groups, n_resamples=resamples)
-        d = result.difference
-        rows.append({**{k: row[k] for k in ID_COLUMNS}, "column": row["column"],
-                     "repair": names[row["config_hash"]], "difference": d.value, "low": d.low,
-                     "high": d.high, "p_value": result.p_value,
-                     "significant": result.significant})  # fmt: skip
+        ident = {k: row[k] for k in ID_COLUMNS} | {"column": row["column"]}
+        rows.append(ident | {"repair": names[row["config_hash"]]}
+                    | paired_cells(aligned, row["metric"], resamples))  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -605,13 +601,18 @@ def paired_differences(
                 note(row, text + f"evaluated on different {row['task']} examples ({problem})")
             )
             continue
-        groups = aligned["subtask"] if row["metric"].endswith("_macro") else None
-        result = stats.paired(aligned["y_a"], aligned["y_b"], groups, n_resamples=resamples)
-        d = result.difference
-        rows.append(out | {"is_baseline": False, "difference": d.value, "low": d.low,
-                           "high": d.high, "p_value": result.p_value, "a_only": result.a_only,
-                           "b_only": result.b_only, "significant": result.significant})  # fmt: skip
+        rows.append(out | {"is_baseline": False} | paired_cells(aligned, row["metric"], resamples))
     return pd.DataFrame(rows), notes
+
+
+def paired_cells(aligned: pd.DataFrame, metric: str, resamples: int) -> dict:
+    """The paired difference of aligned outcomes (MMLU's macro: resampled by subject)."""
+    groups = aligned["subtask"] if metric.endswith("_macro") else None
+    result = stats.paired(aligned["y_a"], aligned["y_b"], groups, n_resamples=resamples)
+    d = result.difference
+    return {"difference": d.value, "low": d.low, "high": d.high, "p_value": result.p_value,
+            "a_only": result.a_only, "b_only": result.b_only,
+            "significant": result.significant}  # fmt: skip
 
 
 def align(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, str]:
