@@ -18,6 +18,8 @@
 #                with calib.seed=0,1,2 (which validation question of each subject calibrates),
 #                piqa 300 (the same first 300 as smollm2_tasks, so its records pair with those).
 # LANES=1 runs the points one after another (default 2 lanes side by side).
+# ONLY=REGEX keeps the points whose overrides match it (grep -E), e.g. ONLY=sleb, so two
+# invocations can share out one NAME without computing the same point twice.
 # A curve point is the same record as the single run at its ratio, so CURVE can take the cheap
 # points first and the full curves resume from them later (sleb is last: its search is the costliest).
 # Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation;
@@ -28,11 +30,15 @@ out=${2:-docs/evidence/$name}
 data=${MKA_EXP_DATA_ROOT:-../shared/benchmarks}
 export OMP_NUM_THREADS=1
 alg1="method=mka method.pairing=most_similar method.lam=paper method.scope=all"
+# LaCo merges 2 layers into 1 here: the paper's 4 into 1 (m=3) leaves SmolLM2's final states at
+# cosine 0.01-0.03 to the dense model's at layers 8, 14, 20 and 26 (dropping the same 3 layers:
+# 0.47-0.93), so no candidate passes the threshold and every merge would be a fallback below it.
+laco="method.m=1"
 tasks4=(logger=none "eval.tasks=[piqa,hellaswag,race,boolq]" eval.limit=300)
 layer_methods() {  # every layer method at the curve $1, each with repair=none and repair=linear
   local m  # both repairs of a method side by side: the two lanes run them at once
-  for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=laco" \
-    "method=angular" "method=reverse_prune method.keep_final=true" "method=sleb"; do
+  for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=angular" \
+    "method=laco $laco" "method=reverse_prune method.keep_final=true" "method=sleb"; do
     echo "$m curve=${CURVE:-$1} repair=none"
     echo "$m curve=${CURVE:-$1} repair=linear"
   done
@@ -65,6 +71,10 @@ case $name in
       "smollm2_seeds)" >&2
     exit 2 ;;
 esac
+if [[ -n ${ONLY:-} ]]; then
+  mapfile -t points < <(printf '%s\n' "${points[@]}" | grep -E -- "$ONLY" || true)
+  ((${#points[@]})) || { echo "evidence.sh: ONLY='$ONLY' matches no point of $name" >&2; exit 2; }
+fi
 mkdir -p "$out"
 lanes=${LANES:-2}
 lane() {  # lane $1 of $lanes: the first point (dense) in lane 1, then every $lanes-th from $1

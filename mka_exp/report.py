@@ -187,7 +187,7 @@ def variants(df: pd.DataFrame) -> pd.Series:
         differing = [k for k in keys if group[k].dropna().astype(str).nunique() > 1]
         differing = differing[:MAX_VARIANT_KEYS]
         for idx, row in group.iterrows():
-            parts = [f"{short_key(k)}={cell(row[k])}" for k in differing if notna(row[k])]
+            parts = [f"{short_key(k)}={label_cell(row[k])}" for k in differing if notna(row[k])]
             repair = row.get("config.repair.name")
             if notna(repair) and repair != "none" and "config.repair.name" not in differing:
                 parts.insert(0, f"repair={repair}")  # a repaired run says so even alone
@@ -206,6 +206,11 @@ def repair_name(target: object) -> object:
     return target.split(".")[-2] if isinstance(target, str) and target.count(".") > 1 else target
 
 
+def label_cell(value: object) -> str:
+    """A variant's value: a list (a task list) as `a+b`, anything else as in a table cell."""
+    return "+".join(map(str, value)) if isinstance(value, list | tuple) else cell(value)
+
+
 def notna(value: object) -> bool:
     return not (isinstance(value, float) and np.isnan(value)) and value is not None
 
@@ -214,10 +219,13 @@ def is_variant_key(key: str) -> bool:
     return not key.startswith(NOT_VARIANT) and key.rsplit(".", 1)[-1] not in NOT_VARIANT_LEAVES
 
 
+SHORT_KEYS = {"repair.name": "repair", "eval.tasks": "tasks"}  # config key -> variant label
+
+
 def short_key(column_name: str) -> str:
     key = column_name[len("config.") :]
-    if key == "repair.name":
-        return "repair"
+    if key in SHORT_KEYS:
+        return SHORT_KEYS[key]
     return key[len("method.") :] if key.startswith("method.") else key
 
 

@@ -533,3 +533,15 @@ def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
     piqa = rows[rows["task"] == "piqa"]
     gain = 100 * (1 - piqa["acc"].mean())
     assert f"+{gain:.1f} [" in text.split("### Repair against")[1]
+
+
+def test_variant_shows_a_task_list_compactly():
+    """Runs of one method evaluated on different task lists are told apart by `tasks=a+b`, not
+    by the list's Python repr."""
+    table = pd.DataFrame({
+        "config_hash": ["a", "b"], "model": "m", "quantizer": "none", "method": "shortgpt",
+        "layers_before": 8, "layers_after": 6,
+        "config.eval.tasks": [["piqa"], ["piqa", "boolq"]],
+    })  # fmt: skip
+    labels = dict(zip(report.prepare(table)["config_hash"], report.prepare(table)["variant"]))
+    assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
