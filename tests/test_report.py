@@ -543,5 +543,6 @@ def test_variant_shows_a_task_list_compactly():
         "layers_before": 8, "layers_after": 6,
         "config.eval.tasks": [["piqa"], ["piqa", "boolq"]],
     })  # fmt: skip
-    labels = dict(zip(report.prepare(table)["config_hash"], report.prepare(table)["variant"]))
+    df = report.prepare(table)
+    labels = dict(zip(df["config_hash"], df["variant"], strict=True))
     assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
