@@ -399,6 +399,7 @@ def cell(value: object, digits: int | None = None) -> str:
 
 # What a record's accuracy is compared against by default: the best of these at its layer count.
 PRUNING_METHODS = ("reverse_prune", "shortgpt", "angular", "sleb")
+MERGING_METHODS = ("mka", "laco")  # what "does merging beat pruning?" compares
 # A random guess among the choices. BoolQ's line is the majority answer's share of the evaluated
 # examples instead, where per-example records give it: a model that always says "yes" gets that.
 CHANCE = {"piqa": 0.5, "hellaswag": 0.25, "race": 0.25, "mmlu": 0.25, "boolq": 0.5}
@@ -765,6 +766,7 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
                 st, model, quant, removed, int(acc["layers_before"].iloc[0])
             )
         lines += repair_section(st, model, quant)
+        lines += merging_section(st, model, quant)
     if not st.sensitivity.empty:
         lines += ["\n## Calibration sensitivity\n", sensitivity_text(st.sensitivity)]
     return "\n".join(lines) + "\n"
@@ -875,6 +877,47 @@ def repair_section(st: Stats, model: str, quant: str) -> list[str]:
     wide = pivot(effects, effects.apply(difference_cell, axis=1),
                  ["config_hash", "method", "variant", "removed"])  # fmt: skip
     return [REPAIR_HEADING, markdown(wide.drop(columns="run"))]
+
+
+def merging_section(st: Stats, model: str, quant: str) -> list[str]:
+    """Per layer count and column, the best merging run against the best pruning run (the
+    default baseline), and what the paired interval lets one say."""
+    diffs = st.differences
+    if diffs.empty or st.baseline != "best pruning":
+        return []
+    diffs = diffs[(diffs["model"] == model) & (diffs["quantizer"] == quant)]
+    diffs = diffs[diffs["method"].isin(MERGING_METHODS) & ~diffs["is_baseline"].astype(bool)]
+    if diffs.empty:
+        return []
+    best = diffs.loc[diffs.groupby(["removed", "column"], sort=False)["difference"].idxmax()]
+    best = best.sort_values(["removed", "column"], key=sort_key)
+    rows = [{"removed": r["removed"], "column": r["column"], "best pruning": r["baseline"],
+             "best merging": run_label(r), "difference": difference_cell(r),
+             "reading": reading(r)} for _, r in best.iterrows()]  # fmt: skip
+    readings = diffs.apply(reading, axis=1)
+    above, below = (int((readings == side).sum()) for side in ("above", "below"))
+    summary = (f"Of all {len(diffs)} merging results (run × column), {above} are above the best "
+               f"pruning run beyond the interval, {below} below it, the rest within it.")  # fmt: skip
+    return [MERGING_HEADING, markdown(pd.DataFrame(rows)), "", summary]
+
+
+def sort_key(values: pd.Series) -> pd.Series:
+    return values.map(column_order) if values.name == "column" else values
+
+
+def reading(row: pd.Series) -> str:
+    if not row["significant"]:
+        return "within the interval"
+    return "above" if row["difference"] > 0 else "below"
+
+
+MERGING_HEADING = """
+### Does merging beat pruning?
+
+Per layer count and column: the most accurate merging run (mka, laco; any variant and repair)
+minus the most accurate pruning run (any variant and repair), paired on the same examples
+(points, 95 % paired bootstrap interval, `*` = excludes 0, McNemar p).
+"""
 
 
 REPAIR_HEADING = """

@@ -339,11 +339,15 @@ def test_markdown_marks_significant_differences_and_notes_problems(sweep, swept)
     text = (out / "statistics.md").read_text()
     assert "### Accuracy (%, 95 % interval)" in text and "Examples per task: piqa 24" in text
     assert "### Against best pruning at 1 of 4 layers removed" in text
-    perfect = [line for line in text.splitlines() if "tag=perfect" in line and " p" in line]
+    against = text.split("### Does merging beat pruning?")[0]
+    perfect = [line for line in against.splitlines() if "tag=perfect" in line and " p" in line]
     assert len(perfect) == 1 and perfect[0].count("* p<0.001") == 3  # every column
     assert perfect[0].count("+") == 9  # Δ, low and high positive in each
     assert re.search(r"\| none \|  \| 0 \|  \| \d+\.\d \[\d+\.\d, \d+\.\d\]", text)
     assert "baseline" in text
+    verdict = text.split("### Does merging beat pruning?")[1]  # the planted perfect merge wins
+    best = r"\| 1 \| boolq acc \| \w+ \| mka \(max_points=4096, tag=perfect\) \| \+[^|]+\| above \|"
+    assert re.search(best, verdict)
     fewer = "paired test impossible: " in text and "evaluated on different boolq examples" in text
     assert fewer and "3 of 24 examples evaluated by only one" in text
     assert "## Intervals and paired tests" in printed and "statistics" not in str(out / "x")
@@ -546,3 +550,35 @@ def test_variant_shows_a_task_list_compactly():
     df = report.prepare(table)
     labels = dict(zip(df["config_hash"], df["variant"], strict=True))
     assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
+
+
+def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pruning():
+    """The section that answers "does merging beat pruning?": per layer count and column the best
+    merging run against the best pruning run, with the reading its interval allows."""
+    common = {"model": "m", "quantizer": "none", "layers_before": 8, "layers_after": 6,
+              "removed": 2, "baseline": "shortgpt", "is_baseline": False, "p_value": 0.01,
+              "a_only": 1, "b_only": 1}  # fmt: skip
+    diffs = pd.DataFrame([
+        common | {"config_hash": "s", "method": "shortgpt", "variant": "", "column": "piqa acc",
+                  "is_baseline": True},
+        common | {"config_hash": "a", "method": "mka", "variant": "x", "column": "piqa acc",
+                  "difference": -0.02, "low": -0.05, "high": 0.01, "significant": False},
+        common | {"config_hash": "b", "method": "laco", "variant": "", "column": "piqa acc",
+                  "difference": -0.10, "low": -0.15, "high": -0.05, "significant": True},
+        common | {"config_hash": "a", "method": "mka", "variant": "x", "column": "boolq acc",
+                  "difference": 0.08, "low": 0.03, "high": 0.13, "significant": True},
+        common | {"config_hash": "c", "method": "reverse_prune", "variant": "", "column": "boolq acc",
+                  "difference": 0.09, "low": 0.04, "high": 0.14, "significant": True},
+    ])  # fmt: skip
+    st = report.Stats(pd.DataFrame(), diffs, pd.DataFrame(columns=["model"]), pd.DataFrame(), {},
+                      "best pruning")  # fmt: skip
+    lines = report.merging_section(st, "m", "none")
+    text = "\n".join(lines)
+    assert (
+        "| 2 | piqa acc | shortgpt | mka (x) | -2.0 [-5.0, +1.0] p=0.01 | within the interval |"
+        in text
+    )
+    assert "| 2 | boolq acc | shortgpt | mka (x) | +8.0 [+3.0, +13.0]* p=0.01 | above |" in text
+    assert "Of all 3 merging results (run × column), 1 are above the best pruning run" in text
+    assert "interval, 1 below it, the rest within it." in text
+    assert report.merging_section(st, "other", "none") == []
