@@ -650,9 +650,12 @@ def chance_levels(sets: dict) -> dict[str, tuple[float, str]]:
 
 
 def layer_choice(method_stats: dict) -> tuple | None:
-    """What a method chose: MKA's merged (kept, dropped) pairs, else the removed layers."""
+    """What a method chose: the merges as (kept, merged...) (MKA: one dropped layer each; LaCo:
+    `merged`, a list), else the removed layers."""
     if method_stats.get("merges"):
-        return tuple((m.get("keep"), m.get("drop")) for m in method_stats["merges"])
+        return tuple(
+            (m.get("keep"), *m.get("merged", [m.get("drop")])) for m in method_stats["merges"]
+        )
     removed = method_stats.get("removed_layers")
     return tuple(sorted(removed)) if removed is not None else None
 
@@ -774,8 +777,8 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
 
 ACCURACY_HEADING = """### Accuracy (%, 95 % interval)
 
-"layers removed": original layer indices; for MKA each merge as kept+dropped (the kept layer
-holds the merge).
+"layers removed": original layer indices; for MKA and LaCo each merge as kept+merged (the kept
+layer holds the merge).
 """
 
 
@@ -840,7 +843,7 @@ def accuracy_table(acc: pd.DataFrame, records: dict[str, dict]) -> str:
 def layers_text(record: dict) -> str:
     choice = layer_choice(record.get("method_stats") or {})
     if choice and isinstance(choice[0], tuple):
-        return " ".join(f"{k}+{d}" for k, d in choice)  # MKA: kept+dropped
+        return " ".join("+".join(map(str, merge)) for merge in choice)  # kept+merged
     return "" if choice is None else " ".join(map(str, choice))
 
 

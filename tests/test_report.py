@@ -582,3 +582,13 @@ def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pr
     assert "Of all 3 merging results (run × column), 1 are above the best pruning run" in text
     assert "interval, 1 below it, the rest within it." in text
     assert report.merging_section(st, "other", "none") == []
+
+
+def test_layers_text_names_laco_merges_like_mka_merges():
+    """LaCo records each merge as a kept layer and the layers merged into it; MKA as kept and
+    dropped. Both read kept+merged."""
+    laco = {"merges": [{"keep": 26, "merged": [27, 28]}, {"keep": 20, "merged": [21]}]}
+    mka = {"merges": [{"keep": 28, "drop": 29}]}
+    assert report.layers_text({"method_stats": laco}) == "26+27+28 20+21"
+    assert report.layers_text({"method_stats": mka}) == "28+29"
+    assert report.layers_text({"method_stats": {"removed_layers": [5, 3]}}) == "3 5"
