@@ -10,7 +10,8 @@
 #
 # qwen15b_mmlu   Qwen2.5-Coder-1.5B (28 layers), MMLU 0-shot, 3 questions per subject (171), 4 and 8
 #                layers removed: dense, shortgpt, mka Algorithm 1, mka defaults, reverse_prune;
-#                then the best pruning and merging variants at 4 layers with repair=linear.
+#                then the best pruning and merging variants at 4 layers with repair=linear, and
+#                LaCo (m=1) at 4 layers.
 # qwen05b_tasks  Qwen2.5-Coder-0.5B (24 layers), piqa/hellaswag/race/boolq 0-shot, 300 each, 4 and
 #                8 removed: every layer method with repair=none and repair=linear.
 # smollm2_tasks  SmolLM2-135M (30 layers), the same tasks and methods, 4 and 8 removed.
@@ -52,7 +53,9 @@ case $name in
       # issue 14: the best pruning (reverse_prune) and merging (mka defaults) at 4 layers,
       # repaired; then ShortGPT repaired (it lost most to its cut, so it may gain most)
       "method=reverse_prune curve=[0.142857] repair=linear" "method=mka curve=[0.142857] repair=linear"
-      "method=shortgpt curve=[0.142857] repair=linear") ;;
+      "method=shortgpt curve=[0.142857] repair=linear"
+      # the other published merging method, at 4 layers, after the rest
+      "method=laco $laco curve=[0.142857]") ;;
   qwen05b_tasks)
     common=(model=qwen25_coder_05b "${tasks4[@]}")
     mapfile -t rest < <(layer_methods "[0.166667,0.333333]")  # 4 and 8 of 24
