@@ -400,6 +400,7 @@ def cell(value: object, digits: int | None = None) -> str:
 # What a record's accuracy is compared against by default: the best of these at its layer count.
 PRUNING_METHODS = ("reverse_prune", "shortgpt", "angular", "sleb")
 MERGING_METHODS = ("mka", "laco")  # what "does merging beat pruning?" compares
+BEST_PRUNING = "best pruning"  # the default baseline's name
 # A random guess among the choices. BoolQ's line is the majority answer's share of the evaluated
 # examples instead, where per-example records give it: a model that always says "yes" gets that.
 CHANCE = {"piqa": 0.5, "hellaswag": 0.25, "race": 0.25, "mmlu": 0.25, "boolq": 0.5}
@@ -524,7 +525,7 @@ def compute_stats(
         notes.drop_duplicates(),
         calibration_sensitivity(df, records),
         chance_levels(sets),
-        baseline or "best pruning",
+        baseline or BEST_PRUNING,
         repair_effects(accuracy, sets, records, resamples),
     )
 
@@ -886,7 +887,7 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     """Per layer count and column, the best merging run against the best pruning run (the
     default baseline), and what the paired interval lets one say."""
     diffs = st.differences
-    if diffs.empty or st.baseline != "best pruning":
+    if diffs.empty or st.baseline != BEST_PRUNING:  # a --baseline METHOD answers another question
         return []
     diffs = diffs[(diffs["model"] == model) & (diffs["quantizer"] == quant)]
     diffs = diffs[diffs["method"].isin(MERGING_METHODS) & ~diffs["is_baseline"].astype(bool)]

@@ -571,7 +571,7 @@ def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pr
                   "difference": 0.09, "low": 0.04, "high": 0.14, "significant": True},
     ])  # fmt: skip
     st = report.Stats(pd.DataFrame(), diffs, pd.DataFrame(columns=["model"]), pd.DataFrame(), {},
-                      "best pruning")  # fmt: skip
+                      report.BEST_PRUNING)  # fmt: skip
     lines = report.merging_section(st, "m", "none")
     text = "\n".join(lines)
     assert (
