@@ -134,7 +134,8 @@ def attach_configs(table: pd.DataFrame, outputs: Path) -> pd.DataFrame:
     for file in sorted((outputs / "records").glob("*.json")):
         record = json.loads(file.read_text())
         flat = pd.json_normalize(record.get("config") or {}, sep=".").iloc[0].to_dict()
-        row = {f"config.{k}": v if np.isscalar(v) or v is None else str(v) for k, v in flat.items()}
+        row = {f"config.{k}": v if np.isscalar(v) or v is None else label_cell(v)
+               for k, v in flat.items()}  # fmt: skip
         rows.append({"config_hash": record.get("config_hash"), **row})
     configs = pd.DataFrame(rows)
     if "config_hash" not in table or configs.empty:

@@ -539,7 +539,7 @@ def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
     assert f"+{gain:.1f} [" in text.split("### Repair against")[1]
 
 
-def test_variant_shows_a_task_list_compactly():
+def test_variant_shows_a_task_list_compactly(tmp_path):
     """Runs of one method evaluated on different task lists are told apart by `tasks=a+b`, not
     by the list's Python repr."""
     table = pd.DataFrame({
@@ -550,6 +550,12 @@ def test_variant_shows_a_task_list_compactly():
     df = report.prepare(table)
     labels = dict(zip(df["config_hash"], df["variant"], strict=True))
     assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
+    (tmp_path / "records").mkdir()  # the same from records, as the report reads them
+    for name, tasks in (("a", ["piqa"]), ("b", ["piqa", "boolq"])):
+        record = {"config_hash": name, "config": {"eval": {"tasks": tasks}}}
+        (tmp_path / "records" / f"{name}.json").write_text(json.dumps(record))
+    read = report.attach_configs(table.drop(columns="config.eval.tasks"), tmp_path)
+    assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]
 
 
 def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pruning():
