@@ -532,12 +532,13 @@ def compute_stats(
 
 
 def twin_key(record: dict) -> str:
-    """The record's config without its repair (and without paths): equal for repair twins."""
-    config = json.loads(json.dumps(record.get("config") or {}))
+    """The record's config without its repair and without what the config hash leaves out
+    (paths, caches, loggers): equal for repair twins, wherever each ran."""
+    config = without_keys(record.get("config") or {}, NON_RESULT_KEYS)
+    config = json.loads(json.dumps(config, default=str))
     for part in (config, config.get("calib") or {}, config.get("eval") or {}):
         part.pop("data_root", None)
     config.pop("repair", None)
-    config.pop("paths", None)
     return json.dumps(config, sort_keys=True)
 
 

@@ -522,6 +522,7 @@ def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
     )
     twin = json.loads(json.dumps(short))
     twin["config"]["repair"] = {"_target_": "mka_exp.repair.linear.LinearRepair", "ridge": 0.0}
+    twin["config"]["method"]["cache"] = "/elsewhere/cache"  # a path: twins on another machine
     twin["config_hash"] = results.config_hash(twin["config"])
     rows = samples.read_samples(root, short)
     right = rows.assign(acc=rows["acc"].where(rows["task"] != "piqa", 1.0))
