@@ -24,7 +24,8 @@
 # A curve point is the same record as the single run at its ratio, so CURVE can take the cheap
 # points first and the full curves resume from them later (sleb is last: its search is the costliest).
 # Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation;
-# SmolLM2 four tasks x 300, 723 s per evaluation.
+# SmolLM2 four tasks x 300, 723 s per evaluation; Qwen-0.5B four tasks x 300, 1,320-1,524 s
+# (two lanes); SLEB's search for 4 of 30 SmolLM2 layers, 3,025 s (two lanes).
 set -euo pipefail
 name=${1:?usage: bash benchmarks/evidence.sh NAME [OUT]}
 out=${2:-docs/evidence/$name}
