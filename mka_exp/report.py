@@ -850,12 +850,17 @@ def layers_text(record: dict) -> str:
     return "" if choice is None else " ".join(map(str, choice))
 
 
+def of_model(frame: pd.DataFrame, model: str, quant: str) -> pd.DataFrame:
+    """The rows of one model + quantizer (each model's section of the statistics)."""
+    return frame[(frame["model"] == model) & (frame["quantizer"] == quant)]
+
+
 def comparison_section(st: Stats, model: str, quant: str, removed: int, total: int) -> list[str]:
     diffs = st.differences
     if not diffs.empty:
-        diffs = diffs[(diffs["model"] == model) & (diffs["quantizer"] == quant)]
+        diffs = of_model(diffs, model, quant)
         diffs = diffs[diffs["removed"] == removed]
-    notes = st.notes[(st.notes["model"] == model) & (st.notes["quantizer"] == quant)]
+    notes = of_model(st.notes, model, quant)
     notes = notes[notes["removed"] == removed]
     lines = [f"\n### Against {st.baseline} at {removed} of {total} layers removed\n"]
     if not diffs.empty:
@@ -877,7 +882,7 @@ def repair_section(st: Stats, model: str, quant: str) -> list[str]:
     effects = st.repair
     if effects.empty:
         return []
-    effects = effects[(effects["model"] == model) & (effects["quantizer"] == quant)]
+    effects = of_model(effects, model, quant)
     if effects.empty:
         return []
     wide = pivot(effects, effects.apply(difference_cell, axis=1),
@@ -891,7 +896,7 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     diffs = st.differences
     if diffs.empty or st.baseline != BEST_PRUNING:  # a --baseline METHOD answers another question
         return []
-    diffs = diffs[(diffs["model"] == model) & (diffs["quantizer"] == quant)]
+    diffs = of_model(diffs, model, quant)
     diffs = diffs[diffs["method"].isin(MERGING_METHODS) & ~diffs["is_baseline"].astype(bool)]
     if diffs.empty:
         return []
