@@ -225,7 +225,7 @@ def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> 
     results.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
     for point in points:
         if done[point.key]:
-            results.write_json_atomic(point.output_dir / "results.json", done[point.key])
+            results.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
         elif failure := results.load_failure(records_dir, point.key):
             log.info("point %s failed before (%s); trying it again", point.key, failure["error"])
     return done
@@ -373,8 +373,8 @@ def finish_point(
     tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
         record = measure_point(point, model, stats, session, watch, last)
-        results.write_json_atomic(point.output_dir / "results.json", record)
-        results.save_record(Path(point.cfg.paths.records_dir), record)
+        copy = point.output_dir / "results.json"
+        results.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
         results.clear_failure(Path(point.cfg.paths.records_dir), point.key)
         tracker.log_record(record, images=record_images(point.output_dir))
     finally:

@@ -52,7 +52,13 @@ from mka_exp import samples as samples_mod
 from mka_exp import stats
 from mka_exp.choices import did_you_mean
 from mka_exp.plots import similarity_heatmap
-from mka_exp.results import NON_RESULT_KEYS, config_hash, rebuild_table, without_keys
+from mka_exp.results import (
+    NON_RESULT_KEYS,
+    config_hash,
+    rebuild_table,
+    without_keys,
+    write_bytes_atomic,
+)
 
 # Our model config names → the paper's model names.
 PAPER_MODELS = {
@@ -1218,7 +1224,7 @@ def write_comparison_doc(path: Path, report: Report, sources: list[Path], comman
     header = comparison_header(report.stats, records, sources, command)
     text = f"{GENERATED}\n{header}\n{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    samples_mod.write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
+    write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
     return path
 
 

@@ -257,12 +257,47 @@ def flatten_record(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def save_record(records_dir: Path, record: dict[str, Any], table_name: str = TABLE) -> Path:
-    """Write the record, then upsert its row into the table; returns the record's path."""
+def save_record(
+    records_dir: Path, record: dict[str, Any], table_name: str = TABLE, copy: Path | None = None
+) -> Path:
+    """Write the record (and its `copy`, e.g. the run directory's results.json), then upsert its
+    row into the table, all under the table's lock; returns the record's path."""
     path = record_path(records_dir, record["config_hash"])
-    write_json_atomic(path, record)
-    upsert_row(records_dir, record, table_name)
+    with writing(records_dir, table_name, copy) as table:
+        if copy is not None:
+            write_json_atomic(copy, record)
+        write_json_atomic(path, record)
+        upsert_locked(table, records_dir, [record], replace=True)
     return path
+
+
+def save_copy(records_dir: Path, copy: Path, record: dict[str, Any]) -> None:
+    """A finished record's copy in its run directory (resume), under the table's lock."""
+    with writing(records_dir, copy=copy):
+        write_json_atomic(copy, record)
+
+
+@contextlib.contextmanager
+def writing(records_dir: Path, table_name: str = TABLE, copy: Path | None = None) -> Iterator[Path]:
+    """The table's lock, held by every writer of the table, of `records/` (records and their
+    per-example files) and of the records' copies while its temp exists. So a temp seen on
+    taking the lock is one that a writer killed inside `atomic_target` left (kill -9 runs no
+    cleanup): it is removed."""
+    table = Path(records_dir) / table_name
+    with locked(table):
+        stale = [*table.parent.glob(f".{table.name}.*.tmp"), *table.parent.glob("records/.*.tmp")]
+        if copy is not None:
+            stale += Path(copy).parent.glob(f".{Path(copy).name}.*.tmp")
+        for path in stale:
+            path.unlink(missing_ok=True)
+        yield table
+
+
+def write_bytes_atomic(path: Path, blob: bytes) -> None:
+    with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class DamagedTable(ValueError):
@@ -348,22 +383,26 @@ def upsert_rows(
     records_dir: Path, records: list[dict[str, Any]], table_name: str = TABLE, replace: bool = True
 ) -> None:
     """`upsert_row` for several records in one locked read-check-write of the table."""
-    table = Path(records_dir) / table_name
-    with locked(table):
-        rows = current_rows(table, records_dir)
-        for record in records:
-            key = record["config_hash"]
-            present = "config_hash" in rows and (rows["config_hash"] == key).any()
-            if present and not replace:
-                continue
-            if present:
-                rows = rows[rows["config_hash"] != key]
-            rows = pd.concat([rows, rows_of([record])], ignore_index=True)
-        if rows.columns.empty:  # no records at all: no table (an empty file reads as damaged)
-            table.unlink(missing_ok=True)
-            return
-        with atomic_target(table) as tmp:
-            rows.to_csv(tmp, index=False)
+    with writing(records_dir, table_name) as table:
+        upsert_locked(table, records_dir, records, replace)
+
+
+def upsert_locked(table: Path, records_dir: Path, records: list[dict], replace: bool) -> None:
+    """The read-check-write of `upsert_rows`; the caller holds the table's lock."""
+    rows = current_rows(table, records_dir)
+    for record in records:
+        key = record["config_hash"]
+        present = "config_hash" in rows and (rows["config_hash"] == key).any()
+        if present and not replace:
+            continue
+        if present:
+            rows = rows[rows["config_hash"] != key]
+        rows = pd.concat([rows, rows_of([record])], ignore_index=True)
+    if rows.columns.empty:  # no records at all: no table (an empty file reads as damaged)
+        table.unlink(missing_ok=True)
+        return
+    with atomic_target(table) as tmp:
+        rows.to_csv(tmp, index=False)
 
 
 def rebuild_table(records_dir: Path) -> pd.DataFrame:

@@ -28,13 +28,13 @@ import gzip
 import hashlib
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from mka_exp import results
 
 COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "prompt_hash", "target", "pred")
 COLUMNS += ("acc", "acc_norm", "filter")
@@ -96,7 +96,8 @@ def write_samples(records_dir: Path, key: str, frame: pd.DataFrame) -> dict[str,
     lines = (json.dumps(json_row(row), sort_keys=True) for row in frame.to_dict("records"))
     data = ("\n".join(lines) + "\n" if len(frame) else "").encode()
     blob = gzip.compress(data, mtime=0)
-    write_bytes_atomic(path, blob)
+    with results.writing(records_dir):  # a kill mid-write leaves a temp the next writer clears
+        results.write_bytes_atomic(path, blob)
     return {
         "path": path.relative_to(records_dir).as_posix(),
         "sha256": hashlib.sha256(blob).hexdigest(),
@@ -111,22 +112,6 @@ def json_row(row: dict[str, Any]) -> dict[str, Any]:
         value = value.item() if isinstance(value, np.generic) else value
         out[key] = None if isinstance(value, float) and math.isnan(value) else value
     return out
-
-
-def write_bytes_atomic(path: Path, blob: bytes) -> None:
-    """Temp file beside `path`, then `os.replace`. The temp file is created by `open` (mode
-    0o666 minus the umask, readable by the group where the umask allows), not `mkstemp` (0o600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class SamplesError(ValueError):

@@ -58,6 +58,21 @@ def test_save_record_upserts_one_row_per_config(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_next_write_clears_temps_of_a_writer_killed_mid_write(tmp_path):
+    # kill -9 inside atomic_target leaves its temp: the table's and a record's (found by CI)
+    results.save_record(tmp_path, make_record("a", 0.5))
+    left = [tmp_path / ".results.csv.999.0badf00d.tmp", tmp_path / "records" / ".b.json.999.0badf00d.tmp"]
+    for path in left:
+        path.write_text("cut mid-wr")
+    copy = tmp_path / "run" / "results.json"
+    copy.parent.mkdir()
+    (copy.parent / ".results.json.999.0badf00d.tmp").write_text("{")
+    results.save_record(tmp_path, make_record("b", 0.6), copy=copy)
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert json.loads(copy.read_text())["config_hash"] == "b"
+    assert sorted(results.read_table(tmp_path / "results.csv")["config_hash"]) == ["a", "b"]
+
+
 def write_many(records_dir, worker: int, count: int) -> None:
     for i in range(count):
         results.save_record(records_dir, make_record(f"w{worker}-{i}", i / count))
