@@ -61,7 +61,10 @@ def test_save_record_upserts_one_row_per_config(tmp_path):
 def test_next_write_clears_temps_of_a_writer_killed_mid_write(tmp_path):
     # kill -9 inside atomic_target leaves its temp: the table's and a record's (found by CI)
     results.save_record(tmp_path, make_record("a", 0.5))
-    left = [tmp_path / ".results.csv.999.0badf00d.tmp", tmp_path / "records" / ".b.json.999.0badf00d.tmp"]
+    left = [
+        tmp_path / ".results.csv.999.0badf00d.tmp",
+        tmp_path / "records" / ".b.json.999.0badf00d.tmp",
+    ]
     for path in left:
         path.write_text("cut mid-wr")
     copy = tmp_path / "run" / "results.json"
