@@ -15,8 +15,9 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
 - from an outputs dir, per-example records (`mka_exp.samples`) give `accuracy_intervals.csv`
   (95 % interval on every accuracy), `paired_differences.csv` (each compressed run minus the
   baseline: `--baseline METHOD`, default the best pruning run at the same layer count; paired
-  bootstrap interval, McNemar exact p), `calibration_sensitivity.csv` and `statistics.md`
-  (`mka_exp.stats`); `--markdown docs/method_comparison.md` writes the comparison document
+  bootstrap interval, McNemar exact p), `calibration_sensitivity.csv`, `one_answer.csv` (runs
+  that give one answer to >= 90 % of a task: their accuracy there is a base rate) and
+  `statistics.md` (`mka_exp.stats`); `--markdown docs/method_comparison.md` writes the comparison document
 
 Accuracies are in percent like the paper's; each `<task>_paper` column holds the published
 number (`mka_exp/paper_results.csv`) where model, method, quantizer and ratio (or retained layers)
@@ -435,6 +436,7 @@ class Stats:
     chance: dict[str, tuple[float, str]]
     baseline: str
     repair: pd.DataFrame = field(default_factory=pd.DataFrame)  # repaired vs unrepaired twin
+    one_answer: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `one_answer_runs`
 
 
 def load_records(root: Path) -> dict[str, dict]:
@@ -534,7 +536,43 @@ def compute_stats(
         chance_levels(sets),
         baseline or BEST_PRUNING,
         repair_effects(accuracy, sets, records, resamples),
+        one_answer_runs(df, frames),
     )
+
+
+# A run that gives one answer to this share of a task's examples scores about that answer's share
+# of the targets there (boolq: the yes-rate), whatever the compression kept or lost.
+ONE_ANSWER_SHARE = 0.9
+ONE_ANSWER_COLUMNS = [*ID_COLUMNS, "task", "answer", "share", "target_share", "n"]
+
+
+def one_answer_runs(df: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Run × task where the chosen answer (`pred`) is one and the same for at least
+    ONE_ANSWER_SHARE of the examples, with that share and the answer's share of the targets."""
+    rows = []
+    for _, run in df[df["config_hash"].isin(frames)].iterrows():
+        frame = frames[run["config_hash"]]
+        frame = frame[(frame["filter"] == "none") & frame["pred"].notna()]
+        for task, got in frame.groupby("task", sort=False):
+            shares = got["pred"].astype(int).value_counts(normalize=True)
+            if shares.iloc[0] >= ONE_ANSWER_SHARE:
+                answer = int(shares.index[0])
+                target_share = (pd.to_numeric(got["target"], errors="coerce") == answer).mean()
+                rows.append({**{k: run[k] for k in ID_COLUMNS}, "task": task, "answer": answer,
+                             "share": float(shares.iloc[0]), "target_share": float(target_share),
+                             "n": len(got)})  # fmt: skip
+    return pd.DataFrame(rows, columns=ONE_ANSWER_COLUMNS)
+
+
+def one_answer_lines(st: Stats, model: str, quant: str) -> list[str]:
+    flagged = of_model(st.one_answer, model, quant) if not st.one_answer.empty else st.one_answer
+    return [""] * (not flagged.empty) + [
+        f"- {run_label(r)} -{int(r['removed'])} gives one answer ({r['answer']}) to "
+        f"{percent(r['share'])} % of {r['task']}'s {r['n']} examples; {percent(r['target_share'])}"
+        f" % of the targets are {r['answer']}, so its {r['task']} accuracy is that base rate, "
+        "not what the compression kept."
+        for _, r in flagged.iterrows()
+    ]
 
 
 def twin_key(record: dict) -> str:
@@ -772,6 +810,7 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
         title = model if quant == "none" else f"{model} + {quant}"
         lines += [f"\n## {title}\n", examples_line(acc) + "\n", ACCURACY_HEADING]
         lines.append(accuracy_table(acc, records))
+        lines += one_answer_lines(st, model, quant)
         lines += [COST_HEADING, cost_table(acc, records)]
         for removed in sorted(set(acc["removed"]) - {0}):
             lines += comparison_section(
@@ -910,12 +949,29 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     best = best.sort_values(["removed", "column"], key=sort_key)
     rows = [{"removed": r["removed"], "column": r["column"], "best pruning": r["baseline"],
              "best merging": run_label(r), "difference": difference_cell(r),
-             "reading": reading(r)} for _, r in best.iterrows()]  # fmt: skip
+             "reading": reading(r), "one answer": one_answer_side(st, r)}
+            for _, r in best.iterrows()]  # fmt: skip
     readings = diffs.apply(reading, axis=1)
     above, below = (int((readings == side).sum()) for side in ("above", "below"))
     summary = (f"Of all {len(diffs)} merging results (run × column), {above} are above the best "
                f"pruning run beyond the interval, {below} below it, the rest within it.")  # fmt: skip
+    one = int((diffs.apply(lambda r: one_answer_side(st, r), axis=1) != "").sum())
+    if one:
+        summary += (f" {one} of them compare a run that gives one answer to at least "
+                    f"{ONE_ANSWER_SHARE:.0%} of the task's examples (see above): a base rate, "
+                    "not a difference in what the models kept.")  # fmt: skip
     return [MERGING_HEADING, markdown(pd.DataFrame(rows)), "", summary]
+
+
+def one_answer_side(st: Stats, diff: pd.Series) -> str:
+    """Which side of a paired difference gives one answer to its task: merging, pruning, both."""
+    if st.one_answer.empty:
+        return ""
+    task = diff["column"].split(" ", 1)[0]
+    flagged = set(st.one_answer.loc[st.one_answer["task"] == task, "config_hash"])
+    sides = [name for name, key in (("merging", "config_hash"), ("pruning", "baseline_hash"))
+             if diff[key] in flagged]  # fmt: skip
+    return "both" if len(sides) == 2 else "".join(sides)
 
 
 def sort_key(values: pd.Series) -> pd.Series:
@@ -1199,6 +1255,7 @@ def write_stats(st: Stats, text: str, out: Path) -> None:
     st.accuracy.to_csv(out / "accuracy_intervals.csv", index=False)
     st.differences.to_csv(out / "paired_differences.csv", index=False)
     st.sensitivity.to_csv(out / "calibration_sensitivity.csv", index=False)
+    st.one_answer.to_csv(out / "one_answer.csv", index=False)
     (out / "statistics.md").write_text(f"# Intervals and paired tests\n\n{METHODS_TEXT}\n{text}")
 
 

@@ -599,3 +599,44 @@ def test_layers_text_names_laco_merges_like_mka_merges():
     assert report.layers_text({"method_stats": laco}) == "26+27+28 20+21"
     assert report.layers_text({"method_stats": mka}) == "28+29"
     assert report.layers_text({"method_stats": {"removed_layers": [5, 3]}}) == "3 5"
+
+
+def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tmp_path):
+    """A planted run answering "0" to every boolq question scores that answer's share of the
+    targets: the report names it, the share and the base rate; balanced runs are not named."""
+    root, _ = sweep
+    short = next(
+        json.loads(p.read_text())
+        for p in (root / "records").glob("*.json")
+        if '"method": "shortgpt"' in p.read_text() and '"layers_after": 2' in p.read_text()
+    )
+    copy = tmp_path / "one_answer"
+    shutil.copytree(root / "records", copy / "records")
+    rows = samples.read_samples(root, short)
+    boolq = rows["task"] == "boolq"
+    targets = pd.to_numeric(rows["target"])
+    always = rows.assign(
+        pred=rows["pred"].where(~boolq, 0),
+        acc=rows["acc"].where(~boolq, (targets == 0).astype(float)),
+    )
+    planted(copy, short, "mka", always, tag="always_no")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "200"]) == 0
+    out = tmp_path / "out"
+    flagged = pd.read_csv(out / "one_answer.csv", dtype={"config_hash": str})
+    base_rate = (targets[boolq] == 0).mean()
+    hit = flagged[flagged["variant"].fillna("").str.contains("always_no")]
+    assert len(hit) == 1 and hit["task"].iloc[0] == "boolq" and hit["answer"].iloc[0] == 0
+    assert hit["share"].iloc[0] == 1.0
+    assert hit["target_share"].iloc[0] == pytest.approx(base_rate)
+    assert hit["n"].iloc[0] == boolq.sum()
+    text = (out / "statistics.md").read_text()
+    line = next(x for x in text.splitlines() if "always_no" in x and "one answer" in x)
+    assert f"{100 * base_rate:.1f} %" in line and "boolq" in line
+    verdict = text.split("### Does merging beat pruning?")[1]
+    row = next(x for x in verdict.splitlines() if x.startswith("| 2 | boolq acc |"))
+    assert "always_no" in row and row.rstrip(" |").endswith(("merging", "both"))
+    assert "compare a run that gives one answer" in verdict
+    own = rows[boolq]["pred"].value_counts(normalize=True).iloc[0]  # the unplanted original
+    named = (flagged["config_hash"] == short["config_hash"]) & (flagged["task"] == "boolq")
+    assert named.any() == (own >= report.ONE_ANSWER_SHARE)
