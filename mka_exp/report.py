@@ -958,7 +958,7 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     one = int((diffs.apply(lambda r: one_answer_side(st, r), axis=1) != "").sum())
     if one:
         summary += (f" {one} of them compare a run that gives one answer to at least "
-                    f"{ONE_ANSWER_SHARE:.0%} of the task's examples (see above): a base rate, "
+                    f"{100 * ONE_ANSWER_SHARE:.0f} % of the task's examples (see above): a base rate, "
                     "not a difference in what the models kept.")  # fmt: skip
     return [MERGING_HEADING, markdown(pd.DataFrame(rows)), "", summary]
 
