@@ -17,7 +17,8 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
   baseline: `--baseline METHOD`, default the best pruning run at the same layer count; paired
   bootstrap interval, McNemar exact p), `calibration_sensitivity.csv`, `one_answer.csv` (runs
   that give one answer to >= 90 % of a task: their accuracy there is a base rate) and
-  `statistics.md` (`mka_exp.stats`); `--markdown docs/method_comparison.md` writes the comparison document
+  `statistics.md` (`mka_exp.stats`); `--markdown docs/method_comparison.md` writes the
+  comparison document
 
 Accuracies are in percent like the paper's; each `<task>_paper` column holds the published
 number (`mka_exp/paper_results.csv`) where model, method, quantizer and ratio (or retained layers)
@@ -947,10 +948,7 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
         return []
     best = diffs.loc[diffs.groupby(["removed", "column"], sort=False)["difference"].idxmax()]
     best = best.sort_values(["removed", "column"], key=sort_key)
-    rows = [{"removed": r["removed"], "column": r["column"], "best pruning": r["baseline"],
-             "best merging": run_label(r), "difference": difference_cell(r),
-             "reading": reading(r), "one answer": one_answer_side(st, r)}
-            for _, r in best.iterrows()]  # fmt: skip
+    rows = [verdict_row(st, r) for _, r in best.iterrows()]
     readings = diffs.apply(reading, axis=1)
     above, below = (int((readings == side).sum()) for side in ("above", "below"))
     summary = (f"Of all {len(diffs)} merging results (run × column), {above} are above the best "
@@ -958,9 +956,15 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     one = int((diffs.apply(lambda r: one_answer_side(st, r), axis=1) != "").sum())
     if one:
         summary += (f" {one} of them compare a run that gives one answer to at least "
-                    f"{100 * ONE_ANSWER_SHARE:.0f} % of the task's examples (see above): a base rate, "
-                    "not a difference in what the models kept.")  # fmt: skip
+                    f"{100 * ONE_ANSWER_SHARE:.0f} % of the task's examples (see above): a base "
+                    "rate, not a difference in what the models kept.")  # fmt: skip
     return [MERGING_HEADING, markdown(pd.DataFrame(rows)), "", summary]
+
+
+def verdict_row(st: Stats, r: pd.Series) -> dict:
+    return {"removed": r["removed"], "column": r["column"], "best pruning": r["baseline"],
+            "best merging": run_label(r), "difference": difference_cell(r),
+            "reading": reading(r), "one answer": one_answer_side(st, r)}  # fmt: skip
 
 
 def one_answer_side(st: Stats, diff: pd.Series) -> str:
