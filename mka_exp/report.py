@@ -946,14 +946,16 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     diffs = diffs[diffs["method"].isin(MERGING_METHODS) & ~diffs["is_baseline"].astype(bool)]
     if diffs.empty:
         return []
+    flagged = one_answer_keys(st)
+    diffs = diffs.assign(one_answer=diffs.apply(lambda r: one_answer_side(flagged, r), axis=1))
     best = diffs.loc[diffs.groupby(["removed", "column"], sort=False)["difference"].idxmax()]
     best = best.sort_values(["removed", "column"], key=sort_key)
-    rows = [verdict_row(st, r) for _, r in best.iterrows()]
+    rows = [verdict_row(r) for _, r in best.iterrows()]
     readings = diffs.apply(reading, axis=1)
     above, below = (int((readings == side).sum()) for side in ("above", "below"))
     summary = (f"Of all {len(diffs)} merging results (run × column), {above} are above the best "
                f"pruning run beyond the interval, {below} below it, the rest within it.")  # fmt: skip
-    one = int((diffs.apply(lambda r: one_answer_side(st, r), axis=1) != "").sum())
+    one = int((diffs["one_answer"] != "").sum())
     if one:
         summary += (f" {one} of them compare a run that gives one answer to at least "
                     f"{100 * ONE_ANSWER_SHARE:.0f} % of the task's examples (see above): a base "
@@ -961,20 +963,26 @@ def merging_section(st: Stats, model: str, quant: str) -> list[str]:
     return [MERGING_HEADING, markdown(pd.DataFrame(rows)), "", summary]
 
 
-def verdict_row(st: Stats, r: pd.Series) -> dict:
+def verdict_row(r: pd.Series) -> dict:
     return {"removed": r["removed"], "column": r["column"], "best pruning": r["baseline"],
             "best merging": run_label(r), "difference": difference_cell(r),
-            "reading": reading(r), "one answer": one_answer_side(st, r)}  # fmt: skip
+            "reading": reading(r), "one answer": r["one_answer"]}  # fmt: skip
 
 
-def one_answer_side(st: Stats, diff: pd.Series) -> str:
-    """Which side of a paired difference gives one answer to its task: merging, pruning, both."""
+def one_answer_keys(st: Stats) -> set[tuple[str, str]]:
+    """(config hash, task) of every run × task that gives one answer."""
     if st.one_answer.empty:
+        return set()
+    return set(zip(st.one_answer["config_hash"], st.one_answer["task"], strict=True))
+
+
+def one_answer_side(flagged: set[tuple[str, str]], diff: pd.Series) -> str:
+    """Which side of a paired difference gives one answer to its task: merging, pruning, both."""
+    if not flagged:
         return ""
     task = diff["column"].split(" ", 1)[0]
-    flagged = set(st.one_answer.loc[st.one_answer["task"] == task, "config_hash"])
     sides = [name for name, key in (("merging", "config_hash"), ("pruning", "baseline_hash"))
-             if diff[key] in flagged]  # fmt: skip
+             if (diff[key], task) in flagged]  # fmt: skip
     return "both" if len(sides) == 2 else "".join(sides)
 
 
