@@ -40,7 +40,7 @@ POINTS = [  # (label, overrides)
     ("reverse_prune keep_final", f"method=reverse_prune method.keep_final=true {CUT}"),
     ("shortgpt", f"method=shortgpt {CUT}"),
     ("angular", f"method=angular {CUT}"),
-    ("sleb", f"method=sleb {CUT}"),
+    ("sleb", "method=sleb method.ratio=null method.num_layers=1"),  # L forward passes a removal
     ("mka defaults", f"method=mka {CUT}"),
     ("mka Algorithm 1", f"{ALG1} {CUT}"),
     ("laco m=1", f"method=laco method.m=1 {CUT}"),
