@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from mka_exp import pipeline
-from mka_exp.calibration import tokenize
+from mka_exp.calibration import CalibrationSet, tokenize
 from mka_exp.layers import decoder_layers
-from mka_exp.methods.sleb import SLEB, calibration_nll, swapped_layers
+from mka_exp.methods.sleb import SLEB, calibration_nll, removal_perplexities, swapped_layers
 from mka_exp.models import build_random_model
 from tests.helpers import compose_config
+from tests.test_layers import build
 
 TEXTS = [
     f"Sentence {i}: the {w} fox jumps over {i * 7} lazy dogs, then asks whether the sky is blue."
@@ -73,6 +74,30 @@ def test_sleb_is_nested_and_progressive_equals_compress():
     assert points[-1][1]["removal_order"] == single["removal_order"]
     assert points[0][1]["removal_order"] == single["removal_order"][:1]
     assert len(decoder_layers(lm.model)) == 2
+
+
+def padded_ids(rows: int = 5, width: int = 12) -> CalibrationSet:
+    """Random prompts of different lengths, right-padded (vocabulary of test_layers' models)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (rows, width), generator=generator)
+    lengths = torch.tensor([width, 7, width - 2, 5, 9][:rows])
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    return CalibrationSet("ids", [""] * rows, ids * mask, mask, batch_size=2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2", "qwen3_moe"])
+def test_removal_perplexities_equal_one_full_pass_per_candidate(model_type):
+    """The bottom-up walk (layers below a candidate run once per step) scores every candidate
+    exactly as removing it and running the whole model: sliding windows, softcapping, MoE,
+    padding and several batches included."""
+    model, calib = build(model_type), padded_ids()
+    naive = []
+    for position in range(len(decoder_layers(model))):
+        with swapped_layers(model, {position: None}):
+            naive.append(math.exp(calibration_nll(model, calib)))
+    walked = removal_perplexities(model, calib)
+    assert walked == pytest.approx(naive, rel=1e-6, abs=0)
+    assert len(set(walked)) == len(walked)  # the candidates really differ
 
 
 def test_calibration_nll_is_the_mean_token_cross_entropy(tiny):

@@ -54,7 +54,7 @@ from torch import nn
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import decoder_layers, num_layers
-from mka_exp.methods.sleb import swapped_layers
+from mka_exp.methods.sleb import swapped_layers, with_hidden_input
 
 POSITIONS = ("all", "skip_first", "last")
 
@@ -179,12 +179,7 @@ def _resume_hooks(layers, prefix: Prefix, position: int, seen: dict) -> list:
     fit (registered in this order, so the second sees what the first fed)."""
 
     def feed(module, args, kwargs):
-        hidden = prefix.inputs[seen["batch"]]
-        old = args[0] if args else kwargs["hidden_states"]
-        hidden = hidden.to(old.device, old.dtype)
-        return (
-            ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        )
+        return with_hidden_input(args, kwargs, prefix.inputs[seen["batch"]])
 
     def record(module, args, kwargs):
         seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().cpu()
