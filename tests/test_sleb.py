@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 from mka_exp import pipeline
 from mka_exp.calibration import CalibrationSet, tokenize
 from mka_exp.layers import decoder_layers
+from mka_exp.methods import sleb
 from mka_exp.methods.sleb import SLEB, calibration_nll, removal_perplexities, swapped_layers
 from mka_exp.models import build_random_model
 from tests.helpers import compose_config
+from tests.test_faults import damage, warnings_of
 from tests.test_layers import build
 
 TEXTS = [
@@ -138,3 +141,32 @@ def test_sleb_curve_points_equal_single_runs(tmp_path, data_root):
         point = pipeline.results.load_record(tmp_path / "curve", single["config_hash"])
         assert point["method_stats"]["removal_order"] == single["method_stats"]["removal_order"]
         assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
+
+
+def test_sleb_cache_replays_the_search_and_a_longer_one_continues_it(tmp_path, monkeypatch):
+    lm, calib = trained_with_identity(identity=2)
+    models = [copy.deepcopy(lm.model) for _ in range(3)]
+    first = SLEB(num_layers=2, cache=str(tmp_path)).compress(lm.model, calib)
+    assert len(list(tmp_path.glob("sleb_*.pt"))) == 2  # one entry per removal step
+    uncached_three = SLEB(num_layers=3).compress(models[2], calib)
+    calls = []
+    scored = sleb.removal_perplexities
+    monkeypatch.setattr(sleb, "removal_perplexities", lambda *a: calls.append(1) or scored(*a))
+    assert SLEB(num_layers=2, cache=str(tmp_path)).compress(models[0], calib) == first
+    assert calls == []  # replayed: no candidate scored
+    for mine, theirs in zip(models[0].parameters(), lm.model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert SLEB(num_layers=3, cache=str(tmp_path)).compress(models[1], calib) == uncached_three
+    assert calls == [1]  # only the third step was scored
+
+
+def test_damaged_sleb_cache_is_named_deleted_and_scored_again(tmp_path, caplog):
+    lm, calib = trained_with_identity(identity=1, layers=4)
+    fresh = copy.deepcopy(lm.model)
+    first = SLEB(num_layers=1, cache=str(tmp_path)).compress(lm.model, calib)
+    (path,) = tmp_path.glob("sleb_*.pt")
+    damage(path, "truncated")
+    with caplog.at_level(logging.WARNING):
+        assert SLEB(num_layers=1, cache=str(tmp_path)).compress(fresh, calib) == first
+    (warning,) = warnings_of(caplog)
+    assert str(path) in warning

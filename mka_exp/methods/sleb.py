@@ -14,13 +14,17 @@ decoder work of the naive pass per candidate and gives the same perplexities
 (`benchmarks/sleb_search.py` measures both).
 
 Greedy, so nested: the first k removals of a run that removes n > k are the k-block result, and
-`progressive` walks a whole curve in one process.
+`progressive` walks a whole curve in one process. With `cache` (a directory) each step's candidate
+perplexities are kept under a key of the model as it stands at that step and the calibration set,
+so a second run on the same model and data (another repair, another quantizer) replays the search
+from the cache instead of repeating it.
 
 Example config (`conf/method/sleb.yaml`)::
 
     _target_: mka_exp.methods.sleb.SLEB
     ratio: 0.25
     batch_size: null   # calibration batch size
+    cache: ${paths.cache_dir}   # each step's candidate perplexities; null: off
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mka_exp.activations import activation_key, load_cache, save_cache
 from mka_exp.layers import decoder_layers, num_layers, remove_layers
 from mka_exp.methods.base import LayerMethod, LayerTracker, check_amount, check_counts
 
@@ -186,12 +192,17 @@ class SLEB(LayerMethod):
     nested = True  # greedy: the n-block removal extends the (n-1)-block one
 
     def __init__(
-        self, ratio: float | None = None, num_layers: int | None = None, batch_size=None
+        self,
+        ratio: float | None = None,
+        num_layers: int | None = None,
+        batch_size=None,
+        cache: str | None = None,
     ) -> None:
         check_amount(ratio, num_layers)
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"method.batch_size={batch_size!r} must be null or an integer >= 1")
         self.ratio, self.num_layers, self.batch_size = ratio, num_layers, batch_size
+        self.cache = cache
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Remove the cheapest block, rescore, repeat; yield after each count is reached."""
@@ -206,13 +217,32 @@ class SLEB(LayerMethod):
 
     def removal_step(self, model, calib, tracker: LayerTracker) -> dict:
         """Score every remaining block by the perplexity without it; remove the lowest."""
-        scores = removal_perplexities(model, calib, self.batch_size)
+        scores = self.scores(model, calib)
         best = min(range(len(scores)), key=lambda p: (scores[p], p))
         candidates = [[tracker[p], score] for p, score in enumerate(scores)]
         layer = tracker.remove(best)
         remove_layers(model, [best])
         log.info("SLEB removes layer %d (calibration perplexity %.3f)", layer, scores[best])
         return {"layer": layer, "perplexity": scores[best], "candidates": candidates}
+
+    def scores(self, model, calib) -> list[float]:
+        """`removal_perplexities` of the model as it stands, from the cache when it has them."""
+        path = self._cache_path(model, calib)
+        cached = None if path is None else load_cache(path, path.stem, (num_layers(model),))
+        if cached is not None:
+            log.info("SLEB: candidate perplexities of %d layers from %s", len(cached), path)
+            return cached.tolist()
+        scores = removal_perplexities(model, calib, self.batch_size)
+        if path is not None:
+            save_cache(torch.tensor(scores, dtype=torch.float64), path, path.stem)
+        return scores
+
+    def _cache_path(self, model, calib) -> Path | None:
+        if self.cache is None:
+            return None
+        key = activation_key(model, calib, "sleb_perplexity", 0, 0)
+        batch = self.batch_size or calib.batch_size  # batch shapes round the sums differently
+        return Path(self.cache).expanduser() / f"sleb_{key}_b{batch}.pt"
 
     @staticmethod
     def stats(dense: float, steps: list[dict]) -> dict:
