@@ -18,7 +18,8 @@
 # smollm2_seeds  Calibration sensitivity: shortgpt, angular and MKA Algorithm 1 at 4 of 30 layers
 #                with calib.seed=0,1,2 (which validation question of each subject calibrates),
 #                piqa 300 (the same first 300 as smollm2_tasks, so its records pair with those).
-# LANES=1 runs the points one after another (default 2 lanes side by side).
+# LANES=1 runs the points one after another (default 2 lanes side by side; a method's points with
+# either repair share a lane, so the second replays the first's cached search or activations).
 # ONLY=REGEX keeps the points whose overrides match it (grep -E), e.g. ONLY=sleb, so two
 # invocations can share out one NAME without computing the same point twice.
 # A curve point is the same record as the single run at its ratio, so CURVE can take the cheap
@@ -38,9 +39,9 @@ alg1="method=mka method.pairing=most_similar method.lam=paper method.scope=all"
 laco="method.m=1"
 tasks4=(logger=none "eval.tasks=[piqa,hellaswag,race,boolq]" eval.limit=300)
 layer_methods() {  # every layer method at the curve $1, each with repair=none and repair=linear
-  local m  # both repairs of a method side by side: the two lanes run them at once
+  local m
   for m in "method=shortgpt" "method=mka" "$alg1" "method=reverse_prune" "method=angular" \
-    "method=laco $laco" "method=reverse_prune method.keep_final=true" "method=sleb"; do
+    "method=reverse_prune method.keep_final=true" "method=laco $laco" "method=sleb"; do
     echo "$m curve=${CURVE:-$1} repair=none"
     echo "$m curve=${CURVE:-$1} repair=linear"
   done
@@ -81,9 +82,18 @@ if [[ -n ${ONLY:-} ]]; then
 fi
 mkdir -p "$out"
 lanes=${LANES:-2}
-lane() {  # lane $1 of $lanes: the first point (dense) in lane 1, then every $lanes-th from $1
+# A method's points with either repair share a lane, one after the other: the second replays
+# what the first cached (SLEB's search, MKA's activations) instead of computing it at the same time.
+declare -A lane_of
+methods=0
+for point in "${points[@]}"; do
+  key=${point% repair=*}
+  [[ -n ${lane_of[$key]:-} ]] || lane_of[$key]=$((methods++ % lanes + 1))
+done
+lane() {  # lane $1 of $lanes: its methods' points in list order (the dense point in lane 1)
   local i
-  for i in $(if (($1 == 1)); then echo 0; fi; seq "$1" "$lanes" $((${#points[@]} - 1))); do
+  for i in "${!points[@]}"; do
+    ((${lane_of[${points[i]% repair=*}]} == $1)) || continue
     echo "=== $(date +%T) ${points[i]}"
     # shellcheck disable=SC2086  # a point is several overrides
     python run.py ${points[i]} "${common[@]}" "data_root=$data" "paths.output_root=$out" ||
