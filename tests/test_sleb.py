@@ -152,12 +152,19 @@ def test_sleb_cache_replays_the_search_and_a_longer_one_continues_it(tmp_path, m
     calls = []
     scored = sleb.removal_perplexities
     monkeypatch.setattr(sleb, "removal_perplexities", lambda *a: calls.append(1) or scored(*a))
-    assert SLEB(num_layers=2, cache=str(tmp_path)).compress(models[0], calib) == first
+    replayed = SLEB(num_layers=2, cache=str(tmp_path)).compress(models[0], calib)
     assert calls == []  # replayed: no candidate scored
+    assert [step.pop("from_cache") for step in replayed["steps"]] == [True, True]
+    assert [step.pop("from_cache") for step in first["steps"]] == [False, False]
+    assert replayed == first
     for mine, theirs in zip(models[0].parameters(), lm.model.parameters(), strict=True):
         assert torch.equal(mine, theirs)
-    assert SLEB(num_layers=3, cache=str(tmp_path)).compress(models[1], calib) == uncached_three
+    longer = SLEB(num_layers=3, cache=str(tmp_path)).compress(models[1], calib)
     assert calls == [1]  # only the third step was scored
+    assert [step.pop("from_cache") for step in longer["steps"]] == [True, True, False]
+    for step in uncached_three["steps"]:
+        step.pop("from_cache")
+    assert longer == uncached_three
 
 
 def test_damaged_sleb_cache_is_named_deleted_and_scored_again(tmp_path, caplog):
@@ -167,6 +174,7 @@ def test_damaged_sleb_cache_is_named_deleted_and_scored_again(tmp_path, caplog):
     (path,) = tmp_path.glob("sleb_*.pt")
     damage(path, "truncated")
     with caplog.at_level(logging.WARNING):
-        assert SLEB(num_layers=1, cache=str(tmp_path)).compress(fresh, calib) == first
+        again = SLEB(num_layers=1, cache=str(tmp_path)).compress(fresh, calib)
+    assert again == first and not again["steps"][0]["from_cache"]
     (warning,) = warnings_of(caplog)
     assert str(path) in warning

@@ -217,25 +217,30 @@ class SLEB(LayerMethod):
 
     def removal_step(self, model, calib, tracker: LayerTracker) -> dict:
         """Score every remaining block by the perplexity without it; remove the lowest."""
-        scores = self.scores(model, calib)
+        scores, cached = self.scores(model, calib)
         best = min(range(len(scores)), key=lambda p: (scores[p], p))
         candidates = [[tracker[p], score] for p, score in enumerate(scores)]
         layer = tracker.remove(best)
         remove_layers(model, [best])
         log.info("SLEB removes layer %d (calibration perplexity %.3f)", layer, scores[best])
-        return {"layer": layer, "perplexity": scores[best], "candidates": candidates}
+        return {
+            "layer": layer,
+            "perplexity": scores[best],
+            "candidates": candidates,
+            "from_cache": cached,  # the record's method seconds then exclude this step's scoring
+        }
 
-    def scores(self, model, calib) -> list[float]:
-        """`removal_perplexities` of the model as it stands, from the cache when it has them."""
+    def scores(self, model, calib) -> tuple[list[float], bool]:
+        """`removal_perplexities` of the model as it stands, and whether they came from the cache."""
         path = self._cache_path(model, calib)
         cached = None if path is None else load_cache(path, path.stem, (num_layers(model),))
         if cached is not None:
             log.info("SLEB: candidate perplexities of %d layers from %s", len(cached), path)
-            return cached.tolist()
+            return cached.tolist(), True
         scores = removal_perplexities(model, calib, self.batch_size)
         if path is not None:
             save_cache(torch.tensor(scores, dtype=torch.float64), path, path.stem)
-        return scores
+        return scores, False
 
     def _cache_path(self, model, calib) -> Path | None:
         if self.cache is None:
