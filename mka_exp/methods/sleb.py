@@ -90,7 +90,8 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
-def _hooks(handles: list) -> Iterator[None]:
+def hooks_removed_after(handles: list) -> Iterator[None]:
+    """Remove the forward hooks in `handles` when the block ends, even on error."""
     try:
         yield
     finally:
@@ -159,7 +160,7 @@ def layer_outputs(model, calib, position: int, inputs, batch_size) -> list[torch
 
     handles = [*_feeding(layer, inputs), layer.register_forward_hook(keep)]
     below = dict.fromkeys(range(position))  # stand aside: the fed input replaces their output
-    with _hooks(handles), swapped_layers(model, below), torch.no_grad():
+    with hooks_removed_after(handles), swapped_layers(model, below), torch.no_grad():
         for batch in calib.batches(batch_size):
             with contextlib.suppress(_Stop):
                 final_hidden_states(model, _trimmed(batch, device))
@@ -171,7 +172,7 @@ def perplexity_without(model, calib, position: int, inputs, batch_size) -> float
     those below stand aside and the stand-in for `position` hands on `inputs` (what entered it)."""
     stand_in = _Skipped(decoder_layers(model)[position])
     skipped = {**dict.fromkeys(range(position)), position: stand_in}
-    with _hooks(_feeding(stand_in, inputs)), swapped_layers(model, skipped):
+    with hooks_removed_after(_feeding(stand_in, inputs)), swapped_layers(model, skipped):
         return math.exp(calibration_nll(model, calib, batch_size))
 
 

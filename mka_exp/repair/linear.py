@@ -54,7 +54,7 @@ from torch import nn
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import decoder_layers, num_layers
-from mka_exp.methods.sleb import swapped_layers, with_hidden_input
+from mka_exp.methods.sleb import hooks_removed_after, swapped_layers, with_hidden_input
 
 POSITIONS = ("all", "skip_first", "last")
 
@@ -111,15 +111,6 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-@contextlib.contextmanager
-def _hooked(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def capture_dense(model, calib, picks: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     """[L+1, n, D] float32 hidden states at `picks`, one forward pass per batch."""
     layers = decoder_layers(model)
@@ -145,7 +136,7 @@ def capture_dense(model, calib, picks: torch.Tensor, batch_size: int | None) -> 
 
     handles = [layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
     handles += [layer.register_forward_hook(on_output(i)) for i, layer in enumerate(layers)]
-    with _hooked(handles), torch.no_grad():
+    with hooks_removed_after(handles), torch.no_grad():
         for batch, rows, cols, index in _batches(calib, picks, batch_size):
             state.update(rows=rows, cols=cols, index=index)
             _run(model, batch)
@@ -212,7 +203,7 @@ def normal_equations(
     # Layers before the cursor stand aside: the cursor layer gets the cached input instead.
     skip = dict.fromkeys(range(prefix.cursor)) if prefix.inputs is not None else {}
     eq, inputs = None, []
-    with _hooked(handles), torch.no_grad(), swapped_layers(model, skip):
+    with hooks_removed_after(handles), torch.no_grad(), swapped_layers(model, skip):
         for number, (batch, rows, cols, index) in enumerate(
             _batches(calib, dense.picks, batch_size)
         ):
