@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 
@@ -178,3 +179,54 @@ def test_damaged_sleb_cache_is_named_deleted_and_scored_again(tmp_path, caplog):
     assert again == first and not again["steps"][0]["from_cache"]
     (warning,) = warnings_of(caplog)
     assert str(path) in warning
+
+
+def test_seeded_cache_replays_a_finished_search_without_scoring(tmp_path, monkeypatch):
+    lm, calib = trained_with_identity(identity=2)
+    fresh, again = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    first = SLEB(num_layers=3).compress(lm.model, calib)
+    paths = SLEB(num_layers=3, cache=str(tmp_path)).seed_cache(fresh, calib, first["steps"])
+    assert sorted(paths) == sorted(tmp_path.glob("sleb_*.pt")) and len(paths) == 3
+    for mine, theirs in zip(fresh.parameters(), lm.model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)  # seeding cut the model as the search did
+    monkeypatch.setattr(sleb, "removal_perplexities", lambda *a: pytest.fail("scored again"))
+    replayed = SLEB(num_layers=3, cache=str(tmp_path)).compress(again, calib)
+    assert [step.pop("from_cache") for step in replayed["steps"]] == [True] * 3
+    for step in first["steps"]:
+        step.pop("from_cache")
+    assert replayed == first
+
+
+def test_seeding_from_another_models_steps_is_refused(tmp_path):
+    lm, calib = trained_with_identity(identity=2)
+    steps = SLEB(num_layers=2).compress(copy.deepcopy(lm.model), calib)["steps"]
+    steps[1]["candidates"] = steps[1]["candidates"][:-1]  # a step of a model with one layer fewer
+    with pytest.raises(ValueError, match="step 2 scores layers .* the record is of another model"):
+        SLEB(num_layers=2, cache=str(tmp_path)).seed_cache(lm.model, calib, steps)
+    with pytest.raises(ValueError, match="method.cache=null"):
+        SLEB(num_layers=2).seed_cache(lm.model, calib, steps)
+
+
+def test_seed_cache_from_a_record_lets_another_run_replay_its_search(
+    tmp_path, data_root, monkeypatch
+):
+    from mka_exp import seed_cache
+
+    cache = tmp_path / "cache"
+    shrink = ["method=sleb", "method.ratio=0.5", "eval.tasks=[piqa]", "calib.per_subject=1"]
+    first = pipeline.run(compose_config([*shrink, f"paths.cache_dir={cache}"], tmp_path, data_root))
+    (record,) = (tmp_path / "records").glob("*.json")
+    for entry in cache.glob("sleb_*.pt"):  # a new checkout: the records, not the cache
+        entry.unlink()
+    seed_cache.main([str(record)])
+    assert len(list(cache.glob("sleb_*.pt"))) == 2
+    monkeypatch.setattr(sleb, "removal_perplexities", lambda *a: pytest.fail("scored again"))
+    overrides = [*shrink, f"paths.cache_dir={cache}", "repair=linear"]
+    second = pipeline.run(compose_config(overrides, tmp_path / "second", data_root))
+    assert [s["from_cache"] for s in second["method_stats"]["steps"]] == [True, True]
+    assert second["method_stats"]["removal_order"] == first["method_stats"]["removal_order"]
+    other = tmp_path / "shortgpt.json"
+    method = {"_target_": "mka_exp.methods.shortgpt.ShortGPT"}
+    other.write_text(json.dumps({"method": "shortgpt", "config": {"method": method}}))
+    with pytest.raises(ValueError, match="method 'shortgpt' is not sleb"):
+        seed_cache.main([str(other)])

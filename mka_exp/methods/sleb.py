@@ -250,6 +250,30 @@ class SLEB(LayerMethod):
         batch = self.batch_size or calib.batch_size  # batch shapes round the sums differently
         return Path(self.cache).expanduser() / f"sleb_{key}_b{batch}.pt"
 
+    def seed_cache(self, model, calib, steps: list[dict]) -> list[Path]:
+        """Write the cache entries that a finished search's `steps` (a record's
+        `method_stats["steps"]`) stand for, removing each step's layer from `model` as the search
+        did. A later run on the same model and calibration set then replays those steps: the
+        cache lives beside the records, which travel in git, while the cache may not."""
+        if self.cache is None:
+            raise ValueError("method.cache=null: seeding needs a cache directory")
+        tracker, paths = LayerTracker(num_layers(model)), []
+        for number, step in enumerate(steps, 1):
+            layers = [int(layer) for layer, _ in step["candidates"]]
+            if layers != tracker.original:
+                raise ValueError(
+                    f"step {number} scores layers {layers}, but the model as the search left it "
+                    f"has {tracker.original}: the record is of another model or search"
+                )
+            path = self._cache_path(model, calib)
+            scores = torch.tensor([score for _, score in step["candidates"]], dtype=torch.float64)
+            save_cache(scores, path, path.stem)
+            paths.append(path)
+            position = tracker.original.index(int(step["layer"]))
+            tracker.remove(position)
+            remove_layers(model, [position])
+        return paths
+
     @staticmethod
     def stats(dense: float, steps: list[dict]) -> dict:
         return {
