@@ -26,7 +26,10 @@
 # points first and the full curves resume from them later (sleb is last: its search is the costliest).
 # Measured here (one thread each, 2-core box): Qwen-1.5B MMLU 0-shot dense 756 s per evaluation;
 # SmolLM2 four tasks x 300, 723 s per evaluation; Qwen-0.5B four tasks x 300, 1,320-1,524 s
-# (two lanes); SLEB's search for 4 of 30 SmolLM2 layers, 3,025 s (two lanes).
+# (two lanes); SLEB's search for 4 of 30 SmolLM2 layers, 3,025 s (two lanes; one full pass per
+# candidate, before the walk), its next four steps 1,837 s; for 4 of 24 Qwen-0.5B layers, 6,675 s.
+# A new checkout has the records but not the cache: `python -m mka_exp.seed_cache RECORD.json`
+# rebuilds a SLEB record's search cache, so its other repair or a longer cut replays that search.
 set -euo pipefail
 name=${1:?usage: bash benchmarks/evidence.sh NAME [OUT]}
 out=${2:-docs/evidence/$name}
