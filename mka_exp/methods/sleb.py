@@ -253,8 +253,8 @@ class SLEB(LayerMethod):
     def seed_cache(self, model, calib, steps: list[dict]) -> list[Path]:
         """Write the cache entries that a finished search's `steps` (a record's
         `method_stats["steps"]`) stand for, removing each step's layer from `model` as the search
-        did. A later run on the same model and calibration set then replays those steps: the
-        cache lives beside the records, which travel in git, while the cache may not."""
+        did. A later run on the same model and calibration set then replays those steps. Records
+        travel (in git, to another machine) where the cache does not; this rebuilds it from them."""
         if self.cache is None:
             raise ValueError("method.cache=null: seeding needs a cache directory")
         tracker, paths = LayerTracker(num_layers(model)), []
