@@ -25,9 +25,9 @@ log = logging.getLogger("mka_exp.seed_cache")
 def seed_from_record(path: Path) -> list[Path]:
     """Write the cache entries of the SLEB record at `path`; returns their paths."""
     record = json.loads(path.read_text())
-    config = record["config"]
-    if not str(config["method"].get("_target_", "")).endswith(".SLEB"):
+    if record.get("method") != "sleb":  # the record's method name, as `method=` chose it
         raise ValueError(f"{path}: method {record.get('method')!r} is not sleb; nothing to seed")
+    config = record["config"]
     method = instantiate(config["method"])
     loaded = instantiate(config["model"])
     calib = instantiate(config["calib"], tokenizer=loaded.tokenizer)
