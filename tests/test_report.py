@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mka_exp import report, results, samples, stats
+from mka_exp import results, samples
+from mka_exp.report import analysis, cli, document, figures, loading, sections, stats, tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +111,7 @@ def built(outputs: Path) -> tuple[Path, str]:
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert report.main([str(outputs)]) == 0
+        assert cli.main([str(outputs)]) == 0
     return outputs / "report", stdout.getvalue()
 
 
@@ -123,11 +124,11 @@ def row(table: pd.DataFrame, **match: object) -> pd.Series:
 
 
 def test_paper_file_ships_and_maps_names():
-    paper = report.load_paper()
+    paper = tables.load_paper()
     assert len(paper) == 182
     assert set(paper["model"]) == {"llama3_8b", "mistral_7b", "llama2_7b", "llama2_13b"}
-    assert set(paper["task"]) == set(report.TASKS)
-    assert set(paper["method"]) <= set(report.PAPER_METHODS)
+    assert set(paper["task"]) == set(loading.TASKS)
+    assert set(paper["method"]) <= set(tables.PAPER_METHODS)
 
 
 def test_table_3_4_puts_paper_mmlu_beside_ours(built):
@@ -205,7 +206,7 @@ def test_csv_input_and_wandb_failure_only_warns(outputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     with pytest.warns(RuntimeWarning, match="no wandb service here"):
-        assert report.main([str(outputs / "results.csv"), "--out", str(tmp_path), "--wandb"]) == 0
+        assert cli.main([str(outputs / "results.csv"), "--out", str(tmp_path), "--wandb"]) == 0
     assert (tmp_path / "report.md").exists()
     table = pd.read_csv(tmp_path / "table3_4.csv")
     mka = table[(table["method"] == "mka") & (table["mmlu"] == 60.0)].iloc[0]
@@ -217,7 +218,7 @@ def test_wandb_disabled_mode_logs_without_error(built, monkeypatch, recwarn):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("table1", "table2", "table3_4")}
     plots = sorted((out / "plots").glob("*.png"))[:2]
-    report.log_to_wandb(report.Report(out=out, tables=tables, plots=plots))
+    cli.log_to_wandb(cli.Report(out=out, tables=tables, plots=plots))
     assert not [w for w in recwarn if "wandb logging failed" in str(w.message)]
 
 
@@ -229,7 +230,7 @@ def test_bad_input_is_one_line_naming_the_path(kind, tmp_path, capsys):
     elif kind == "empty_csv":
         path = tmp_path / "results.csv"
         path.write_text("")
-    assert report.main([str(path)]) == 2
+    assert cli.main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(path) in err and "\n" not in err
 
@@ -298,7 +299,7 @@ def swept(sweep, tmp_path_factory) -> tuple[Path, str, Path]:
     doc.write_text("# Layer methods (hand-written)\n\n| method | piqa |\n|---|---|\n| x | 0.5 |\n")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert report.main([str(root), "--markdown", str(doc), "--resamples", "2000"]) == 0
+        assert cli.main([str(root), "--markdown", str(doc), "--resamples", "2000"]) == 0
     return root / "report", stdout.getvalue(), doc
 
 
@@ -377,9 +378,9 @@ def test_curve_plot_draws_error_bars_dense_and_chance():
             "piqa_high": [65.0, 60.0, 57.0],
         }
     )
-    ax = report.new_figure().add_subplot()
-    report.plot_ours(ax, runs, "piqa")
-    report.plot_references(ax, runs, "piqa", (0.5, "random guess"))
+    ax = figures.new_figure().add_subplot()
+    figures.plot_ours(ax, runs, "piqa")
+    figures.plot_references(ax, runs, "piqa", (0.5, "random guess"))
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 2  # one per method line
     levels = {line.get_label(): line.get_ydata()[0] for line in ax.lines if "(" in line.get_label()}
@@ -403,12 +404,12 @@ def test_generated_doc_keeps_the_hand_written_part(sweep, swept):
     root, _ = sweep
     _, _, doc = swept
     first = doc.read_text()
-    assert first.startswith(report.GENERATED) and "python -m mka_exp.report" in first
+    assert first.startswith(document.GENERATED) and "python -m mka_exp.report" in first
     assert "--markdown" in first and "tiny_llama (4 layers)" in first
     assert "## Previous hand-written version (kept)" in first and "| x | 0.5 |" in first
-    assert report.main([str(root), "--markdown", str(doc), "--resamples", "200"]) == 0
+    assert cli.main([str(root), "--markdown", str(doc), "--resamples", "200"]) == 0
     again = doc.read_text()
-    assert again.count("| x | 0.5 |") == 1 and again.count(report.KEPT) == 1
+    assert again.count("| x | 0.5 |") == 1 and again.count(document.KEPT) == 1
     assert stat.S_IMODE(doc.stat().st_mode) == 0o666 & ~current_umask()
 
 
@@ -430,7 +431,7 @@ def current_umask() -> int:
 )
 def test_baseline_option(sweep, tmp_path, capsys, args, message):
     root, _ = sweep
-    code = report.main([str(root), "--out", str(tmp_path), "--resamples", "200", *args])
+    code = cli.main([str(root), "--out", str(tmp_path), "--resamples", "200", *args])
     err = capsys.readouterr().err.strip()
     if message:
         assert code == 2 and err.startswith(f"error: {message}") and "\n" not in err
@@ -444,7 +445,7 @@ def test_baseline_option(sweep, tmp_path, capsys, args, message):
 
 def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
     root, runs = sweep
-    assert report.main([str(root), "--out", str(tmp_path), "--baseline", "mka",
+    assert cli.main([str(root), "--out", str(tmp_path), "--baseline", "mka",
                         "--resamples", "200"]) == 0  # fmt: skip
     text = (tmp_path / "statistics.md").read_text()
     line = "- no baseline at 2 layers removed: no mka record with per-example records there"
@@ -454,7 +455,7 @@ def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
 def test_protocol_line_names_the_shots_of_the_evaluated_tasks_only():
     config = {"eval": {"tasks": ["mmlu"], "limit": 3,
                        "num_fewshot": {"mmlu": 0, "piqa": 0, "boolq": 5}}}  # fmt: skip
-    assert report.eval_protocol(config) == "tasks mmlu, limit 3, mmlu 0-shot"
+    assert document.eval_protocol(config) == "tasks mmlu, limit 3, mmlu 0-shot"
 
 
 def test_several_outputs_dirs_report_as_one(sweep, tmp_path, capsys):
@@ -470,14 +471,14 @@ def test_several_outputs_dirs_report_as_one(sweep, tmp_path, capsys):
     doc, out = tmp_path / "doc.md", tmp_path / "out"
     argv = [*map(str, parts), "--out", str(out), "--markdown", str(doc), "--resamples", "2000"]
     with contextlib.redirect_stdout(io.StringIO()):
-        assert report.main(argv) == 0
-        assert report.main([str(root), "--out", str(one), "--resamples", "2000"]) == 0
+        assert cli.main(argv) == 0
+        assert cli.main([str(root), "--out", str(one), "--resamples", "2000"]) == 0
     for name in ("accuracy_intervals.csv", "paired_differences.csv"):
         merged = pd.read_csv(out / name, dtype={"config_hash": str})
         alone = pd.read_csv(one / name, dtype={"config_hash": str})
         pd.testing.assert_frame_equal(merged, alone)
     assert f"records in `{parts[0]}`, `{parts[1]}` by" in doc.read_text()
-    assert report.main([*map(str, parts)]) == 2
+    assert cli.main([*map(str, parts)]) == 2
     assert (
         capsys.readouterr().err.strip()
         == "error: several sources need --out DIR (where the report goes)"
@@ -492,7 +493,7 @@ def test_variant_names_the_repair_and_cost_table_lists_its_seconds_and_bytes():
         "config.repair._target_": [none, linear, linear],
         "config.repair.ridge": [np.nan, 0.0, 0.0],  # only a linear repair has options
     })  # fmt: skip
-    df = report.prepare(table)
+    df = loading.prepare(table)
     labels = dict(zip(df["config_hash"], df["variant"], strict=True))
     assert labels == {"a": "repair=none", "b": "repair=linear", "c": "repair=linear"}
     records = {
@@ -503,7 +504,7 @@ def test_variant_names_the_repair_and_cost_table_lists_its_seconds_and_bytes():
         },
     }
     acc = df.assign(removed=2)[["config_hash", "method", "variant", "removed"]]
-    lines = report.cost_table(acc, records).splitlines()
+    lines = sections.cost_table(acc, records).splitlines()
     assert set(lines[2:]) == {
         "| shortgpt | repair=none | 2 | 3 |  |  | 40 | 3.0 GiB |",
         "| shortgpt | repair=linear | 2 | 3 | 5 + 8 | 300 MiB | 41 |  |",
@@ -532,7 +533,7 @@ def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
     twin["metrics"] = samples.aggregate(right)
     results.save_record(copy, twin)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert report.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
+        assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
     text = (tmp_path / "out" / "statistics.md").read_text()
     assert "### Repair against the same run without it" in text
     piqa = rows[rows["task"] == "piqa"]
@@ -548,14 +549,14 @@ def test_variant_shows_a_task_list_compactly(tmp_path):
         "layers_before": 8, "layers_after": 6,
         "config.eval.tasks": [["piqa"], ["piqa", "boolq"]],
     })  # fmt: skip
-    df = report.prepare(table)
+    df = loading.prepare(table)
     labels = dict(zip(df["config_hash"], df["variant"], strict=True))
     assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
     (tmp_path / "records").mkdir()  # the same from records, as the report reads them
     for name, tasks in (("a", ["piqa"]), ("b", ["piqa", "boolq"])):
         record = {"config_hash": name, "config": {"eval": {"tasks": tasks}}}
         (tmp_path / "records" / f"{name}.json").write_text(json.dumps(record))
-    read = report.attach_configs(table.drop(columns="config.eval.tasks"), tmp_path)
+    read = loading.attach_configs(table.drop(columns="config.eval.tasks"), tmp_path)
     assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]
 
 
@@ -577,9 +578,9 @@ def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pr
         common | {"config_hash": "c", "method": "reverse_prune", "variant": "", "column": "boolq acc",
                   "difference": 0.09, "low": 0.04, "high": 0.14, "significant": True},
     ])  # fmt: skip
-    st = report.Stats(pd.DataFrame(), diffs, pd.DataFrame(columns=["model"]), pd.DataFrame(), {},
-                      report.BEST_PRUNING)  # fmt: skip
-    lines = report.merging_section(st, "m", "none")
+    st = analysis.Stats(pd.DataFrame(), diffs, pd.DataFrame(columns=["model"]), pd.DataFrame(), {},
+                      analysis.BEST_PRUNING)  # fmt: skip
+    lines = sections.merging_section(st, "m", "none")
     text = "\n".join(lines)
     assert (
         "| 2 | piqa acc | shortgpt | mka (x) | -2.0 [-5.0, +1.0] p=0.01 | within the interval |"
@@ -588,7 +589,7 @@ def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pr
     assert "| 2 | boolq acc | shortgpt | mka (x) | +8.0 [+3.0, +13.0]* p=0.01 | above |" in text
     assert "Of all 3 merging results (run × column), 1 are above the best pruning run" in text
     assert "interval, 1 below it, the rest within it." in text
-    assert report.merging_section(st, "other", "none") == []
+    assert sections.merging_section(st, "other", "none") == []
 
 
 def test_layers_text_names_laco_merges_like_mka_merges():
@@ -596,9 +597,9 @@ def test_layers_text_names_laco_merges_like_mka_merges():
     dropped. Both read kept+merged."""
     laco = {"merges": [{"keep": 26, "merged": [27, 28]}, {"keep": 20, "merged": [21]}]}
     mka = {"merges": [{"keep": 28, "drop": 29}]}
-    assert report.layers_text({"method_stats": laco}) == "26+27+28 20+21"
-    assert report.layers_text({"method_stats": mka}) == "28+29"
-    assert report.layers_text({"method_stats": {"removed_layers": [5, 3]}}) == "3 5"
+    assert sections.layers_text({"method_stats": laco}) == "26+27+28 20+21"
+    assert sections.layers_text({"method_stats": mka}) == "28+29"
+    assert sections.layers_text({"method_stats": {"removed_layers": [5, 3]}}) == "3 5"
 
 
 def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tmp_path):
@@ -621,7 +622,7 @@ def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tm
     )
     planted(copy, short, "mka", always, tag="always_no")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert report.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "200"]) == 0
+        assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "200"]) == 0
     out = tmp_path / "out"
     flagged = pd.read_csv(out / "one_answer.csv", dtype={"config_hash": str})
     base_rate = (targets[boolq] == 0).mean()
@@ -639,4 +640,4 @@ def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tm
     assert "compare a run that gives one answer" in verdict
     own = rows[boolq]["pred"].value_counts(normalize=True).iloc[0]  # the unplanted original
     named = (flagged["config_hash"] == short["config_hash"]) & (flagged["task"] == "boolq")
-    assert named.any() == (own >= report.ONE_ANSWER_SHARE)
+    assert named.any() == (own >= analysis.ONE_ANSWER_SHARE)

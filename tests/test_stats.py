@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, bootstrap, norm
 
-from mka_exp import stats
+from mka_exp.report import stats
 
 
 def planted_gap(n: int = 1000, gap: int = 100, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
