@@ -39,19 +39,20 @@ def test_identical_outcomes_p_one_interval_zero():
     result = stats.paired(a, a)
     assert result.p_value == 1.0 and (result.a_only, result.b_only) == (0, 0)
     d = result.difference
-    assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0) and not result.significant
+    assert d.value == 0.0 and not d.excludes(0)
+    assert -0.002 < d.low <= 0 <= d.high < 0.002  # Newcombe: the Wilson asymmetry, no more
 
 
 def test_planted_ten_point_gap_is_significant_and_matches_scipy():
     a, b = planted_gap()
     result = stats.paired(a, b)
-    assert result.difference.value == pytest.approx(0.1) and result.significant
+    assert result.difference.value == pytest.approx(0.1) and result.difference.excludes(0)
     assert result.p_value == pytest.approx(2 * 0.5**100) and result.p_value < 1e-20
-    low, high = scipy_paired_ci(a, b)
-    assert result.difference.low == pytest.approx(low, abs=0.004)
-    assert result.difference.high == pytest.approx(high, abs=0.004)
+    low, high = scipy_paired_ci(a, b)  # Newcombe's closed form is close to the bootstrap
+    assert result.difference.low == pytest.approx(low, abs=0.01)
+    assert result.difference.high == pytest.approx(high, abs=0.01)
     reverse = stats.paired(b, a)
-    assert reverse.difference.value == pytest.approx(-0.1) and reverse.significant
+    assert reverse.difference.value == pytest.approx(-0.1) and reverse.difference.excludes(0)
 
 
 def test_noisy_difference_matches_scipy_and_mcnemar_formula():
@@ -59,8 +60,8 @@ def test_noisy_difference_matches_scipy_and_mcnemar_formula():
     a, b = rng.random(500) < 0.55, rng.random(500) < 0.5  # independent: many discordant pairs
     result = stats.paired(a, b)
     low, high = scipy_paired_ci(a, b)
-    assert result.difference.low == pytest.approx(low, abs=0.006)
-    assert result.difference.high == pytest.approx(high, abs=0.006)
+    assert result.difference.low == pytest.approx(low, abs=0.01)
+    assert result.difference.high == pytest.approx(high, abs=0.01)
     n10, n01 = int((a & ~b).sum()), int((b & ~a).sum())
     assert (result.a_only, result.b_only) == (n10, n01)
     exact = min(1.0, 2 * binom.cdf(min(n10, n01), n10 + n01, 0.5))
@@ -115,11 +116,13 @@ def test_paired_macro_difference():
     groups = np.arange(600) % 6
     result = stats.paired(a, b, groups)
     means = [a[groups == g].mean() - b[groups == g].mean() for g in range(6)]
-    assert result.difference.value == pytest.approx(np.mean(means)) and result.significant
+    assert result.difference.value == pytest.approx(np.mean(means))
+    assert result.difference.excludes(0)
     one_group = stats.paired(a, b, np.zeros(600))  # nothing to resample between groups
     plain = stats.paired(a, b)
     assert one_group.difference.value == pytest.approx(plain.difference.value)
     assert one_group.difference.low == pytest.approx(plain.difference.low, abs=0.01)
+    assert one_group.mde == pytest.approx(plain.mde)
     assert stats.paired(b, b, groups).difference.high == 0.0
 
 
@@ -128,3 +131,54 @@ def test_bad_outcomes_are_one_clear_error():
         stats.wilson([0, 1, 2])
     with pytest.raises(ValueError, match="equal lengths, got 3 and 2"):
         stats.paired([0, 1, 1], [1, 0])
+
+
+def test_newcombe_interval_is_seedless_and_covers_at_its_level():
+    """Coverage of the true paired difference over 1,500 simulated 2x2 tables (n = 200)."""
+    rng = np.random.default_rng(11)
+    probs, truth = [0.12, 0.07, 0.55, 0.26], 0.05  # A only, B only, both, neither
+    covered = 0
+    for counts in rng.multinomial(200, probs, size=1500):
+        low, high = stats.newcombe_paired(*counts)
+        covered += low <= truth <= high
+    assert 0.93 <= covered / 1500 <= 0.97
+    assert stats.newcombe_paired(3, 1, 50, 46) == stats.newcombe_paired(3, 1, 50, 46)
+    low, high = stats.newcombe_paired(0, 0, 50, 50)  # no discordant pair: it touches 0
+    assert low <= 0 <= high
+
+
+def test_an_endpoint_within_rounding_of_zero_touches_it():
+    assert not stats.Interval(-0.1, -0.2, -3.9e-18, 300).excludes(0)
+    assert not stats.Interval(0.1, 1e-13, 0.2, 300).excludes(0)
+    assert stats.Interval(0.1, 1e-9, 0.2, 300).excludes(0)
+
+
+def test_holm_matches_the_step_down_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]).size == 0
+
+
+def test_mde_gives_eighty_percent_power_at_the_observed_discordance():
+    """Simulated paired data whose true difference is the MDE: McNemar rejects ~80 % of the time."""
+    n, discordance = 300, 0.2
+    counts = np.array([[30, 30, 240]])  # 60 discordant of 300
+    mde = stats.mde(counts)
+    assert mde == pytest.approx(stats.z_sum() * np.sqrt(discordance / n))
+    rng = np.random.default_rng(5)
+    probs = [(discordance + mde) / 2, (discordance - mde) / 2, 1 - discordance]
+    draws = rng.multinomial(n, probs, size=2000)
+    power = np.mean([stats.mcnemar_exact(x, y) < 0.05 for x, y, _ in draws])
+    assert 0.72 <= power <= 0.85  # exact McNemar is a little conservative
+    assert np.isnan(stats.mde(np.array([[0, 0, 10]])))
+
+
+def test_examples_for_power():
+    diffs = np.r_[np.ones(30), -np.ones(10), np.zeros(60)]  # mean 0.2, sd ~0.64
+    need = stats.examples_for_power(diffs)
+    expected = np.ceil((stats.z_sum() * diffs.std(ddof=1) / 0.2) ** 2)
+    assert need == expected and 70 < need < 90
+    assert stats.examples_for_power(np.zeros(5)) == np.inf
+    assert np.isnan(stats.examples_for_power([1.0]))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mka_exp.choices import did_you_mean
+from mka_exp.methods import registry
 from mka_exp.report import stats
 from mka_exp.report.loading import (
     ReportError,
@@ -28,8 +29,8 @@ from mka_exp.report.loading import (
 from mka_exp.results import NON_RESULT_KEYS, config_hash, without_keys
 
 # What a record's accuracy is compared against by default: the best of these at its layer count.
-PRUNING_METHODS = ("reverse_prune", "shortgpt", "angular", "sleb")
-MERGING_METHODS = ("mka", "laco")  # what "does merging beat pruning?" compares
+PRUNING_METHODS = registry.of_family("pruning")
+MERGING_METHODS = registry.of_family("merging")  # what "does merging beat pruning?" compares
 BEST_PRUNING = "best pruning"  # the default baseline's name
 # A random guess among the choices. BoolQ's line is the majority answer's share of the evaluated
 # examples instead, where per-example records give it: a model that always says "yes" gets that.

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mka_exp import samples as samples_mod
+from mka_exp.methods import registry
 from mka_exp.results import NON_RESULT_KEYS, rebuild_table
 
 PAPER_TASKS = {
@@ -20,7 +21,6 @@ PAPER_TASKS = {
     "boolq": "boolq",
 }
 TASKS = tuple(PAPER_TASKS)
-METHOD_ORDER = ("none", "reverse_prune", "shortgpt", "angular", "mka", "sparsegpt")
 # Paper ratios are printed to 5 decimals and step by ≥ 1/80: this tolerance matches one point only.
 RATIO_TOL = 1e-3
 # Config keys that do not name a different experiment (where files go, how it is logged, where it
@@ -94,8 +94,7 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     if "config.repair._target_" in df:  # the repair stage's option name, e.g. "linear"
         df["config.repair.name"] = df["config.repair._target_"].map(repair_name)
     df["variant"] = variants(df)
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    df["_order"] = df["method"].map(order).fillna(len(order))
+    df["_order"] = df["method"].map(registry.order)
     return df.sort_values(["model", "_order", "variant", "quantizer", "compression_ratio"])
 
 
@@ -112,9 +111,10 @@ def variants(df: pd.DataFrame) -> pd.Series:
     """A label per run from the config keys that differ among runs of its model/method/quant."""
     keys = [c for c in df if c.startswith("config.") and is_variant_key(c[len("config.") :])]
     labels = pd.Series("", index=df.index)
-    for _, group in df.groupby(["model", "method", "quantizer"]):
+    for (_, method, _), group in df.groupby(["model", "method", "quantizer"]):
         # Keys only some runs have (a repair's options) tell runs apart only by their values.
-        differing = [k for k in keys if group[k].dropna().astype(str).nunique() > 1]
+        differing = [k for k in keys if group[k].dropna().astype(str).nunique() > 1
+                     and labels_variant(k, str(method))]  # fmt: skip
         differing = differing[:MAX_VARIANT_KEYS]
         for idx, row in group.iterrows():
             parts = [f"{short_key(k)}={label_cell(row[k])}" for k in differing if notna(row[k])]
@@ -143,6 +143,15 @@ def label_cell(value: object) -> str:
 
 def notna(value: object) -> bool:
     return not (isinstance(value, float) and np.isnan(value)) and value is not None
+
+
+def labels_variant(column_name: str, method: str) -> bool:
+    """A method option labels a variant only if the registry lists it (a cache path, a batch size
+    or a sampler's seed never does); other keys (repair, calibration) always may."""
+    if not column_name.startswith("config.method."):
+        return True
+    entry = registry.METHODS.get(method)
+    return entry is None or column_name.split(".")[2] in entry.variant_keys
 
 
 def is_variant_key(key: str) -> bool:

@@ -7,10 +7,14 @@ cannot say whether two methods differ. This module gives, from the 0/1 outcomes 
 - `wilson`: a 95 % Wilson score interval for one accuracy (scipy's `binomtest(...).proportion_ci`).
 - `macro_interval`: for a macro average over subjects (MMLU as the paper reports it), a percentile
   bootstrap that resamples subjects and, within each drawn subject, its questions.
-- `paired`: method A against baseline B on the same examples: the difference of accuracies (or
-  of macro averages) with a paired percentile bootstrap interval (an example's two outcomes are
-  resampled together; by subject and question for a macro average) and McNemar's exact p
-  (scipy's two-sided binomial test on the discordant pairs, so it always pools the examples).
+- `paired`: method A against baseline B on the same examples: the difference of accuracies with
+  Newcombe's closed-form paired interval (square-and-add of the two Wilson intervals, corrected
+  for the pairs' correlation: no resampling, so no seed moves it), or for a macro average a
+  paired percentile bootstrap (an example's two outcomes are resampled together, by subject and
+  question); McNemar's exact p (scipy's two-sided binomial test on the discordant pairs, so it
+  always pools the examples); and the minimum detectable difference (`mde`).
+- `holm`: Holm's step-down adjustment of a family's p values.
+- `mde`, `examples_for_power`: what a paired comparison can detect at 80 % power, α = 0.05.
 
 The bootstrap draws counts, not indices: resampling n outcomes of a few kinds (right/wrong, or
 A-only/B-only/same for a pair) with replacement gives multinomial counts with the observed
@@ -26,12 +30,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 LEVEL = 0.95
 N_RESAMPLES = 10_000
 SEED = 0
 BATCH = 500  # replicates drawn at once (bounds memory for many subjects)
+TOUCH = 1e-12  # an interval endpoint this close to a point touches it
+ALPHA = 0.05
+POWER = 0.8
 
 
 @dataclass(frozen=True)
@@ -44,23 +51,22 @@ class Interval:
     n: int
 
     def excludes(self, point: float = 0.0) -> bool:
-        return not self.low <= point <= self.high
+        """The interval lies wholly on one side of `point`; an endpoint within TOUCH of it (a
+        float-rounding zero like -3.9e-18) touches it."""
+        return self.low > point + TOUCH or self.high < point - TOUCH
 
 
 @dataclass(frozen=True)
 class Paired:
     """A − B on the same examples: the difference with its interval, McNemar's exact p and the
-    discordant counts (`a_only`: A right and B wrong; `b_only`: the reverse)."""
+    discordant counts (`a_only`: A right and B wrong; `b_only`: the reverse) and the minimum
+    detectable difference at 80 % power from n and the observed discordance."""
 
     difference: Interval
     p_value: float
     a_only: int
     b_only: int
-
-    @property
-    def significant(self) -> bool:
-        """The interval excludes 0 (what the report's tables mark)."""
-        return self.difference.excludes(0.0)
+    mde: float = np.nan
 
 
 def as_outcomes(values: np.ndarray | list) -> np.ndarray:
@@ -105,8 +111,9 @@ def paired(
     n_resamples: int = N_RESAMPLES,
     seed: int = SEED,
 ) -> Paired:
-    """Accuracy of A minus accuracy of B, outcomes aligned example by example. With `groups`
-    the accuracies are macro averages over groups, and the bootstrap resamples groups too."""
+    """Accuracy of A minus accuracy of B, outcomes aligned example by example: Newcombe's
+    interval. With `groups` the accuracies are macro averages over groups, and the interval is a
+    bootstrap that resamples groups and their examples (`n_resamples`, `seed`)."""
     a, b = as_outcomes(a), as_outcomes(b)
     if a.shape != b.shape:
         raise ValueError(f"paired outcomes need equal lengths, got {a.size} and {b.size}")
@@ -116,10 +123,84 @@ def paired(
     counts = category_counts(kind, labels, 3)
     weights = np.array([1.0, -1.0, 0.0])
     value = float(np.mean(counts @ weights / counts.sum(axis=1)))
-    reps = replicates(counts, weights, macro, n_resamples, seed)
     a_only, b_only = int(counts[:, 0].sum()), int(counts[:, 1].sum())
-    difference = Interval(value, *percentile(reps, level), n=a.size)
-    return Paired(difference, mcnemar_exact(a_only, b_only), a_only, b_only)
+    if macro:
+        bounds = percentile(replicates(counts, weights, True, n_resamples, seed), level)
+    else:
+        both = int((a & b).sum())
+        bounds = newcombe_paired(a_only, b_only, both, a.size - a_only - b_only - both, level)
+    difference = Interval(value, *bounds, n=a.size)
+    return Paired(difference, mcnemar_exact(a_only, b_only), a_only, b_only, mde(counts))
+
+
+def newcombe_paired(
+    a_only: int, b_only: int, both: int, neither: int, level: float = LEVEL
+) -> tuple[float, float]:
+    """Newcombe's (1998) interval for a difference of paired proportions (his method 10): the
+    Wilson intervals of the two accuracies combined by square-and-add, with the phi correlation
+    of the pairs; closed form, so the same on every call."""
+    n = a_only + b_only + both + neither
+    if n == 0:
+        return np.nan, np.nan
+    p1, p2 = (both + a_only) / n, (both + b_only) / n
+    l1, u1 = wilson_bounds(both + a_only, n, level)
+    l2, u2 = wilson_bounds(both + b_only, n, level)
+    margins = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    phi = (both * neither - a_only * b_only) / np.sqrt(margins) if margins else 0.0
+    low = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    high = (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2
+    delta = p1 - p2
+    return float(max(-1.0, delta - np.sqrt(low))), float(min(1.0, delta + np.sqrt(high)))
+
+
+def wilson_bounds(k: int, n: int, level: float) -> tuple[float, float]:
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def z_sum(alpha: float = ALPHA, power: float = POWER) -> float:
+    """z_(1-alpha/2) + z_power: the standard errors a two-sided test's detectable effect spans."""
+    return float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+
+
+def mde(counts: np.ndarray, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest difference of (macro-averaged) accuracies a paired test of this size detects with
+    `power`: (z_(1-alpha/2) + z_power) * SE, with SE^2 = mean over groups of (discordant share /
+    group size) / groups, the variance of the difference near 0 (one group: discordance / n).
+    `counts`: [groups, (A only, B only, same)]. NaN when no example is discordant."""
+    counts = np.atleast_2d(counts)
+    sizes = counts.sum(axis=1)
+    discordant = (counts[:, 0] + counts[:, 1]) / sizes
+    if not discordant.any():
+        return np.nan
+    return z_sum(alpha, power) * float(np.sqrt(np.sum(discordant / sizes)) / len(sizes))
+
+
+def examples_for_power(
+    differences: np.ndarray, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """Examples a paired test needs to detect the observed mean of per-example `differences`
+    with `power` (normal approximation: ((z_(1-alpha/2) + z_power) * sd / mean)^2); inf when the
+    mean is 0, NaN with fewer than two differences."""
+    differences = np.asarray(differences, dtype=float)
+    differences = differences[~np.isnan(differences)]
+    if differences.size < 2:
+        return np.nan
+    mean, sd = abs(differences.mean()), differences.std(ddof=1)
+    if mean == 0:
+        return np.inf
+    return float(np.ceil((z_sum(alpha, power) * sd / mean) ** 2))
+
+
+def holm(p_values: np.ndarray | list) -> np.ndarray:
+    """Holm's step-down adjusted p values (family-wise error at most alpha when a hypothesis is
+    rejected where its adjusted p < alpha): the i-th smallest times (m - i + 1), made monotone."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * (len(p) - np.arange(len(p)))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
+    return adjusted
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
