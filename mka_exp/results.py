@@ -63,6 +63,7 @@ NON_RESULT_KEYS = (
     "data_root",
     "calib.data_root",
     "eval.data_root",
+    "compare",  # which comparisons the report marks (conf/compare/): read after the run
 )
 TABLE = "results.csv"
 # Table columns read as text whatever they look like (an all-digit hash or git commit).

@@ -17,7 +17,18 @@ import pandas as pd
 import pytest
 
 from mka_exp import results, samples
-from mka_exp.report import analysis, cli, document, figures, loading, sections, stats, tables
+from mka_exp.report import (
+    analysis,
+    cli,
+    declared,
+    document,
+    figures,
+    loading,
+    sections,
+    sensitivity,
+    stats,
+    tables,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,12 +88,12 @@ def five(mmlu: float, piqa: float, hellaswag: float, race: float, boolq: float) 
 RECORDS = [
     make_record("llama3_8b", "none", 32, 32, five(0.65, 0.80, 0.70, 0.60, 0.70)),
     make_record("llama3_8b", "shortgpt", 32, 18, five(0.30, 0.58, 0.35, 0.22, 0.60)),
-    make_record("llama3_8b", "mka", 32, 18, five(0.60, 0.55, 0.50, 0.40, 0.62), lambda_mode="code"),
-    make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.58}, lambda_mode="paper"),
+    make_record("llama3_8b", "mka", 32, 18, five(0.60, 0.55, 0.50, 0.40, 0.62), lam="code"),
+    make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.58}, lam="paper"),
     make_record("llama3_8b", "reverse_prune", 32, 28, {"mmlu/acc": 0.655}),
     make_record("llama3_8b", "sparsegpt", 32, 32, five(0.45, 0.6, 0.3, 0.3, 0.5), sparsity=0.34375),
     make_record(
-        "llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.61}, "gptq", 4, lambda_mode="code"
+        "llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.61}, "gptq", 4, lam="code"
     ),
     make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.62}, "smoothquant", 8),
     make_record("smollm2_135m", "reverse_prune", 30, 27, {"piqa/acc": 0.6, "mmlu/acc": 0.3}),
@@ -134,10 +145,10 @@ def test_paper_file_ships_and_maps_names():
 def test_table_3_4_puts_paper_mmlu_beside_ours(built):
     out, _ = built
     table = pd.read_csv(out / "table3_4.csv")
-    mka = row(table, model="llama3_8b", method="mka", variant="lambda_mode=code")
+    mka = row(table, model="llama3_8b", method="mka", variant="lam=code")
     assert (mka["layers_after"], mka["compression_ratio"]) == (18, 0.4375)
     assert mka["mmlu"] == 60.0 and mka["mmlu_paper"] == 64.42  # paper Table 3, 18 layers
-    assert row(table, method="mka", variant="lambda_mode=paper")["mmlu"] == 58.0
+    assert row(table, method="mka", variant="lam=paper")["mmlu"] == 58.0
     pruned = row(table, model="llama3_8b", method="reverse_prune")
     assert pruned["mmlu"] == 65.5 and pruned["mmlu_paper"] == 66.21  # group score as fallback
     assert row(table, model="llama3_8b", method="none")["mmlu_paper"] == 66.29
@@ -156,7 +167,7 @@ def test_table_2_has_five_tasks_with_paper(built):
     assert sparse["compression_ratio"] == 0.34375 and sparse["mmlu_paper"] == 44.45
     vanilla = row(table, model="llama3_8b", method="none")
     assert vanilla["hellaswag"] == 70.0 and vanilla["hellaswag_paper"] == 74.54
-    assert np.isnan(row(table, method="mka", variant="lambda_mode=code")["piqa_paper"])
+    assert np.isnan(row(table, method="mka", variant="lam=code")["piqa_paper"])
 
 
 def test_table_1_matches_quantized_runs_by_retained_layers(built):
@@ -175,19 +186,16 @@ def test_markdown_printed_and_indexed(built):
     out, printed = built
     for name in ("table1", "table2", "table3_4"):
         assert (out / f"{name}.md").read_text().count("\n") > 3
-    assert "| llama3_8b | mka | lambda_mode=code | 32 | 18 | 0.4375 | 60.00 | 64.42 |" in printed
+    assert "| llama3_8b | mka | lam=code | 32 | 18 | 0.4375 | 60.00 | 64.42 |" in printed
     index = (out / "report.md").read_text()
-    assert "table2.csv" in index and "plots/curve_llama3_8b_mmlu.png" in index
+    assert "table2.csv" in index and "plots/curve_llama3_8b.png" in index
     assert "heatmaps/" in index
 
 
 def test_plots_and_heatmaps_are_pngs(built):
     out, _ = built
     curves = sorted(p.name for p in (out / "plots").glob("*.png"))
-    expected = [f"curve_llama3_8b_{t}.png" for t in ("boolq", "hellaswag", "mmlu", "piqa", "race")]
-    assert curves == sorted(
-        expected + ["curve_smollm2_135m_mmlu.png", "curve_smollm2_135m_piqa.png"]
-    )
+    assert curves == ["curve_llama3_8b.png", "curve_smollm2_135m.png"]  # one figure per model
     maps = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
     assert maps == [
         "multirun_d_t_3_similarity_after.png",
@@ -278,8 +286,9 @@ def sweep(tmp_path_factory, data_root) -> tuple[Path, dict]:
     )
     rows = samples.read_samples(root, short)
     right = rows.assign(acc=1.0, acc_norm=rows["acc_norm"].where(rows["acc_norm"].isna(), 1.0))
-    runs["perfect"] = planted(root, short, "mka", right, tag="perfect")
-    runs["fewer"] = planted(root, short, "mka", rows.iloc[3:], tag="fewer")
+    runs["perfect"] = planted(root, short, "mka", right, bandwidth="perfect", lam="code",
+                               pairing="adjacent_back", scope="linear")  # MKA defaults
+    runs["fewer"] = planted(root, short, "mka", rows.iloc[3:], bandwidth="fewer")
     for seed, layers, acc in ((0, [1, 2], 1.0), (1, [1, 2], 0.0), (2, [0, 2], 1.0)):
         seeded = json.loads(json.dumps(runs["mka"]))
         seeded["config"]["calib"]["seed"] = seed
@@ -318,40 +327,117 @@ def test_accuracy_intervals_are_wilson_on_the_records(sweep, swept):
     assert set(acc["column"]) == {"piqa acc", "piqa acc_norm", "boolq acc"}
 
 
-def test_differences_pair_against_the_best_pruning_run(sweep, swept):
+def cross_fitted_by_hand(root: Path, column_runs: list[dict], task: str) -> np.ndarray:
+    """The cross-fitted baseline's outcomes, recomputed: doc_ids in order, odd ranks (1st, 3rd,
+    ...) form half A; the best run on B answers for A, the best on A for B."""
+    ys = []
+    for run in column_runs:
+        frame = samples.read_samples(root, run)
+        frame = frame[(frame["task"] == task) & (frame["filter"] == "none")].sort_values("doc_id")
+        ys.append(frame["acc"].to_numpy())
+    in_a = np.arange(len(ys[0])) % 2 == 0
+    on_a = int(np.argmax([y[~in_a].mean() for y in ys]))
+    on_b = int(np.argmax([y[in_a].mean() for y in ys]))
+    return np.where(in_a, ys[on_a], ys[on_b])
+
+
+def test_differences_pair_against_the_cross_fitted_best_pruning_run(sweep, swept):
     root, runs = sweep
     out, _, _ = swept
     diffs = pd.read_csv(out / "paired_differences.csv", dtype={"config_hash": str})
     perfect = diffs[(diffs["config_hash"] == runs["perfect"]["config_hash"])]
     piqa = perfect[perfect["column"] == "piqa acc"].iloc[0]
-    acc = pd.read_csv(out / "accuracy_intervals.csv")
-    pruned = acc[(acc["removed"] == 1) & acc["method"].isin(["reverse_prune", "shortgpt"])]
-    best = pruned[pruned["column"] == "piqa acc"]["value"].max()
-    assert piqa["difference"] == pytest.approx(1 - best) and piqa["significant"]
-    assert piqa["b_only"] == 0 and piqa["a_only"] == round(24 * (1 - best))
+    pruned = [json.loads(p.read_text()) for p in sorted((root / "records").glob("*.json"))]
+    pruned = [r for r in pruned if r["method"] in ("reverse_prune", "shortgpt")
+              and r["layers_after"] == 3]  # fmt: skip
+    order = {"reverse_prune": 0, "shortgpt": 1}  # the report's display order breaks ties
+    pruned.sort(key=lambda r: order[r["method"]])
+    baseline = cross_fitted_by_hand(root, pruned, "piqa")
+    assert piqa["difference"] == pytest.approx(1 - baseline.mean(), abs=1e-12)
+    assert piqa["b_only"] == 0 and piqa["a_only"] == int((baseline == 0).sum())
     assert piqa["p_value"] == pytest.approx(stats.mcnemar_exact(piqa["a_only"], 0))
-    assert piqa["baseline"] in ("reverse_prune", "shortgpt")
+    assert "chosen on" in piqa["baseline"] and piqa["mde"] > 0
     assert set(diffs["removed"]) == {1, 2}  # the dense run has no baseline
 
 
-def test_markdown_marks_significant_differences_and_notes_problems(sweep, swept):
+def test_without_a_declaration_nothing_is_marked_and_ties_read_not_detected(sweep, swept):
     root, runs = sweep
     out, printed, _ = swept
     text = (out / "statistics.md").read_text()
     assert "### Accuracy (%, 95 % interval)" in text and "Examples per task: piqa 24" in text
-    assert "### Against best pruning at 1 of 4 layers removed" in text
+    assert "### Against best pruning (cross-fitted) at 1 of 4 layers removed (exploratory)" in text
     against = text.split("### Does merging beat pruning?")[0]
-    perfect = [line for line in against.splitlines() if "tag=perfect" in line and " p" in line]
-    assert len(perfect) == 1 and perfect[0].count("* p<0.001") == 3  # every column
+    perfect = [line for line in against.splitlines() if "bandwidth=perfect" in line and " p" in line]
+    assert len(perfect) == 1 and perfect[0].count("p<0.001 (MDE ") == 3  # every column
     assert perfect[0].count("+") == 9  # Δ, low and high positive in each
+    assert "*" not in against.split("### Against")[1]  # exploratory: no marks
+    assert "Declared comparisons: none" in text and "not detected (MDE " in text
+    for word in (" tie", "equal", "within the interval"):
+        assert word not in text
     assert re.search(r"\| none \|  \| 0 \|  \| \d+\.\d \[\d+\.\d, \d+\.\d\]", text)
-    assert "baseline" in text
-    verdict = text.split("### Does merging beat pruning?")[1]  # the planted perfect merge wins
-    best = r"\| 1 \| boolq acc \| \w+ \| mka \(max_points=4096, tag=perfect\) \| \+[^|]+\| above \|"
-    assert re.search(best, verdict)
     fewer = "paired test impossible: " in text and "evaluated on different boolq examples" in text
     assert fewer and "3 of 24 examples evaluated by only one" in text
-    assert "## Intervals and paired tests" in printed and "statistics" not in str(out / "x")
+    assert "## Intervals and paired tests" in printed
+
+
+def declare(root: Path, text: str) -> analysis.Stats:
+    (root / "compare.yaml").write_text(text)
+    try:
+        table, _ = loading.load_table(root)
+        decl = declared.load_declaration([root], loading.load_records(root))
+        return analysis.compute_stats(loading.prepare(table), root, boot=analysis.Boot(200),
+                                      declaration=decl)  # fmt: skip
+    finally:
+        (root / "compare.yaml").unlink()
+
+
+MKA_VS_PRUNING = """declared: before the runs
+repair_twins: true
+primary:
+  - a: {method: mka, lam: code, pairing: adjacent_back, scope: linear}
+    b: best_pruning
+  - a: {method: mka, lam: code}
+    b: {method: reverse_prune, keep_final: false}
+"""
+
+
+def test_declared_comparisons_are_holm_adjusted_within_each_family(sweep):
+    root, runs = sweep
+    st = declare(root, MKA_VS_PRUNING)
+    primary = st.primary
+    assert set(primary["removed"]) == {1}  # mka ran at one layer removed only
+    assert set(primary["column"]) == {"piqa acc", "boolq acc"}  # acc only, as declared
+    m = len(primary)
+    # mka defaults, perfect (same options) and the seeds (calib.seed differs) vs 2 baselines; fewer
+    # fails to pair on boolq and is named in a note
+    expected = np.minimum(1, np.sort(primary["p_value"]) * (m - np.arange(m)))
+    assert np.sort(primary["p_holm"]) == pytest.approx(np.maximum.accumulate(expected))
+    assert (primary["family_size"] == m).all()
+    assert (primary["significant"] == (primary["p_holm"] < 0.05)).all()
+    perfect = primary[primary["config_hash"] == runs["perfect"]["config_hash"]]
+    assert len(perfect) == 4 and perfect["significant"].any()
+    vs_reverse = perfect[perfect["comparison"].str.contains("reverse_prune")]
+    assert len(vs_reverse) == 2 and (vs_reverse["b_only"] == 0).all()
+
+
+def test_declaration_errors_are_one_line_with_suggestions(sweep):
+    root, _ = sweep
+    with pytest.raises(loading.ReportError, match=r"method='mk' is not a method.*did you mean mka"):
+        declare(root, "declared: retrospective\nprimary:\n  - a: {method: mk}\n    b: best_pruning\n")
+    with pytest.raises(loading.ReportError, match=r"option 'lambda' does not label a mka variant"):
+        declare(root, "declared: retrospective\nprimary:\n  - a: {method: mka, lambda: code}\n"
+                      "    b: best_pruning\n")  # fmt: skip
+    with pytest.raises(loading.ReportError, match=r"declared=None is not allowed; one of"):
+        declare(root, "primary: []\n")
+    with pytest.raises(loading.ReportError, match=r"primry.*did you mean primary"):
+        declare(root, "declared: retrospective\nprimry: []\n")
+
+
+def test_the_compare_key_never_changes_a_config_hash():
+    record = next(Path("docs/evidence/smollm2_tasks/records").glob("*.json"))
+    loaded = json.loads(record.read_text())
+    config = loaded["config"] | {"compare": {"declared": "before the runs", "primary": []}}
+    assert results.config_hash(config) == loaded["config_hash"] == record.stem
 
 
 def test_tables_and_plots_carry_intervals(swept):
@@ -362,7 +448,7 @@ def test_tables_and_plots_carry_intervals(swept):
     assert re.search(
         r"\| none \|  \| 0 \| 4 \| \| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\] \|", printed
     ) or (f"{dense['piqa']:.2f} [{dense['piqa_low']:.2f}, {dense['piqa_high']:.2f}]" in printed)
-    assert (out / "plots" / "curve_tiny_llama_piqa.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "plots" / "curve_tiny_llama.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_curve_plot_draws_error_bars_dense_and_chance():
@@ -385,6 +471,48 @@ def test_curve_plot_draws_error_bars_dense_and_chance():
     assert len(bars) == 2  # one per method line
     levels = {line.get_label(): line.get_ydata()[0] for line in ax.lines if "(" in line.get_label()}
     assert levels["dense (60.0)"] == 60.0 and levels["chance (random guess, 50.0)"] == 50.0
+
+
+def test_curve_figure_is_small_multiples_with_registry_styles_and_an_outside_legend(tmp_path):
+    from mka_exp.methods import registry
+
+    runs = pd.DataFrame({
+        "method": ["none", "shortgpt", "shortgpt", "sleb", "laco"],
+        "variant": ["", "", "", "", ""],
+        "compression_ratio": [0.0, 0.25, 0.5, 0.25, 0.25],
+        "piqa": [60.0, 55.0, 52.0, 54.0, 53.0],
+        "boolq": [62.0, 61.0, 60.0, np.nan, 59.0],
+    })  # fmt: skip
+    chance = {"piqa": (0.5, "random guess"), "boolq": (0.62, "majority answer")}
+    captured = {}
+    original = figures.save
+
+    def keep(fig, path):
+        captured["fig"] = fig
+        return original(fig, path)
+
+    figures.save = keep
+    try:
+        path = figures.curve_figure(runs, tables.load_paper(), "m", ["piqa", "boolq"], tmp_path, chance)
+    finally:
+        figures.save = original
+    fig = captured["fig"]
+    panels = [ax for ax in fig.axes if ax.has_data()]
+    assert [ax.get_title() for ax in panels] == ["piqa", "boolq"]  # one panel per task
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in panels)
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["none", "shortgpt", "sleb", "laco"]  # each once, in display order
+    for handle, label in zip(legend.legend_handles, labels, strict=True):
+        assert handle.get_color() == registry.info(label).color
+        assert handle.get_marker() == registry.info(label).marker
+    texts = [t.get_text() for t in panels[1].texts]
+    assert "dense 62.0" in texts and "chance (majority answer) 62.0" in texts  # on the lines
+    # the legend is outside every panel
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(not box.overlaps(ax.get_window_extent()) for ax in panels)
+    assert path.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_calibration_sensitivity(swept):
@@ -439,8 +567,8 @@ def test_baseline_option(sweep, tmp_path, capsys, args, message):
         return
     assert code == 0
     text = (tmp_path / "statistics.md").read_text()
-    assert "### Against shortgpt at 2 of 4 layers removed" in text
-    assert "no baseline" not in text.split("Against shortgpt at 1")[0]
+    assert "### Against shortgpt (cross-fitted) at 2 of 4 layers removed" in text
+    assert "no baseline" not in text.split("Against shortgpt (cross-fitted) at 1")[0]
 
 
 def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
@@ -448,8 +576,9 @@ def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
     assert cli.main([str(root), "--out", str(tmp_path), "--baseline", "mka",
                         "--resamples", "200"]) == 0  # fmt: skip
     text = (tmp_path / "statistics.md").read_text()
-    line = "- no baseline at 2 layers removed: no mka record with per-example records there"
-    assert text.count(line) == 1
+    for column in ("piqa acc", "piqa acc_norm", "boolq acc"):
+        line = f"- no baseline at 2 layers removed for {column}: no mka record with per-example "
+        assert text.count(line + "records there") == 1
 
 
 def test_protocol_line_names_the_shots_of_the_evaluated_tasks_only():
@@ -560,37 +689,18 @@ def test_variant_shows_a_task_list_compactly(tmp_path):
     assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]
 
 
-def test_merging_verdict_names_the_best_merge_per_column_and_says_if_it_beats_pruning():
-    """The section that answers "does merging beat pruning?": per layer count and column the best
-    merging run against the best pruning run, with the reading its interval allows."""
-    common = {"model": "m", "quantizer": "none", "layers_before": 8, "layers_after": 6,
-              "removed": 2, "baseline": "shortgpt", "is_baseline": False, "p_value": 0.01,
-              "a_only": 1, "b_only": 1}  # fmt: skip
-    diffs = pd.DataFrame([
-        common | {"config_hash": "s", "method": "shortgpt", "variant": "", "column": "piqa acc",
-                  "is_baseline": True},
-        common | {"config_hash": "a", "method": "mka", "variant": "x", "column": "piqa acc",
-                  "difference": -0.02, "low": -0.05, "high": 0.01, "significant": False},
-        common | {"config_hash": "b", "method": "laco", "variant": "", "column": "piqa acc",
-                  "difference": -0.10, "low": -0.15, "high": -0.05, "significant": True},
-        common | {"config_hash": "a", "method": "mka", "variant": "x", "column": "boolq acc",
-                  "difference": 0.08, "low": 0.03, "high": 0.13, "significant": True},
-        common | {"config_hash": "c", "method": "reverse_prune", "variant": "", "column": "boolq acc",
-                  "difference": 0.09, "low": 0.04, "high": 0.14, "significant": True},
-    ])  # fmt: skip
-    st = analysis.Stats(pd.DataFrame(), diffs, pd.DataFrame(columns=["model"]), pd.DataFrame(), {},
-                      analysis.BEST_PRUNING)  # fmt: skip
-    lines = sections.merging_section(st, "m", "none")
-    text = "\n".join(lines)
-    assert (
-        "| 2 | piqa acc | shortgpt | mka (x) | -2.0 [-5.0, +1.0] p=0.01 | within the interval |"
-        in text
-    )
-    assert "| 2 | boolq acc | shortgpt | mka (x) | +8.0 [+3.0, +13.0]* p=0.01 | above |" in text
-    assert "Of all 3 merging results (run × column), 1 are above the best pruning run" in text
-    assert "interval, 1 below it, the rest within it." in text
-    assert sections.merging_section(st, "other", "none") == []
+def test_cross_fit_chooses_on_the_other_half():
+    from mka_exp.report import crossfit
 
+    keys = pd.DataFrame({"subtask": "t", "doc_id": np.arange(8)})
+    # x is perfect on half A (even doc_ids), y on half B (odd): each is chosen for the other half
+    x = keys.assign(y=(keys["doc_id"] % 2 == 0).astype(float))
+    y = keys.assign(y=(keys["doc_id"] % 2 == 1).astype(float))
+    composite = crossfit.cross_fit([("hx", "x", x), ("hy", "y", y)], macro=False)
+    assert composite.hashes == ("hy", "hx")  # on A: y (chosen on B); on B: x (chosen on A)
+    assert composite.outcomes["y"].tolist() == [0.0] * 8  # neither's luck carries over
+    same = crossfit.cross_fit([("hx", "x", x.assign(y=1.0)), ("hy", "y", y)], macro=False)
+    assert same.hashes == ("hx", "hx") and "chosen on each half" in same.describe()
 
 def test_layers_text_names_laco_merges_like_mka_merges():
     """LaCo records each merge as a kept layer and the layers merged into it; MKA as kept and
@@ -620,7 +730,7 @@ def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tm
         pred=rows["pred"].where(~boolq, 0),
         acc=rows["acc"].where(~boolq, (targets == 0).astype(float)),
     )
-    planted(copy, short, "mka", always, tag="always_no")
+    planted(copy, short, "mka", always, bandwidth="always_no")
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "200"]) == 0
     out = tmp_path / "out"
@@ -637,7 +747,7 @@ def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tm
     verdict = text.split("### Does merging beat pruning?")[1]
     row = next(x for x in verdict.splitlines() if x.startswith("| 2 | boolq acc |"))
     assert "always_no" in row and row.rstrip(" |").endswith(("merging", "both"))
-    assert "compare a run that gives one answer" in verdict
+    assert "involve a run that gives one answer" in verdict
     own = rows[boolq]["pred"].value_counts(normalize=True).iloc[0]  # the unplanted original
     named = (flagged["config_hash"] == short["config_hash"]) & (flagged["task"] == "boolq")
-    assert named.any() == (own >= analysis.ONE_ANSWER_SHARE)
+    assert named.any() == (own >= sensitivity.ONE_ANSWER_SHARE)

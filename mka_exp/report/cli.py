@@ -15,8 +15,9 @@ import pandas as pd
 
 from mka_exp import samples as samples_mod
 from mka_exp.report import stats
-from mka_exp.report.analysis import PRUNING_METHODS, Stats, compute_stats
-from mka_exp.report.document import METHODS_TEXT, write_comparison_doc
+from mka_exp.report.analysis import PRUNING_METHODS, Boot, Stats, compute_stats
+from mka_exp.report.declared import load_declaration
+from mka_exp.report.document import methods_text, write_comparison_doc
 from mka_exp.report.figures import curve_plots, heatmaps
 from mka_exp.report.loading import ReportError, load_records, load_table, prepare
 from mka_exp.report.sections import stats_markdown
@@ -49,7 +50,9 @@ def write_index(report: Report, source: Path, runs: int) -> Path:
     intro = f"{runs} runs from `{source}`. Accuracies in %; `*_paper` = published numbers "
     lines = [f"# MKA experiment report\n\n{intro}(arXiv 2406.16330) for the same point.\n"]
     if report.statistics:
-        lines.append(f"## Intervals and paired tests\n\n{METHODS_TEXT}\n{report.statistics}")
+        lines.append(
+            f"## Intervals and paired tests\n\n{methods_text(report.stats)}\n{report.statistics}"
+        )
     for name, table in report.tables.items():
         lines.append(f"## {TITLES[name]}\n\n[{name}.csv]({name}.csv)\n\n{markdown(table)}")
     for title, paths in (
@@ -108,9 +111,12 @@ def build_report(
     out: Path | None = None,
     baseline: str | None = None,
     resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.SEED,
 ) -> Report:
     """Read the runs, write every table and figure; returns what was written. Several sources
-    (outputs dirs) are read as one, through links under `out`/sources, which must then be given."""
+    (outputs dirs) are read as one, through links under `out`/sources, which must then be given.
+    The declared comparisons come from each source's compare.yaml and the records' configs."""
+    sources = source if isinstance(source, list) else [source]
     if isinstance(source, list):
         if len(source) > 1 and out is None:
             raise ReportError("several sources need --out DIR (where the report goes)")
@@ -120,7 +126,9 @@ def build_report(
     report.out.mkdir(parents=True, exist_ok=True)
     df, paper = prepare(table), load_paper()
     if source.is_dir():
-        report.stats = compute_stats(df, root, baseline, resamples)
+        declaration = load_declaration([s for s in sources if s.is_dir()], load_records(root))
+        boot = Boot(resamples, seed)
+        report.stats = compute_stats(df, root, baseline, boot, declaration)
         report.statistics = stats_markdown(report.stats, load_records(root))
         write_stats(report.stats, report.statistics, report.out)
     elif baseline:
@@ -141,7 +149,10 @@ def write_stats(st: Stats, text: str, out: Path) -> None:
     st.differences.to_csv(out / "paired_differences.csv", index=False)
     st.sensitivity.to_csv(out / "calibration_sensitivity.csv", index=False)
     st.one_answer.to_csv(out / "one_answer.csv", index=False)
-    (out / "statistics.md").write_text(f"# Intervals and paired tests\n\n{METHODS_TEXT}\n{text}")
+    st.primary.to_csv(out / "declared_comparisons.csv", index=False)
+    (out / "statistics.md").write_text(
+        f"# Intervals and paired tests\n\n{methods_text(st)}\n{text}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,27 +3,91 @@ whatever the old file kept below its KEPT line."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mka_exp.report import stats
-from mka_exp.report.analysis import MARK, PRUNING_METHODS, Stats
+from mka_exp.report.analysis import BEST_PRUNING, MARK, PRUNING_METHODS, Stats
 from mka_exp.report.loading import ReportError, load_records
 from mka_exp.results import write_bytes_atomic
 
 if TYPE_CHECKING:
     from mka_exp.report.cli import Report
 
-METHODS_TEXT = f"""Accuracies in %, each with a 95 % interval: Wilson score for one task, a bootstrap over
-subjects and their questions for MMLU's macro average ({stats.N_RESAMPLES:,} resamples, seed
-{stats.SEED}). Each compressed run is compared with a baseline on the same examples: the paired
-difference in points with a paired bootstrap 95 % interval (by subject and question for MMLU) and
-McNemar's exact p on the discordant examples (all examples pooled); `{MARK}` marks a difference
-whose interval excludes 0. The default baseline of a column is the most accurate run of a pruning
-method ({", ".join(PRUNING_METHODS)}) with the same model and layer count (picked per column, so
-it is a strong baseline: a method that beats it beats every pruning run there).
-"""
+
+def methods_text(st: Stats | None, boot_resamples: int = stats.N_RESAMPLES) -> str:
+    """The method paragraph: intervals, tests, the baseline's choice, the declaration, power."""
+    return (
+        "\n".join(
+            [
+                "Accuracies in %, each with a 95 % interval: Wilson score for one task, a bootstrap over "
+                "subjects and their questions for MMLU's macro average "
+                f"({boot_resamples:,} resamples, seed {stats.SEED}).",
+                "",
+                "Paired comparisons (a run against another on the same examples): the difference in "
+                "points with Newcombe's closed-form 95 % paired interval (his method 10: the two Wilson "
+                "intervals combined with the pairs' correlation; no resampling, so no seed moves it; MMLU's "
+                "macro average: a paired bootstrap by subject and question), McNemar's exact p on the "
+                "discordant examples (pooled), and the minimum detectable difference (MDE) at 80 % power, "
+                "α = 0.05, from the comparison's n and observed discordance (MDE = (z₀.₉₇₅ + z₀.₈) · "
+                "√(discordant share / n); per subject for MMLU). An interval endpoint within 1e-12 of 0 "
+                'touches 0. A difference not shown reads "not detected (MDE x)": a real difference '
+                "smaller than the MDE may well exist.",
+                "",
+                f"Baseline: {baseline_text(st)}",
+                "",
+                declaration_text(st),
+            ]
+        )
+        + "\n"
+    )
+
+
+def baseline_text(st: Stats | None) -> str:
+    pool = st.baseline if st is not None and st.baseline != BEST_PRUNING else (
+        f"a pruning method ({', '.join(PRUNING_METHODS)}; any variant and repair)")  # fmt: skip
+    return (f"per column and layer count, the most accurate run of {pool}, chosen by "
+            "cross-fitting so that no example both picks the baseline and tests against it: the "
+            "examples are split in two halves (within each subject, by doc_id: 1st, 3rd, ... to "
+            "half A, the others to B; deterministic), the run most accurate on half B supplies the "
+            "baseline's outcomes on half A and the run most accurate on half A those on half B. "
+            "Each comparison table names the runs chosen.")  # fmt: skip
+
+
+def declaration_text(st: Stats | None) -> str:
+    decl = None if st is None else st.declaration
+    if decl is None:
+        return ("Declared comparisons: none (no `compare.yaml` beside the records, no `compare` in "
+                "their configs), so every comparison is exploratory: unadjusted, and no cell is "
+                "marked.")  # fmt: skip
+    when = ("declared before the runs" if decl.when == "before the runs" else
+            "declared retrospectively, after the data had been seen: they are not pre-registered, "
+            "and a reader should weigh them as chosen with the results in view")  # fmt: skip
+    pairs = "; ".join(f"{a.label()} − {b.label()}" for a, b in decl.primary) or "none"
+    twins = " and each repaired run against its unrepaired twin" if decl.repair_twins else ""
+    counts = mark_counts(st.primary)
+    return (f"Declared comparisons (`{decl.source}`; {when}): {pairs}{twins}, on "
+            f"{', '.join(decl.metrics)} (MMLU: its macro average). A family is one model × "
+            "quantizer × layer count: all declared comparisons there, over all tasks; Holm's "
+            f"step-down correction holds the family-wise error at α = {decl.alpha:g} within each. "
+            f"Only these cells carry a mark (`{MARK}` = Holm-adjusted p < {decl.alpha:g}; the "
+            "mark uses McNemar's exact p only, so it has no seed); the unadjusted and adjusted "
+            f"p stand beside each other. {counts} Every other comparison is exploratory: "
+            "unadjusted p, no mark.")  # fmt: skip
+
+
+def mark_counts(primary) -> str:
+    if primary.empty:
+        return "No declared comparison has records here."
+    unadjusted = int((primary["p_value"] < 0.05).sum())
+    families = primary.groupby(["model", "quantizer", "removed"]).ngroups
+    return (f"Of the {len(primary)} declared comparisons in {families} families, {unadjusted} have "
+            f"unadjusted p < 0.05 and {int(primary['significant'].sum())} stay marked after "
+            "Holm's correction.")  # fmt: skip
+
+
 GENERATED = "<!-- generated by `python -m mka_exp.report --markdown`: edit only below KEPT -->"
 KEPT = "<!-- KEPT: everything below this line survives when the report regenerates the file -->"
 
@@ -35,10 +99,28 @@ def write_comparison_doc(path: Path, report: Report, sources: list[Path], comman
         raise ReportError(f"--markdown needs an outputs dir with records/, not {sources[0]}")
     records = {k: v for s in reversed(sources) for k, v in load_records(s).items()}
     header = comparison_header(report.stats, records, sources, command)
-    text = f"{GENERATED}\n{header}\n{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    figures = figures_section(report.plots, path.parent / FIGURES)
+    text = f"{GENERATED}\n{header}\n{figures}{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
     write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
     return path
+
+
+FIGURES = "figures"  # beside the document, committed with it
+
+
+def figures_section(plots: list[Path], into: Path) -> str:
+    """Copy the figures next to the document (replacing the old ones) and embed each with a
+    relative link."""
+    if into.exists():
+        for old in into.glob("curve_*.png"):
+            old.unlink()
+    into.mkdir(parents=True, exist_ok=True)
+    lines = ["## Figures\n"]
+    for plot in plots:
+        shutil.copyfile(plot, into / plot.name)
+        lines.append(f"![{plot.stem}]({FIGURES}/{plot.name})\n")
+    return "\n".join(lines) + "\n" if plots else ""
 
 
 def kept_part(path: Path) -> str:
@@ -67,8 +149,8 @@ def comparison_header(
         f"- Models: {', '.join(models) or 'none'}.",
         f"- Evaluation: {'; '.join(protocols) or 'none'} (examples per task under each model).",
         f"- Code versions: {', '.join(versions)}.",
-        f"- Baseline: {st.baseline}. Chance levels drawn in the plots: {chance}.\n",
-        METHODS_TEXT,
+        f"- Chance levels drawn in the plots: {chance}.\n",
+        methods_text(st),
     ])  # fmt: skip
 
 

@@ -12,9 +12,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mka_exp.methods import registry
 from mka_exp.plots import similarity_heatmap
 from mka_exp.report.analysis import CHANCE
-from mka_exp.report.loading import METHOD_ORDER, TASKS
+from mka_exp.report.loading import TASKS
 
 # ---------------------------------------------------------------- figures
 
@@ -26,77 +27,108 @@ def new_figure(size: tuple[float, float] = (6.5, 4.5)) -> Figure:
     return fig
 
 
+PANEL = (4.2, 3.4)  # inches per task panel
+LINESTYLES = ("-", "--", ":", "-.")  # a method's variants differ by line style, then fill
+
+
 def curve_plots(
     df: pd.DataFrame, paper: pd.DataFrame, out: Path, chance: dict | None = None
 ) -> list[Path]:
-    """Accuracy vs compression ratio per model and task, one line per method (paper Fig. 2),
-    with 95 % error bars where per-example records give them, the dense model and chance."""
+    """Accuracy vs compression ratio per model: one panel per task (small multiples), one line
+    per method and variant (paper Fig. 2), 95 % error bars where per-example records give them,
+    the dense model and chance labelled on their lines; one legend below the panels."""
     runs = df[df["quantizer"] == "none"]
     chance = chance or {task: (level, "random guess") for task, level in CHANCE.items()}
     paths = []
     for model, group in runs.groupby("model"):
-        for task in TASKS:
-            if group[task].notna().any():
-                paths.append(curve_plot(group, paper, str(model), task, out, chance.get(task)))
+        tasks = [task for task in TASKS if group[task].notna().any()]
+        if tasks:
+            paths.append(curve_figure(group, paper, str(model), tasks, out, chance))
     return paths
 
 
-def curve_plot(
-    runs: pd.DataFrame,
-    paper: pd.DataFrame,
-    model: str,
-    task: str,
-    out: Path,
-    chance: tuple[float, str] | None = None,
+def curve_figure(
+    runs: pd.DataFrame, paper: pd.DataFrame, model: str, tasks: list[str], out: Path, chance: dict
 ) -> Path:
-    fig = new_figure()
-    ax = fig.add_subplot()
-    plot_ours(ax, runs[runs[task].notna()], task)
-    plot_references(ax, runs[runs[task].notna()], task, chance)
-    published = paper[(paper["model"] == model) & (paper["task"] == task)]
-    plot_paper(ax, published[published["quantizer"] == "none"])
-    xlabel = "compression ratio (fraction of layers removed; of weights for sparsegpt)"
-    ax.set(xlabel=xlabel, ylabel=f"{task} acc (%)", title=f"{model}: {task}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return save(fig, out / "plots" / f"curve_{model}_{task}.png")
+    cols = min(len(tasks), 3)
+    rows = -(-len(tasks) // cols)
+    fig = new_figure((PANEL[0] * cols, PANEL[1] * rows + 0.4 + 0.22 * legend_rows(runs, cols)))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks, strict=False):
+        have = runs[runs[task].notna()]
+        plot_ours(ax, have, task)
+        plot_references(ax, have, task, chance.get(task))
+        published = paper[(paper["model"] == model) & (paper["task"] == task)]
+        plot_paper(ax, published[published["quantizer"] == "none"])
+        ax.set(title=task, ylabel="accuracy (%)", xlabel="fraction removed")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(tasks) :]:
+        ax.set_axis_off()
+    fig.suptitle(f"{model}: accuracy vs compression (layers removed; weights for sparsegpt)")
+    handles, labels = legend_entries(axes[: len(tasks)])
+    fig.legend(handles, labels, loc="outside lower center", ncols=cols + 1, fontsize="small")
+    return save(fig, out / "plots" / f"curve_{model}.png")
 
 
-def method_color(method: str) -> str:
-    """One colour per method, shared by our line and the paper's points."""
-    order = list(METHOD_ORDER)
-    return f"C{order.index(method) if method in order else len(order)}"
+def legend_rows(runs: pd.DataFrame, cols: int) -> int:
+    return -(-(runs.groupby(["method", "variant"]).ngroups + 3) // (cols + 1))
+
+
+def legend_entries(axes) -> tuple[list, list[str]]:
+    """Each label once over all panels (the dense and chance lines are labelled on the panel)."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if not label.startswith(("dense", "chance")):
+                seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+def method_style(method: str, index: int) -> dict:
+    """The registry's colour and marker; the i-th variant's line style (hollow after four)."""
+    entry = registry.info(method)
+    return {"color": entry.color, "marker": entry.marker,
+            "linestyle": LINESTYLES[index % len(LINESTYLES)],
+            "fillstyle": "full" if index < len(LINESTYLES) else "none"}  # fmt: skip
 
 
 def plot_ours(ax: Axes, runs: pd.DataFrame, task: str) -> None:
-    """A solid line per method and variant (variants differ by marker)."""
-    markers = "osD^v<>"
-    for method, lines in runs.groupby("method", sort=False):  # `runs` is in METHOD_ORDER
+    """A line per method and variant, in the registry's display order."""
+    for method, lines in runs.groupby("method", sort=False):  # `runs` is in display order
         for i, (variant, line) in enumerate(lines.groupby("variant", sort=False)):
             line = line.sort_values("compression_ratio")
             label = f"{method} ({variant})" if variant else method
-            style = {"color": method_color(str(method)), "marker": markers[i % len(markers)]}
+            style = method_style(str(method), i)
             low, high = line.get(f"{task}_low"), line.get(f"{task}_high")
             if low is not None and low.notna().any():
                 yerr = np.vstack([line[task] - low, high - line[task]])
-                ax.errorbar(line["compression_ratio"], line[task], yerr=yerr, fmt="-",
-                            capsize=3, label=label, **style)  # fmt: skip
+                ax.errorbar(line["compression_ratio"], line[task], yerr=yerr, capsize=2,
+                            markersize=4, label=label, **style)  # fmt: skip
             else:
-                ax.plot(line["compression_ratio"], line[task], "-", label=label, **style)
+                ax.plot(line["compression_ratio"], line[task], markersize=4, label=label, **style)
 
 
 def plot_references(
     ax: Axes, runs: pd.DataFrame, task: str, chance: tuple[float, str] | None
 ) -> None:
-    """The dense model's accuracy and the task's chance level as horizontal lines."""
+    """The dense model's accuracy and the task's chance level as horizontal lines, each labelled
+    on the line itself (right end) and in the line's label."""
     dense = runs[(runs["method"] == "none") & (runs["compression_ratio"] == 0)]
     if len(dense):
         value = float(dense[task].iloc[0])
         ax.axhline(value, color="grey", linestyle=":", label=f"dense ({value:.1f})")
+        line_label(ax, value, f"dense {value:.1f}", "grey")
     if chance is not None:
         level, how = chance
         ax.axhline(100 * level, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
                    label=f"chance ({how}, {100 * level:.1f})")  # fmt: skip
+        line_label(ax, 100 * level, f"chance ({how}) {100 * level:.1f}", "black")
+
+
+def line_label(ax: Axes, y: float, text: str, color: str) -> None:
+    ax.annotate(text, xy=(1, y), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                textcoords="offset points", ha="right", va="bottom", fontsize="x-small",
+                color=color)  # fmt: skip
 
 
 def plot_paper(ax: Axes, published: pd.DataFrame) -> None:
@@ -104,7 +136,11 @@ def plot_paper(ax: Axes, published: pd.DataFrame) -> None:
     published = published.drop_duplicates(["method", "compression_ratio"])  # Tables 1-3 overlap
     for method, points in published.groupby("method"):
         points = points.sort_values("compression_ratio")
-        style = {"color": method_color(str(method)), "alpha": 0.5, "label": f"{method} (paper)"}
+        style = {
+            "color": registry.info(str(method)).color,
+            "alpha": 0.5,
+            "label": f"{method} (paper)",
+        }
         ax.plot(points["compression_ratio"], points["acc"], "x--", **style)
 
 

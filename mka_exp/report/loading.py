@@ -245,3 +245,20 @@ def cell(value: object, digits: int | None = None) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+GROUP = ["model", "quantizer", "layers_after", "column"]  # one baseline per column and cut
+
+
+def align(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """A's and B's outcomes side by side, example by example; or why they cannot be paired."""
+    key = ["subtask", "doc_id"]
+    both = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
+    only = int((both["_merge"] != "both").sum())
+    if only:
+        return both, f"{only} of {len(both)} examples evaluated by only one"
+    if (both["doc_hash_a"] != both["doc_hash_b"]).any():
+        return both, "same ids, different documents"
+    if (both["prompt_hash_a"] != both["prompt_hash_b"]).any():
+        return both, "same documents, different prompts (few-shot settings?)"
+    return both, ""

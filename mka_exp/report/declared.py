@@ -1,0 +1,237 @@
+"""Declared comparisons: which differences are confirmatory, and Holm's correction within a family.
+
+A declaration names, before the runs (or, for evidence already seen, retrospectively, and the
+report says which), the comparisons it stands behind. It lives in the run config (`+compare=NAME`,
+`conf/compare/`, kept out of the config hash) or beside the records as `<outputs dir>/compare.yaml`:
+
+    declared: before the runs   # or: retrospective (the data had been seen)
+    metrics: [acc]              # the task metrics compared (MMLU: its macro average)
+    alpha: 0.05                 # family-wise error rate per family
+    repair_twins: true          # each repaired run against the same run without repair
+    primary:                    # run A minus run B; B may be best_pruning (cross-fitted)
+      - a: {method: mka, pairing: adjacent_back, lam: code, scope: linear}
+        b: {method: reverse_prune, keep_final: false}
+
+A side matches the runs of its method whose options (the registry's variant keys) have the given
+values; B is taken with A's repair. A family is one model × quantizer × layer count: every declared
+comparison there, over every task, is one Holm family. Only these comparisons carry marks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mka_exp.choices import did_you_mean
+from mka_exp.methods import registry
+from mka_exp.report import stats
+from mka_exp.report.loading import GROUP, ReportError, align, note, repair_name, run_label
+
+BEST = "best_pruning"
+WHEN = ("before the runs", "retrospective")
+KEYS = ("declared", "metrics", "alpha", "repair_twins", "primary")
+FAMILY = ["model", "quantizer", "removed"]
+FILE = "compare.yaml"
+
+
+@dataclass(frozen=True)
+class Side:
+    method: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def label(self) -> str:
+        if self.method == BEST:
+            return "best pruning (cross-fitted)"
+        options = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.method} ({options})" if options else self.method
+
+
+@dataclass(frozen=True)
+class Declaration:
+    when: str
+    metrics: tuple[str, ...]
+    alpha: float
+    repair_twins: bool
+    primary: tuple[tuple[Side, Side], ...]
+    source: str = ""
+
+    def same_as(self, other: Declaration) -> bool:
+        return {**self.__dict__, "source": ""} == {**other.__dict__, "source": ""}
+
+
+def bad(source: str, key: str, value: object, allowed: str) -> ReportError:
+    return ReportError(f"{source}: {key}={value!r} is not allowed; {allowed}")
+
+
+def parse(obj: object, source: str) -> Declaration:
+    """A declaration from its YAML/config mapping; one clear error per bad key or value."""
+    if not isinstance(obj, dict):
+        raise bad(source, "compare", obj, "expected a mapping with keys " + ", ".join(KEYS))
+    for key in obj:
+        if key not in KEYS:
+            raise bad(source, key, obj[key], f"keys: {', '.join(KEYS)}{did_you_mean(key, KEYS)}")
+    when = obj.get("declared")
+    if when not in WHEN:
+        raise bad(source, "declared", when, f"one of: {', '.join(WHEN)}")
+    metrics = tuple(obj.get("metrics") or ("acc",))
+    if not set(metrics) <= {"acc", "acc_norm"}:
+        raise bad(source, "metrics", list(metrics), "a list of acc, acc_norm")
+    alpha = obj.get("alpha", stats.ALPHA)
+    if not isinstance(alpha, float | int) or not 0 < alpha < 1:
+        raise bad(source, "alpha", alpha, "a number in (0, 1)")
+    pairs = tuple(
+        (
+            side(p.get("a"), f"{source}: primary[{i}].a"),
+            side(p.get("b"), f"{source}: primary[{i}].b"),
+        )
+        for i, p in enumerate(obj.get("primary") or [])
+    )
+    return Declaration(
+        when, metrics, float(alpha), bool(obj.get("repair_twins", False)), pairs, source
+    )
+
+
+def side(obj: object, where: str) -> Side:
+    """`best_pruning` or `{method: NAME, <variant key>: value, ...}`."""
+    if obj == BEST:
+        return Side(BEST)
+    if not isinstance(obj, dict) or "method" not in obj:
+        raise ReportError(
+            f"{where}: {obj!r} is not allowed; {BEST} or {{method: NAME, option: value}}"
+        )
+    method = obj["method"]
+    if method not in registry.METHODS:
+        hint = did_you_mean(str(method), list(registry.METHODS))
+        raise ReportError(f"{where}: method={method!r} is not a method{hint}")
+    keys = registry.METHODS[method].variant_keys
+    for key in obj:
+        if key != "method" and key not in keys:
+            allowed = ", ".join(keys) or "none"
+            raise ReportError(f"{where}: option {key!r} does not label a {method} variant "
+                              f"(its variant keys: {allowed}){did_you_mean(key, keys)}")  # fmt: skip
+    options = tuple(sorted((k, option_text(v)) for k, v in obj.items() if k != "method"))
+    return Side(method, options)
+
+
+def option_text(value: object) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def load_declaration(sources: list[Path], records: dict[str, dict]) -> Declaration | None:
+    """The declaration of these outputs dirs (their compare.yaml) and records (`compare` in the
+    config); None when there is none; an error when two disagree."""
+    found = []
+    for source in sources:
+        path = Path(source) / FILE
+        if path.is_file():
+            found.append(parse(yaml.safe_load(path.read_text()), str(path)))
+    for key, record in sorted(records.items()):
+        block = (record.get("config") or {}).get("compare")
+        if block:
+            found.append(parse(block, f"record {key} (config.compare)"))
+    for other in found[1:]:
+        if not other.same_as(found[0]):
+            raise ReportError(f"{found[0].source} and {other.source} declare different comparisons")
+    return found[0] if found else None
+
+
+def matches(config: dict, wanted: Side) -> bool:
+    method = config.get("method") or {}
+    return all(option_text(method.get(k)) == v for k, v in wanted.options)
+
+
+def repair_of(record: dict) -> object:
+    return repair_name(((record.get("config") or {}).get("repair") or {}).get("_target_"))
+
+
+Pair = Callable[[pd.DataFrame, str], dict]
+
+
+def primary_comparisons(
+    decl: Declaration | None,
+    accuracy: pd.DataFrame,
+    sets: dict,
+    composites: dict,
+    repair: pd.DataFrame,
+    records: dict[str, dict],
+    pair: Pair,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Every declared comparison, with Holm's adjusted p within its family and the mark."""
+    if decl is None:
+        return pd.DataFrame(), []
+    rows, notes = [], []
+    wanted = accuracy[accuracy["removed"] > 0]
+    wanted = wanted[wanted["metric"].str.removesuffix("_macro").isin(decl.metrics)]
+    for a_side, b_side in decl.primary:
+        for _, run in wanted[wanted["method"] == a_side.method].iterrows():
+            record = records.get(run["config_hash"], {})
+            if not matches(record.get("config") or {}, a_side):
+                continue
+            got, problem = against(run, b_side, wanted, sets, composites, records, pair)
+            if problem:
+                notes.append(note(run, f"declared {a_side.label()} − {b_side.label()}: {problem}"))
+            elif got:
+                name = f"{run_label(run)} − {b_side.label() if b_side.method == BEST else got.pop('b')}"
+                rows.append(identity(run) | {"comparison": name, "kind": "pair"} | got)
+    if decl.repair_twins and not repair.empty:
+        twins = repair[repair["metric"].str.removesuffix("_macro").isin(decl.metrics)]
+        for _, row in twins.iterrows():
+            fields = {k: row[k] for k in ("difference", "low", "high", "p_value", "a_only",
+                                           "b_only", "n", "mde", "excludes_zero")}  # fmt: skip
+            name = f"{run_label(row)} − same without repair"
+            rows.append(identity(row) | {"comparison": name, "kind": "repair",
+                                         "baseline_hash": row["baseline_hash"]} | fields)  # fmt: skip
+    return holm_within_families(pd.DataFrame(rows), decl.alpha), notes
+
+
+def identity(run: pd.Series) -> dict:
+    keys = ("config_hash", "model", "quantizer", "method", "variant", "removed", "column", "metric")
+    return {k: run[k] for k in keys}
+
+
+def against(run, b_side, wanted, sets, composites, records, pair) -> tuple[dict, str]:
+    """The paired cells of `run` minus side B in `run`'s column; or what went wrong."""
+    if b_side.method == BEST:
+        composite = composites.get(tuple(run[GROUP]))
+        if composite is None:
+            return {}, ""
+        b_outcomes, b_hash, b_label = composite.outcomes, "+".join(composite.hashes), ""
+    else:
+        pool = same_repair(run, b_side, wanted, records)
+        if len(pool) != 1:
+            many = f"{len(pool)} runs match side B in {run['column']}; declare it narrower"
+            return {}, many if pool else ""
+        b_hash, b_label = pool[0]["config_hash"], run_label(pool[0])
+        b_outcomes = sets[(b_hash, run["column"])]
+    aligned, problem = align(sets[(run["config_hash"], run["column"])], b_outcomes)
+    if problem:
+        return {}, f"{run['column']} evaluated on different examples ({problem})"
+    return {"b": b_label, "baseline_hash": b_hash} | pair(aligned, run["metric"]), ""
+
+
+def same_repair(run: pd.Series, b_side: Side, wanted: pd.DataFrame, records: dict) -> list:
+    """The runs of side B in `run`'s column and cut with `run`'s repair."""
+    here = wanted[(wanted[GROUP] == run[GROUP]).all(axis=1) & (wanted["method"] == b_side.method)]
+    mine = repair_of(records.get(run["config_hash"], {}))
+    return [r for _, r in here.iterrows()
+            if matches(records.get(r["config_hash"], {}).get("config") or {}, b_side)
+            and repair_of(records.get(r["config_hash"], {})) == mine]  # fmt: skip
+
+
+def holm_within_families(frame: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Holm's adjusted p per family (model × quantizer × layer count) and the mark."""
+    if frame.empty:
+        return frame
+    frame = frame.reset_index(drop=True)
+    frame["family_size"] = frame.groupby(FAMILY)["p_value"].transform("size")
+    frame["p_holm"] = np.nan
+    for _, index in frame.groupby(FAMILY).groups.items():
+        frame.loc[index, "p_holm"] = stats.holm(frame.loc[index, "p_value"].to_numpy())
+    frame["significant"] = frame["p_holm"] < alpha
+    return frame
