@@ -195,9 +195,11 @@ def read_json_dict(path: Path, key: str) -> dict:
     return obj
 
 
-def load_record(records_dir: Path, key: str) -> dict | None:
+def load_record(records_dir: Path, key: str, damaged: list[str] | None = None) -> dict | None:
     """The finished record of this config hash, if one exists (resume). A record that does not
-    parse, or whose hash or metrics are missing, is moved aside with a warning: None."""
+    parse, or whose hash or metrics are missing, is moved aside with a warning: None. A reader
+    that must not write (the report) passes `damaged`: the record stays where it is and
+    `<path>: <what is wrong>` is appended to that list."""
     path = record_path(records_dir, key)
     if not path.exists():
         return None
@@ -206,7 +208,10 @@ def load_record(records_dir: Path, key: str) -> dict | None:
         if not isinstance(record.get("metrics"), dict):
             raise ValueError("no metrics")
     except ValueError as err:
-        move_aside(path, str(err))
+        if damaged is not None:
+            damaged.append(f"{path}: {err}")
+        else:
+            move_aside(path, str(err))
         return None
     return record
 
@@ -342,9 +347,12 @@ def record_keys(records_dir: Path) -> list[str]:
     return sorted(p.stem for p in (Path(records_dir) / "records").glob("*.json"))
 
 
-def load_records(records_dir: Path, keys: Iterable[str]) -> list[dict]:
-    """The records of these hashes that load (damaged ones are moved aside)."""
-    return [r for r in (load_record(records_dir, k) for k in keys) if r is not None]
+def load_records(
+    records_dir: Path, keys: Iterable[str], damaged: list[str] | None = None
+) -> list[dict]:
+    """The records of these hashes that load (damaged ones are moved aside, or with `damaged`
+    named there and left in place)."""
+    return [r for r in (load_record(records_dir, k, damaged) for k in keys) if r is not None]
 
 
 def rows_of(records: list[dict]) -> pd.DataFrame:
@@ -406,6 +414,7 @@ def upsert_locked(table: Path, records_dir: Path, records: list[dict], replace: 
         rows.to_csv(tmp, index=False)
 
 
-def rebuild_table(records_dir: Path) -> pd.DataFrame:
-    """The table recomputed from every record on disk (what `results.csv` must equal)."""
-    return rows_of(load_records(records_dir, record_keys(records_dir)))
+def rebuild_table(records_dir: Path, damaged: list[str] | None = None) -> pd.DataFrame:
+    """The table recomputed from every record on disk (what `results.csv` must equal); with
+    `damaged`, read-only (see `load_record`)."""
+    return rows_of(load_records(records_dir, record_keys(records_dir), damaged))

@@ -689,6 +689,24 @@ def test_variant_shows_a_task_list_compactly(tmp_path):
     assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]
 
 
+def test_the_report_names_damaged_records_and_leaves_them_in_place(sweep, tmp_path):
+    root, runs = sweep
+    copy = tmp_path / "damaged"
+    shutil.copytree(root / "records", copy / "records")
+    cut = copy / "records" / f"{runs['perfect']['config_hash']}.json"
+    cut.write_bytes(cut.read_bytes()[:50])  # a record cut mid-write
+    aside = copy / "records" / "0123abcd.json.damaged"
+    aside.write_text("{")
+    before = sorted((p.name, p.read_bytes()) for p in (copy / "records").iterdir())
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "200"]) == 0
+    assert sorted((p.name, p.read_bytes()) for p in (copy / "records").iterdir()) == before
+    text = (tmp_path / "out" / "statistics.md").read_text()
+    line = next(x for x in text.splitlines() if "damaged record(s)" in x)
+    assert line.startswith("- 2 damaged record(s), not read and left where they are: ")
+    assert f"{cut}: not JSON" in line and f"{aside}: moved aside by an earlier run" in line
+
+
 def test_cross_fit_chooses_on_the_other_half():
     from mka_exp.report import crossfit
 

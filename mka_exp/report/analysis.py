@@ -23,6 +23,7 @@ from mka_exp.report.loading import (
     ReportError,
     align,
     column,
+    damaged_records,
     load_records,
     note,
     outcome_sets,
@@ -114,6 +115,11 @@ def compute_stats(
     df = df.assign(removed=column(df, "layers_before") - column(df, "layers_after"))
     check_baseline(df, baseline)
     frames, notes = read_all_samples(df, records, root)
+    damaged = damaged_records(root)
+    if damaged:
+        text = f"{len(damaged)} damaged record(s), not read and left where they are: "
+        notes.append({"model": None, "quantizer": None, "removed": None,
+                      "text": text + "; ".join(damaged)})  # fmt: skip
     accuracy, sets = accuracy_rows(df, frames, boot)
     composites, baselines, more = baseline_composites(accuracy, sets, baseline)
     differences, more2 = paired_differences(accuracy, sets, composites, boot)

@@ -3,12 +3,12 @@ derived columns every table uses (ratio, variant label, accuracy in %), and per-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mka_exp import results
 from mka_exp import samples as samples_mod
 from mka_exp.methods import registry
 from mka_exp.results import NON_RESULT_KEYS, rebuild_table
@@ -44,7 +44,7 @@ def load_table(path: Path) -> tuple[pd.DataFrame, Path]:
     if not path.exists():
         raise ReportError(f"{path}: no such file or directory")
     if path.is_dir():
-        table = rebuild_table(path)
+        table = rebuild_table(path, damaged=[])  # read-only: a damaged record stays in place
         if table.empty:
             raise ReportError(f"{path}: no run records found (expected {path / 'records'}/*.json)")
         return attach_configs(table, path), path
@@ -60,8 +60,7 @@ def load_table(path: Path) -> tuple[pd.DataFrame, Path]:
 def attach_configs(table: pd.DataFrame, outputs: Path) -> pd.DataFrame:
     """Add each record's resolved config as `config.<dotted key>` columns (variant labels)."""
     rows = []
-    for file in sorted((outputs / "records").glob("*.json")):
-        record = json.loads(file.read_text())
+    for record in load_records(outputs).values():
         flat = pd.json_normalize(record.get("config") or {}, sep=".").iloc[0].to_dict()
         row = {f"config.{k}": v if np.isscalar(v) or v is None else label_cell(v)
                for k, v in flat.items()}  # fmt: skip
@@ -169,8 +168,18 @@ def short_key(column_name: str) -> str:
 
 
 def load_records(root: Path) -> dict[str, dict]:
-    records = (json.loads(p.read_text()) for p in sorted((root / "records").glob("*.json")))
-    return {r["config_hash"]: r for r in records if "config_hash" in r}
+    """The records that read whole, by config hash; the report never moves a damaged one."""
+    records = results.load_records(root, results.record_keys(root), damaged=[])
+    return {r["config_hash"]: r for r in records}
+
+
+def damaged_records(root: Path) -> list[str]:
+    """`<path>: <what is wrong>` for each record that does not read, and each one an earlier
+    run moved aside (`*.json.damaged`); all left where they are."""
+    damaged: list[str] = []
+    results.load_records(root, results.record_keys(root), damaged)
+    aside = sorted((Path(root) / "records").glob("*.json.damaged"))
+    return damaged + [f"{path}: moved aside by an earlier run" for path in aside]
 
 
 def run_label(run: pd.Series | dict, model: bool = False) -> str:
