@@ -769,3 +769,28 @@ def test_a_run_that_gives_one_answer_is_flagged_with_the_targets_share(sweep, tm
     own = rows[boolq]["pred"].value_counts(normalize=True).iloc[0]  # the unplanted original
     named = (flagged["config_hash"] == short["config_hash"]) & (flagged["task"] == "boolq")
     assert named.any() == (own >= sensitivity.ONE_ANSWER_SHARE)
+
+
+EVIDENCE = Path(__file__).resolve().parent.parent / "docs" / "evidence"
+
+
+def evidence_stats(name: str, seed: int) -> analysis.Stats:
+    root = EVIDENCE / name
+    table, _ = loading.load_table(root)
+    decl = declared.load_declaration([root], loading.load_records(root))
+    return analysis.compute_stats(loading.prepare(table), root, boot=analysis.Boot(1000, seed),
+                                  declaration=decl)  # fmt: skip
+
+
+def test_marks_on_the_committed_evidence_do_not_move_with_the_bootstrap_seed():
+    """Qwen-1.5B MMLU is the committed evidence with macro averages, the only intervals that
+    resample; a mark is Holm on McNemar's exact p, so five seeds give the same marks (and the
+    same p) while the macro intervals move. Single-task intervals (Newcombe) take no seed."""
+    runs = [evidence_stats("qwen15b_mmlu", seed) for seed in range(5)]
+    marks = [tuple(st.primary["significant"]) for st in runs]
+    assert len(marks[0]) > 0 and len(set(marks)) == 1
+    assert all(st.primary["p_holm"].equals(runs[0].primary["p_holm"]) for st in runs)
+    lows = {tuple(st.differences["low"].round(12)) for st in runs}
+    assert len(lows) > 1  # the bootstrap did resample: the check above could have failed
+    a, b = np.r_[np.ones(40), np.zeros(60)], np.r_[np.ones(30), np.zeros(70)]
+    assert stats.paired(a, b, seed=1).difference == stats.paired(a, b, seed=2).difference

@@ -262,12 +262,25 @@ GROUP = ["model", "quantizer", "layers_after", "column"]  # one baseline per col
 def align(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """A's and B's outcomes side by side, example by example; or why they cannot be paired."""
     key = ["subtask", "doc_id"]
-    both = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
-    only = int((both["_merge"] != "both").sum())
-    if only:
+    both = same_examples(a, b, key)
+    if both is None:  # some example evaluated by one run only: say how many
+        both = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
+        only = int((both["_merge"] != "both").sum())
         return both, f"{only} of {len(both)} examples evaluated by only one"
     if (both["doc_hash_a"] != both["doc_hash_b"]).any():
         return both, "same ids, different documents"
     if (both["prompt_hash_a"] != both["prompt_hash_b"]).any():
         return both, "same documents, different prompts (few-shot settings?)"
     return both, ""
+
+
+def same_examples(a: pd.DataFrame, b: pd.DataFrame, key: list[str]) -> pd.DataFrame | None:
+    """A's and B's rows side by side when both hold exactly the same keys (the usual case: a
+    merge costs ~50x more, and the report pairs a thousand times); None otherwise."""
+    a, b = a.sort_values(key, kind="stable"), b.sort_values(key, kind="stable")
+    if len(a) != len(b) or a[key].duplicated().any():
+        return None
+    if not all(np.array_equal(a[k].to_numpy(), b[k].to_numpy()) for k in key):
+        return None
+    parts = [a[key], a.drop(columns=key).add_suffix("_a"), b.drop(columns=key).add_suffix("_b")]
+    return pd.concat([part.reset_index(drop=True) for part in parts], axis=1)
