@@ -92,9 +92,7 @@ RECORDS = [
     make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.58}, lam="paper"),
     make_record("llama3_8b", "reverse_prune", 32, 28, {"mmlu/acc": 0.655}),
     make_record("llama3_8b", "sparsegpt", 32, 32, five(0.45, 0.6, 0.3, 0.3, 0.5), sparsity=0.34375),
-    make_record(
-        "llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.61}, "gptq", 4, lam="code"
-    ),
+    make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.61}, "gptq", 4, lam="code"),
     make_record("llama3_8b", "mka", 32, 18, {"mmlu/acc_macro": 0.62}, "smoothquant", 8),
     make_record("smollm2_135m", "reverse_prune", 30, 27, {"piqa/acc": 0.6, "mmlu/acc": 0.3}),
     make_record("smollm2_135m", "reverse_prune", 30, 24, {"piqa/acc": 0.55, "mmlu/acc": 0.27}),
@@ -286,8 +284,16 @@ def sweep(tmp_path_factory, data_root) -> tuple[Path, dict]:
     )
     rows = samples.read_samples(root, short)
     right = rows.assign(acc=1.0, acc_norm=rows["acc_norm"].where(rows["acc_norm"].isna(), 1.0))
-    runs["perfect"] = planted(root, short, "mka", right, bandwidth="perfect", lam="code",
-                               pairing="adjacent_back", scope="linear")  # MKA defaults
+    runs["perfect"] = planted(
+        root,
+        short,
+        "mka",
+        right,
+        bandwidth="perfect",
+        lam="code",
+        pairing="adjacent_back",
+        scope="linear",
+    )  # MKA defaults
     runs["fewer"] = planted(root, short, "mka", rows.iloc[3:], bandwidth="fewer")
     for seed, layers, acc in ((0, [1, 2], 1.0), (1, [1, 2], 0.0), (2, [0, 2], 1.0)):
         seeded = json.loads(json.dumps(runs["mka"]))
@@ -367,11 +373,14 @@ def test_without_a_declaration_nothing_is_marked_and_ties_read_not_detected(swee
     assert "### Accuracy (%, 95 % interval)" in text and "Examples per task: piqa 24" in text
     assert "### Against best pruning (cross-fitted) at 1 of 4 layers removed (exploratory)" in text
     against = text.split("### Does merging beat pruning?")[0]
-    perfect = [line for line in against.splitlines() if "bandwidth=perfect" in line and " p" in line]
+    perfect = [
+        line for line in against.splitlines() if "bandwidth=perfect" in line and " p" in line
+    ]
     assert len(perfect) == 1 and perfect[0].count("p<0.001 (MDE ") == 3  # every column
     assert perfect[0].count("+") == 9  # Δ, low and high positive in each
     assert "*" not in against.split("### Against")[1]  # exploratory: no marks
     assert "Declared comparisons: none" in text and "not detected (MDE " in text
+    assert "none of these" in text and "so this document has no such section" in text
     for word in (" tie", "equal", "within the interval"):
         assert word not in text
     assert re.search(r"\| none \|  \| 0 \|  \| \d+\.\d \[\d+\.\d, \d+\.\d\]", text)
@@ -423,7 +432,9 @@ def test_declared_comparisons_are_holm_adjusted_within_each_family(sweep):
 def test_declaration_errors_are_one_line_with_suggestions(sweep):
     root, _ = sweep
     with pytest.raises(loading.ReportError, match=r"method='mk' is not a method.*did you mean mka"):
-        declare(root, "declared: retrospective\nprimary:\n  - a: {method: mk}\n    b: best_pruning\n")
+        declare(
+            root, "declared: retrospective\nprimary:\n  - a: {method: mk}\n    b: best_pruning\n"
+        )
     with pytest.raises(loading.ReportError, match=r"option 'lambda' does not label a mka variant"):
         declare(root, "declared: retrospective\nprimary:\n  - a: {method: mka, lambda: code}\n"
                       "    b: best_pruning\n")  # fmt: skip
@@ -493,7 +504,9 @@ def test_curve_figure_is_small_multiples_with_registry_styles_and_an_outside_leg
 
     figures.save = keep
     try:
-        path = figures.curve_figure(runs, tables.load_paper(), "m", ["piqa", "boolq"], tmp_path, chance)
+        path = figures.curve_figure(
+            runs, tables.load_paper(), "m", ["piqa", "boolq"], tmp_path, chance
+        )
     finally:
         figures.save = original
     fig = captured["fig"]
@@ -707,6 +720,44 @@ def test_the_report_names_damaged_records_and_leaves_them_in_place(sweep, tmp_pa
     assert f"{cut}: not JSON" in line and f"{aside}: moved aside by an earlier run" in line
 
 
+def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path, monkeypatch):
+    """A planted dense run always right, and a compressed one that swaps the two choices on even
+    doc ids: half the answers flip, all correct->wrong, KL as computed by hand."""
+    root, runs = sweep
+    monkeypatch.setattr(samples, "COLUMNS", (*samples.COLUMNS, "choice_ll", "choice_len"))
+    copy = tmp_path / "choices"
+    shutil.copytree(root / "records", copy / "records")
+    rows = samples.read_samples(root, runs["none"])
+    right = [[0.0, -1.0] if t == 0 else [-1.0, 0.0] for t in pd.to_numeric(rows["target"])]
+    dense = rows.assign(choice_ll=right, choice_len=[[5, 5]] * len(rows))
+    swap = [ll[::-1] if d % 2 == 0 else ll for ll, d in zip(right, rows["doc_id"], strict=True)]
+    short = next(json.loads(p.read_text()) for p in (root / "records").glob("*.json")
+                 if '"method": "shortgpt"' in p.read_text() and '"layers_after": 3' in p.read_text())  # fmt: skip
+    swapped = samples.read_samples(root, short).assign(
+        choice_ll=swap, choice_len=[[5, 5]] * len(rows)
+    )
+    planted(copy, runs["none"], "none", dense, bandwidth="with_choices")
+    planted(copy, short, "shortgpt", swapped, bandwidth="with_choices")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "distance_to_dense.csv")
+    assert len(table) == 2 and set(table["task"]) == {"piqa", "boolq"}  # the planted run only
+    p, q = (
+        np.exp([0.0, -1.0]) / np.exp([0.0, -1.0]).sum(),
+        np.exp([-1.0, 0.0]) / np.exp([-1.0, 0.0]).sum(),
+    )
+    kl = float(np.sum(p * np.log(p / q)))
+    for _, row in table.iterrows():
+        assert (
+            row["flips"] == 0.5 and row["correct_to_wrong"] == 0.5 and row["wrong_to_correct"] == 0
+        )
+        assert row["kl"] == pytest.approx(kl / 2, rel=1e-12)
+        assert row["flips_norm"] == 0.5  # equal lengths: acc_norm flips with acc
+    text = (tmp_path / "out" / "statistics.md").read_text()
+    assert "### Distance to the dense model" in text
+    assert "1 of the" in text.split("Distance to the dense model (flips")[1][:80]  # one run
+
+
 def test_cross_fit_chooses_on_the_other_half():
     from mka_exp.report import crossfit
 
@@ -719,6 +770,7 @@ def test_cross_fit_chooses_on_the_other_half():
     assert composite.outcomes["y"].tolist() == [0.0] * 8  # neither's luck carries over
     same = crossfit.cross_fit([("hx", "x", x.assign(y=1.0)), ("hy", "y", y)], macro=False)
     assert same.hashes == ("hx", "hx") and "chosen on each half" in same.describe()
+
 
 def test_layers_text_names_laco_merges_like_mka_merges():
     """LaCo records each merge as a kept layer and the layers merged into it; MKA as kept and

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from mka_exp.choices import did_you_mean
 from mka_exp.methods import registry
-from mka_exp.report import crossfit, declared, stats
+from mka_exp.report import crossfit, declared, distance, stats
 from mka_exp.report.loading import (
     GROUP,
     ReportError,
@@ -77,6 +78,8 @@ class Stats:
     declaration: declared.Declaration | None = None
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # per-example rows per run
     merging: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `merging_vs_pruning`
+    distance: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `distance.dense_distances`
+    distance_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # declared pairs in KL
 
 
 def accuracy_interval(outcomes: pd.DataFrame, metric: str, boot: Boot) -> stats.Interval:
@@ -110,37 +113,41 @@ def compute_stats(
     declaration: declared.Declaration | None = None,
 ) -> Stats:
     """Intervals, paired differences against the baseline, repair effects, the declared
-    comparisons (Holm within each family) and calibration sensitivity."""
+    comparisons (Holm within each family), distance to the dense model and calibration
+    sensitivity."""
     records = load_records(root)
     df = df.assign(removed=column(df, "layers_before") - column(df, "layers_after"))
     check_baseline(df, baseline)
     frames, notes = read_all_samples(df, records, root)
-    damaged = damaged_records(root)
-    if damaged:
-        text = f"{len(damaged)} damaged record(s), not read and left where they are: "
-        notes.append({"model": None, "quantizer": None, "removed": None,
-                      "text": text + "; ".join(damaged)})  # fmt: skip
+    notes += damaged_notes(root)
     accuracy, sets = accuracy_rows(df, frames, boot)
     composites, baselines, more = baseline_composites(accuracy, sets, baseline)
     differences, more2 = paired_differences(accuracy, sets, composites, boot)
     repair = repair_effects(accuracy, sets, records, boot)
+    pair = partial(paired_cells, boot=boot)
     primary, more3 = declared.primary_comparisons(
-        declaration,
-        accuracy,
-        sets,
-        composites,
-        repair,
-        records,
-        lambda a, m: paired_cells(a, m, boot),
+        declaration, accuracy, sets, composites, repair, records, pair
     )
-    notes = pd.DataFrame(
-        notes + more + more2 + more3, columns=["model", "quantizer", "removed", "text"]
-    )
-    return Stats(accuracy, differences, notes.drop_duplicates(),
-                 calibration_sensitivity(df, records), chance_levels(sets),
-                 baseline or BEST_PRUNING, repair, one_answer_runs(df, frames), baselines,
-                 primary, declaration, frames,
-                 merging_vs_pruning(accuracy, sets, composites, boot) if not baseline else pd.DataFrame())  # fmt: skip
+    dist, per_example = distance.dense_distances(accuracy, frames, boot.resamples, boot.seed)
+    notes = pd.DataFrame(notes + more + more2 + more3, columns=NOTE_COLUMNS).drop_duplicates()
+    st = Stats(accuracy, differences, notes, calibration_sensitivity(df, records),
+               chance_levels(sets), baseline or BEST_PRUNING, repair, one_answer_runs(df, frames),
+               baselines, primary, declaration, frames, distance=dist)  # fmt: skip
+    if not baseline:  # a --baseline METHOD answers another question
+        st.merging = merging_vs_pruning(accuracy, sets, composites, boot)
+    st.distance_pairs = distance.declared_distances(primary, per_example, boot.resamples, boot.seed)
+    return st
+
+
+NOTE_COLUMNS = ["model", "quantizer", "removed", "text"]
+
+
+def damaged_notes(root: Path) -> list[dict]:
+    damaged = damaged_records(root)
+    if not damaged:
+        return []
+    text = f"{len(damaged)} damaged record(s), not read and left where they are: "
+    return [{"model": None, "quantizer": None, "removed": None, "text": text + "; ".join(damaged)}]
 
 
 def baseline_composites(

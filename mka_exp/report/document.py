@@ -39,6 +39,8 @@ def methods_text(st: Stats | None, boot_resamples: int = stats.N_RESAMPLES) -> s
                 f"Baseline: {baseline_text(st)}",
                 "",
                 declaration_text(st),
+                "",
+                distance_text(st),
             ]
         )
         + "\n"
@@ -76,6 +78,20 @@ def declaration_text(st: Stats | None) -> str:
             "mark uses McNemar's exact p only, so it has no seed); the unadjusted and adjusted "
             f"p stand beside each other. {counts} Every other comparison is exploratory: "
             "unadjusted p, no mark.")  # fmt: skip
+
+
+def distance_text(st: Stats | None) -> str:
+    """Whether the distance-to-dense sections exist, and why not."""
+    runs = 0 if st is None or st.distance.empty else st.distance["config_hash"].nunique()
+    total = 0 if st is None else st.accuracy["config_hash"].nunique()
+    if runs:
+        return (f"Distance to the dense model (flips, KL, gold log-probability): {runs} of the "
+                f"{total} runs keep per-choice log-likelihoods (`choice_ll`); each model's "
+                "section shows them.")  # fmt: skip
+    return (f"Distance to the dense model (flips, KL over the choices, gold log-probability): none "
+            f"of these {total} runs keeps per-choice log-likelihoods (`choice_ll` in the "
+            "per-example records; older evaluations did not write them), so this document has no "
+            "such section. Runs evaluated with the current code get them.")  # fmt: skip
 
 
 def mark_counts(primary) -> str:

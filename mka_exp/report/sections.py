@@ -24,6 +24,7 @@ def stats_markdown(st: Stats, records: dict[str, dict]) -> str:
         lines += one_answer_lines(st, model, quant)
         lines += [COST_HEADING, cost_table(acc, records)]
         lines += comparisons.model_sections(st, model, quant, int(acc["layers_before"].iloc[0]))
+        lines += distance_section(st, model, quant)
     if not st.sensitivity.empty:
         lines += ["\n## Calibration sensitivity\n", sensitivity_text(st.sensitivity)]
     return "\n".join(lines) + "\n"
@@ -127,3 +128,56 @@ def one_answer_lines(st: Stats, model: str, quant: str) -> list[str]:
         "not what the compression kept."
         for _, r in flagged.iterrows()
     ]
+
+
+def bounded(interval: object, scale: float = 100.0, digits: int = 1) -> str:
+    """`value [low, high]` of a stats.Interval, times `scale`."""
+    v, lo, hi = (scale * x for x in (interval.value, interval.low, interval.high))
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def distance_section(st: Stats, model: str, quant: str) -> list[str]:
+    """Runs with per-choice log-likelihoods against their dense run (only those: older records
+    lack them); then the declared run-vs-run comparisons in KL with their power."""
+    rows = of_model(st.distance, model, quant) if not st.distance.empty else st.distance
+    if rows.empty:
+        return []
+    table = pd.DataFrame({
+        "method": rows["method"], "variant": rows["variant"], "removed": rows["removed"],
+        "task": rows["task"], "flips %": rows["flips"].map(bounded),
+        "correct→wrong %": rows["correct_to_wrong"].map(bounded),
+        "wrong→correct %": rows["wrong_to_correct"].map(bounded),
+        "KL (nats)": rows["kl"].map(lambda i: bounded(i, 1, 3)),
+        "Δ log p(gold)": rows["gold_delta"].map(lambda i: bounded(i, 1, 3))})  # fmt: skip
+    lines = [DISTANCE_HEADING, markdown(table)]
+    pairs = of_model(st.distance_pairs, model, quant) if not st.distance_pairs.empty else None
+    if pairs is not None and not pairs.empty:
+        power = pd.DataFrame({
+            "removed": pairs["removed"], "comparison": pairs["comparison"], "task": pairs["task"],
+            "Δ KL (nats)": pairs["kl"].map(lambda i: bounded(i, 1, 3)),
+            "Δ flips %": pairs["flips"].map(bounded),
+            "examples for 80 % power: accuracy": pairs["n_acc"].map(count),
+            "KL": pairs["n_kl"].map(count), "ratio": pairs["ratio"].map(lambda r: f"{r:.1f}")})  # fmt: skip
+        lines += [DISTANCE_PAIRS_HEADING, markdown(power)]
+    return lines
+
+
+def count(n: float) -> str:
+    return "∞ (no difference seen)" if n == float("inf") else f"{n:,.0f}"
+
+
+DISTANCE_HEADING = """
+### Distance to the dense model
+
+Each compressed run against its model's dense run on the same examples, from the per-choice
+log-likelihoods: flips (the `acc` answer changed; split correct→wrong and wrong→correct), the mean
+KL divergence from the dense model's softmax over the choices to the compressed model's, and the
+mean change of the gold answer's log-probability, each with a 95 % bootstrap interval over the
+examples (each example's dense and compressed values resampled together).
+"""
+
+DISTANCE_PAIRS_HEADING = """
+Declared run-vs-run comparisons in these terms (A minus B, paired by example), and the examples a
+paired test needs for 80 % power at α = 0.05 to detect the observed difference: of accuracy and
+of KL, each from its own per-example differences; the ratio is accuracy's over KL's.
+"""
