@@ -737,7 +737,7 @@ def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path
         choice_ll=swap, choice_len=[[5, 5]] * len(rows)
     )
     planted(copy, runs["none"], "none", dense, bandwidth="with_choices")
-    planted(copy, short, "shortgpt", swapped, bandwidth="with_choices")
+    planted(copy, short, "shortgpt", swapped, representation="with_choices")
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
     table = pd.read_csv(tmp_path / "out" / "distance_to_dense.csv")
@@ -756,6 +756,20 @@ def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path
     text = (tmp_path / "out" / "statistics.md").read_text()
     assert "### Distance to the dense model" in text
     assert "1 of the" in text.split("Distance to the dense model (flips")[1][:80]  # one run
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "distance_power.py"
+    spec = importlib.util.spec_from_file_location("distance_power", script)
+    distance_power = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(distance_power)
+    planted(copy, short, "shortgpt", dense, representation="no_flip")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert distance_power.main([str(copy)]) == 0
+    lines = printed.getvalue().splitlines()
+    pairs = [x for x in lines if "representation=with_choices" in x and "=no_flip" in x]
+    assert len(pairs) == 2 and all("| 24 | -50 |" in x or "| 24 | 50 |" in x for x in pairs)
+    assert lines[-1].startswith("2 pairs; median ratio ")
 
 
 def test_cross_fit_chooses_on_the_other_half():
