@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def new_figure(size: tuple[float, float] = (6.5, 4.5)) -> Figure:
     return fig
 
 
-PANEL = (4.2, 3.4)  # inches per task panel
+PANEL = (4.0, 3.2)  # inches per task panel
 LINESTYLES = ("-", "--", ":", "-.")  # a method's variants differ by line style, then fill
 
 
@@ -50,9 +51,12 @@ def curve_plots(
 def curve_figure(
     runs: pd.DataFrame, paper: pd.DataFrame, model: str, tasks: list[str], out: Path, chance: dict
 ) -> Path:
-    cols = min(len(tasks), 3)
+    cols = 1 if len(tasks) == 1 else 2
     rows = -(-len(tasks) // cols)
-    fig = new_figure((PANEL[0] * cols, PANEL[1] * rows + 0.4 + 0.22 * legend_rows(runs, cols)))
+    labels = legend_labels(runs)
+    ncols = 1 if len(labels) <= LEGEND_ROWS else 2
+    height = max(PANEL[1] * rows + 0.5, LINE_HEIGHT * legend_lines(labels, ncols) + 0.8)
+    fig = new_figure((PANEL[0] * cols + LEGEND_WIDTH * ncols, height))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, task in zip(axes, tasks, strict=False):
         have = runs[runs[task].notna()]
@@ -60,18 +64,47 @@ def curve_figure(
         plot_references(ax, have, task, chance.get(task))
         published = paper[(paper["model"] == model) & (paper["task"] == task)]
         plot_paper(ax, published[published["quantizer"] == "none"])
-        ax.set(title=task, ylabel="accuracy (%)", xlabel="fraction removed")
+        ax.set(title=task, ylabel="accuracy (%)", xlabel=XLABEL)
         ax.grid(alpha=0.3)
     for ax in axes[len(tasks) :]:
         ax.set_axis_off()
-    fig.suptitle(f"{model}: accuracy vs compression (layers removed; weights for sparsegpt)")
+    fig.suptitle(model, x=0.01, ha="left", fontsize="medium")  # the legend holds the right
     handles, labels = legend_entries(axes[: len(tasks)])
-    fig.legend(handles, labels, loc="outside lower center", ncols=cols + 1, fontsize="small")
+    fig.legend(handles, [wrap(x) for x in labels], loc="outside right upper", fontsize="x-small",
+               ncols=ncols)  # fmt: skip
     return save(fig, out / "plots" / f"curve_{model}.png")
 
 
-def legend_rows(runs: pd.DataFrame, cols: int) -> int:
-    return -(-(runs.groupby(["method", "variant"]).ngroups + 3) // (cols + 1))
+XLABEL = "fraction removed (layers; weights for sparsegpt)"
+LEGEND_WIDTH = 2.9  # inches right of the panels, per legend column
+LEGEND_ROWS = 16  # entries in one legend column before a second one
+LINE_HEIGHT = 0.16  # inches per legend text line at x-small
+SPREAD = 0.03  # x range over which a point's lines are spread, so their error bars stay apart
+TASKS_LABEL = re.compile(r"tasks=[^,)]*(, )?")
+
+
+def legend_labels(runs: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(line_label_text(m, v) for m, v in zip(runs["method"],
+                                                                    runs["variant"], strict=True)))  # fmt: skip
+
+
+def legend_lines(labels: list[str], ncols: int) -> int:
+    return -(-sum(wrap(x).count("\n") + 1 for x in labels) // ncols)
+
+
+def line_label_text(method: object, variant: object) -> str:
+    """`method (variant)` without the evaluated task list (each panel is one task)."""
+    variant = TASKS_LABEL.sub("", str(variant or "")).strip(", ")
+    return f"{method} ({variant})" if variant else str(method)
+
+
+def wrap(label: str, width: int = 40) -> str:
+    """Long variant labels over two lines (at a comma), so the legend stays narrow."""
+    if len(label) <= width or ", " not in label:
+        return label
+    cut = label.rfind(", ", 0, width)
+    cut = cut if cut > 0 else label.find(", ")
+    return label[: cut + 1] + "\n  " + label[cut + 2 :]
 
 
 def legend_entries(axes) -> tuple[list, list[str]]:
@@ -94,10 +127,16 @@ def method_style(method: str, index: int) -> dict:
 
 def plot_ours(ax: Axes, runs: pd.DataFrame, task: str) -> None:
     """A line per method and variant, in the registry's display order."""
+    count = runs[runs["compression_ratio"] > 0].groupby(["method", "variant"]).ngroups
+    dodge, k = SPREAD / max(count - 1, 1), 0
     for method, lines in runs.groupby("method", sort=False):  # `runs` is in display order
         for i, (variant, line) in enumerate(lines.groupby("variant", sort=False)):
             line = line.sort_values("compression_ratio")
-            label = f"{method} ({variant})" if variant else method
+            if (line["compression_ratio"] > 0).any():  # the dense point stays at 0
+                line = line.assign(compression_ratio=line["compression_ratio"]
+                                   + dodge * (k - (count - 1) / 2))  # fmt: skip
+                k += 1
+            label = line_label_text(method, variant)
             style = method_style(str(method), i)
             low, high = line.get(f"{task}_low"), line.get(f"{task}_high")
             if low is not None and low.notna().any():
@@ -126,8 +165,10 @@ def plot_references(
 
 
 def line_label(ax: Axes, y: float, text: str, color: str) -> None:
-    ax.annotate(text, xy=(1, y), xycoords=("axes fraction", "data"), xytext=(-2, 2),
-                textcoords="offset points", ha="right", va="bottom", fontsize="x-small",
+    """The label on the line's left part, right of the dense point, where no compressed run
+    sits (their ratios start at one layer removed)."""
+    ax.annotate(text, xy=(0.06, y), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                textcoords="offset points", ha="left", va="bottom", fontsize="x-small",
                 color=color)  # fmt: skip
 
 
