@@ -117,7 +117,10 @@ def write_comparison_doc(path: Path, report: Report, sources: list[Path], comman
     header = comparison_header(report.stats, records, sources, command)
     path.parent.mkdir(parents=True, exist_ok=True)
     figures = figures_section(report.plots, path.parent / FIGURES)
-    text = f"{GENERATED}\n{header}\n{figures}{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
+    summary = summary_section(report.stats)
+    text = (
+        f"{GENERATED}\n{header}\n{summary}{figures}{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
+    )
     write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
     return path
 
@@ -137,6 +140,53 @@ def figures_section(plots: list[Path], into: Path) -> str:
         shutil.copyfile(plot, into / plot.name)
         lines.append(f"![{plot.stem}]({FIGURES}/{plot.name})\n")
     return "\n".join(lines) + "\n" if plots else ""
+
+
+def summary_section(st: Stats) -> str:
+    """Per model, the counts a reading quotes, from the records: declared comparisons and marks,
+    their MDEs, merging against pruning, and runs that give one answer."""
+    lines = ["## Summary (generated from the records)\n"]
+    for model in sorted(set(st.accuracy["model"])):
+        parts = [
+            declared_counts(st, model),
+            merging_counts(st, model),
+            one_answer_counts(st, model),
+        ]
+        lines.append(f"- **{model}.** " + " ".join(p for p in parts if p))
+    return "\n".join(lines) + "\n\n"
+
+
+def declared_counts(st: Stats, model: str) -> str:
+    rows = st.primary[st.primary["model"] == model] if not st.primary.empty else st.primary
+    if rows.empty:
+        return "No declared comparison."
+    mde = 100 * rows["mde"].dropna()
+    span = f"; their MDE {mde.min():.1f}–{mde.max():.1f} points" if len(mde) else ""
+    return (f"{len(rows)} declared comparisons in {rows.groupby(FAMILY_KEYS).ngroups} families: "
+            f"{int(rows['significant'].sum())} marked after Holm ({int((rows['p_value'] < 0.05).sum())}"
+            f" with unadjusted p < 0.05){span}.")  # fmt: skip
+
+
+def merging_counts(st: Stats, model: str) -> str:
+    rows = st.merging[st.merging["model"] == model] if not st.merging.empty else st.merging
+    if rows.empty:
+        return ""
+    above = int((rows["excludes_zero"] & (rows["difference"] > 0)).sum())
+    below = int((rows["excludes_zero"] & (rows["difference"] < 0)).sum())
+    return (f"Best merging against best pruning (both cross-fitted; exploratory): above in {above},"
+            f" below in {below}, not detected in {len(rows) - above - below} of {len(rows)} "
+            "columns × cuts.")  # fmt: skip
+
+
+def one_answer_counts(st: Stats, model: str) -> str:
+    rows = st.one_answer[st.one_answer["model"] == model] if not st.one_answer.empty else None
+    if rows is None or rows.empty:
+        return "No run gives one answer to a task."
+    counts = ", ".join(f"{task} {n}" for task, n in rows.groupby("task", sort=False).size().items())
+    return f"Runs giving one answer to at least 90 % of a task's examples: {counts}."
+
+
+FAMILY_KEYS = ["model", "quantizer", "removed"]
 
 
 def kept_part(path: Path) -> str:
