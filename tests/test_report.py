@@ -885,3 +885,19 @@ def test_the_hand_written_reading_quotes_the_one_answer_counts_of_the_records():
     assert int(said[2]) == counted[("smollm2_135m", "boolq")]
     assert int(mmlu[1]) == counted[("qwen25_coder_15b", "mmlu")]
     assert not re.search(r"\btie[sd]?\b", doc)  # "not detected (MDE x)", never a tie
+
+
+def test_the_compare_group_declares_without_changing_the_config_hash(tmp_path, data_root):
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose_config
+
+    plain = compose_config([], tmp_path, data_root)
+    declaring = compose_config(["+compare=mka_vs_pruning"], tmp_path, data_root)
+    as_dict = OmegaConf.to_container(declaring, resolve=True)
+    assert results.config_hash(as_dict) == results.config_hash(
+        OmegaConf.to_container(plain, resolve=True)
+    )
+    decl = declared.parse(as_dict["compare"], "config.compare")
+    assert decl.when == "before the runs" and decl.repair_twins and len(decl.primary) == 2
+    assert decl.primary[1][1].method == declared.BEST
