@@ -30,18 +30,18 @@ class MethodInfo:
 
 
 # Colours: matplotlib's tab10, one hue per method (grey is the dense line's, not a method's).
+MKA_KEYS = ("pairing", "lam", "scope", "similarity", "bandwidth")
+LACO_KEYS = ("m", "threshold", "min_interval", "fallback", "num_prompts")
+SPARSEGPT_KEYS = ("mask_structure", "block_size", "dampening_frac")
 REGISTRY = (
     MethodInfo("none", "none", "black", "*"),
     MethodInfo("reverse_prune", "pruning", "tab:blue", "o", ("keep_final",)),
     MethodInfo("shortgpt", "pruning", "tab:orange", "s", ("representation", "max_points")),
     MethodInfo("angular", "pruning", "tab:green", "D", ("representation", "max_points")),
     MethodInfo("sleb", "pruning", "tab:purple", "v"),
-    MethodInfo("mka", "merging", "tab:red", "^", ("pairing", "lam", "scope", "similarity",
-                                                   "bandwidth")),  # fmt: skip
-    MethodInfo("laco", "merging", "tab:brown", "P", ("m", "threshold", "min_interval",
-                                                     "fallback", "num_prompts")),  # fmt: skip
-    MethodInfo("sparsegpt", "sparsity", "tab:pink", "X", ("mask_structure", "block_size",
-                                                          "dampening_frac")),  # fmt: skip
+    MethodInfo("mka", "merging", "tab:red", "^", MKA_KEYS),
+    MethodInfo("laco", "merging", "tab:brown", "P", LACO_KEYS),
+    MethodInfo("sparsegpt", "sparsity", "tab:pink", "X", SPARSEGPT_KEYS),
 )
 METHODS = {info.name: info for info in REGISTRY}
 UNKNOWN = MethodInfo("?", "none", "tab:gray", "h")  # a record of a method this code lacks
