@@ -696,7 +696,7 @@ def test_variant_shows_a_task_list_compactly(tmp_path):
     assert labels == {"a": "tasks=piqa", "b": "tasks=piqa+boolq"}
     (tmp_path / "records").mkdir()  # the same from records, as the report reads them
     for name, tasks in (("a", ["piqa"]), ("b", ["piqa", "boolq"])):
-        record = {"config_hash": name, "config": {"eval": {"tasks": tasks}}}
+        record = {"config_hash": name, "config": {"eval": {"tasks": tasks}}, "metrics": {}}
         (tmp_path / "records" / f"{name}.json").write_text(json.dumps(record))
     read = loading.attach_configs(table.drop(columns="config.eval.tasks"), tmp_path)
     assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]

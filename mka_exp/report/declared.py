@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +138,9 @@ def load_declaration(sources: list[Path], records: dict[str, dict]) -> Declarati
     for other in found[1:]:
         if not other.same_as(found[0]):
             raise ReportError(f"{found[0].source} and {other.source} declare different comparisons")
-    return found[0] if found else None
+    if not found:
+        return None
+    return replace(found[0], source=", ".join(dict.fromkeys(d.source for d in found)))
 
 
 def matches(config: dict, wanted: Side) -> bool:

@@ -70,7 +70,8 @@ def declaration_text(st: Stats | None) -> str:
     pairs = "; ".join(f"{a.label()} − {b.label()}" for a, b in decl.primary) or "none"
     twins = " and each repaired run against its unrepaired twin" if decl.repair_twins else ""
     counts = mark_counts(st.primary)
-    return (f"Declared comparisons (`{decl.source}`; {when}): {pairs}{twins}, on "
+    files = ", ".join(f"`{s}`" for s in decl.source.split(", "))
+    return (f"Declared comparisons ({files}; {when}): {pairs}{twins}, on "
             f"{', '.join(decl.metrics)} (MMLU: its macro average). A family is one model × "
             "quantizer × layer count: all declared comparisons there, over all tasks; Holm's "
             f"step-down correction holds the family-wise error at α = {decl.alpha:g} within each. "
@@ -91,7 +92,7 @@ def distance_text(st: Stats | None) -> str:
     return (f"Distance to the dense model (flips, KL over the choices, gold log-probability): none "
             f"of these {total} runs keeps per-choice log-likelihoods (`choice_ll` in the "
             "per-example records; older evaluations did not write them), so this document has no "
-            "such section. Runs evaluated with the current code get them.")  # fmt: skip
+            "such section. Runs whose per-example records carry `choice_ll` get them.")  # fmt: skip
 
 
 def mark_counts(primary) -> str:
