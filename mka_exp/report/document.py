@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from mka_exp.report import stats
 from mka_exp.report.analysis import BEST_PRUNING, MARK, PRUNING_METHODS, Stats
+from mka_exp.report.comparisons import detected
 from mka_exp.report.loading import ReportError, load_records
 from mka_exp.results import write_bytes_atomic
 
@@ -33,7 +34,9 @@ def methods_text(st: Stats | None, boot_resamples: int = stats.N_RESAMPLES) -> s
                 "discordant examples (pooled), and the minimum detectable difference (MDE) at 80 % power, "
                 "α = 0.05, from the comparison's n and observed discordance (MDE = (z₀.₉₇₅ + z₀.₈) · "
                 "√(discordant share / n); per subject for MMLU). An interval endpoint within 1e-12 of 0 "
-                'touches 0. A difference not shown reads "not detected (MDE x)": a real difference '
+                "touches 0. Exploratory cells call a difference detected when its interval excludes 0 "
+                "and p < 0.05 (unadjusted). "
+                'A difference not shown reads "not detected (MDE x)": a real difference '
                 "smaller than the MDE may well exist.",
                 "",
                 f"Baseline: {baseline_text(st)}",
@@ -172,8 +175,8 @@ def merging_counts(st: Stats, model: str) -> str:
     rows = st.merging[st.merging["model"] == model] if not st.merging.empty else st.merging
     if rows.empty:
         return ""
-    above = int((rows["excludes_zero"] & (rows["difference"] > 0)).sum())
-    below = int((rows["excludes_zero"] & (rows["difference"] < 0)).sum())
+    above = int((detected(rows) & (rows["difference"] > 0)).sum())
+    below = int((detected(rows) & (rows["difference"] < 0)).sum())
     return (f"Best merging against best pruning (both cross-fitted; exploratory): above in {above},"
             f" below in {below}, not detected in {len(rows) - above - below} of {len(rows)} "
             "columns × cuts.")  # fmt: skip
