@@ -93,10 +93,14 @@ def evaluate_with_samples(
     `mka_exp.samples` (a DataFrame; empty when there are no tasks)."""
     from mka_exp.samples import from_lm_eval
 
-    flat, results, names = scored(model, tokenizer, tasks, **{**kwargs, "log_samples": True})
+    flat, results, names, task_dict = scored(
+        model, tokenizer, tasks, **{**kwargs, "log_samples": True}
+    )
     subtasks = results.get("group_subtasks", {})
     owners = {leaf: ours for lm, ours in names.items() for leaf in leaf_tasks(lm, subtasks)}
-    return flat, from_lm_eval(results, owners)
+    # each leaf's `doc_to_choice`: lm-eval's acc_norm divides by the lengths of its strings
+    choices = {name: task.doc_to_choice for name, task in task_dict.get("tasks", {}).items()}
+    return flat, from_lm_eval(results, owners, choices)
 
 
 def scored(
@@ -112,10 +116,11 @@ def scored(
     share_prefix: bool = True,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     prefix_min_shared: int = PREFIX_MIN_SHARED,
-) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
-    """`evaluate`'s flat metrics, lm-eval's raw results and the resolved task names."""
+) -> tuple[dict[str, float], dict[str, Any], dict[str, str], dict[str, Any]]:
+    """`evaluate`'s flat metrics, lm-eval's raw results, the resolved task names and the built
+    tasks (lm-eval's `TaskManager.load` dict)."""
     if not tasks:
-        return {}, {}, {}
+        return {}, {}, {}, {}
     from mka_exp.prefix_cache import check_options as check_prefix_cache
 
     start = time.perf_counter()
@@ -123,7 +128,7 @@ def scored(
     check_data_root(data_root)  # these before the slow task index, so bad values fail at once
     check_prefix_cache(prefix_cache_tokens, prefix_min_shared)
     names = resolve_tasks(tasks)
-    results = run_lm_eval(
+    results, task_dict = lm_eval_run(
         model,
         tokenizer,
         list(names),
@@ -139,10 +144,16 @@ def scored(
     )
     flat = flatten_results(results, names)
     log_summary(flat, names, results, time.perf_counter() - start)
-    return flat, results, names
+    return flat, results, names, task_dict
 
 
-def run_lm_eval(
+def run_lm_eval(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...);
+    the arguments of `lm_eval_run`."""
+    return lm_eval_run(*args, **kwargs)[0]
+
+
+def lm_eval_run(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     lm_tasks: list[str],
@@ -155,8 +166,8 @@ def run_lm_eval(
     share_prefix: bool = True,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     prefix_min_shared: int = PREFIX_MIN_SHARED,
-) -> dict[str, Any]:
-    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...)."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-eval's raw results for lm-eval task names, and the built tasks it evaluated."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
@@ -177,7 +188,8 @@ def run_lm_eval(
             lm = HFLM(**lm_kwargs)
         task_dict = built_tasks(lm_tasks, shots, seed, data_root)
         try:
-            return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
+            results = evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
+            return results, task_dict
         except AssertionError as err:
             if "no documents available for sampling" in str(err):
                 raise empty_fewshot_error(shots, data_root) from err
