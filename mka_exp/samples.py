@@ -26,7 +26,9 @@ Files written before the two choice columns existed read with both null.
 The file is gzip'd JSON lines, `records/<config hash>.samples.jsonl.gz` under the records dir,
 written atomically (temp file + `os.replace`, mode from the umask, gzip mtime 0 so equal content
 gives an equal file), and the record holds `{"path": <relative to the records dir>, "sha256",
-"rows"}`; `read_samples` checks the digest. `aggregate` recomputes the record's metrics from the
+"rows", "examples_sha256"}`; `read_samples` checks the digest. `examples_sha256` names which
+examples were evaluated (`examples_digest` of each subtask's doc_ids: with `eval.sample_seed` it
+is the digest of the draw), so two records evaluated the same examples when it is equal. `aggregate` recomputes the record's metrics from the
 rows: the mean per task, and for a group (MMLU) lm-eval's size-weighted score (`acc`, the mean
 over all questions) and the macro average over subjects (`acc_macro`).
 """
@@ -37,7 +39,7 @@ import gzip
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,16 @@ def write_samples(records_dir: Path, key: str, frame: pd.DataFrame) -> dict[str,
         "path": path.relative_to(records_dir).as_posix(),
         "sha256": hashlib.sha256(blob).hexdigest(),
         "rows": len(frame),
+        "examples_sha256": examples_digest(frame.groupby("subtask")["doc_id"].agg(list).to_dict()),
     }
+
+
+def examples_digest(doc_ids: Mapping[str, Iterable[int]]) -> str:
+    """16 hex digits of sha256 over `{subtask: sorted distinct doc_ids}` as sorted JSON (for
+    `evaluation.draw_examples`' output as for the rows of a file)."""
+    plain_ids = {str(k): sorted({int(i) for i in v}) for k, v in doc_ids.items()}
+    blob = json.dumps(plain_ids, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:HASH_DIGITS]
 
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
