@@ -79,8 +79,9 @@ def evaluate(
     `limit`: int = examples per task (per subtask of a group), float in (0, 1] = fraction,
     None = all. `sample_seed`: None = the first `limit` examples of each task; an int = a seeded
     draw of `limit` of them per task (`draw_examples`), the same for the same seed.
-    `num_fewshot`: per-task shots; tasks not named use their lm-eval default (0 for ours). `data_root`: offline mirror to read instead of the hub. `log_samples` keeps
-    per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
+    `num_fewshot`: per-task shots; tasks not named use their lm-eval default (0 for ours).
+    `data_root`: offline mirror to read instead of the hub. `log_samples` keeps per-example
+    records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
     `share_prefix` runs every token prefix the requests share once (`PrefixCacheHFLM`, same
     scores); `prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split.
     """
