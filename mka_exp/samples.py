@@ -29,8 +29,9 @@ gives an equal file), and the record holds `{"path": <relative to the records di
 "rows", "examples_sha256"}`; `read_samples` checks the digest. `examples_sha256` names which
 examples were evaluated (`examples_digest` of each subtask's doc_ids: with `eval.sample_seed` it
 is the digest of the draw), so two records evaluated the same examples when it is equal.
-`aggregate` recomputes the record's metrics from the rows: the mean per task, and for a group (MMLU) lm-eval's size-weighted score (`acc`, the mean
-over all questions) and the macro average over subjects (`acc_macro`).
+`aggregate` recomputes the record's metrics from the rows: the mean per task, and for a group
+(MMLU) lm-eval's size-weighted score (`acc`, the mean over all questions) and the macro average
+over subjects (`acc_macro`).
 """
 
 from __future__ import annotations
