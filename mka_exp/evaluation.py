@@ -8,6 +8,9 @@ Why this shape:
 - Few-shot counts are per task (the paper's MMLU is 5-shot, the rest 0-shot), which lm-eval's
   `simple_evaluate` cannot do, so tasks are loaded here and run with `evaluator.evaluate`
   (that also skips `simple_evaluate`'s ~3 s environment report per call).
+- Which examples: lm-eval's `limit` (each task's first N), or with `sample_seed` a seeded draw
+  of N per leaf task handed to lm-eval as explicit indices (`evaluate(samples=...)`), so lm-eval
+  itself selects, logs and hashes them.
 - Results come back as one flat `{"<task>/<metric>": float}` dict for run records and wandb;
   for a group (MMLU) both lm-eval's size-weighted score and the macro average over its
   subtasks (`mmlu/acc_macro`, as the paper's script averaged per subject).
