@@ -4,7 +4,7 @@
 # skips what is done and computes only what is missing. Two lanes, one torch thread each.
 #
 #   bash benchmarks/evidence.sh NAME [OUT]        NAME: qwen15b_mmlu | qwen05b_tasks | smollm2_tasks
-#                                                       | smollm2_seeds
+#                                                       | smollm2_seeds | smollm2_distance
 #   CURVE="[0.13333]" bash benchmarks/evidence.sh smollm2_tasks   only these points of every curve
 #   python -m mka_exp.report OUT --markdown docs/method_comparison.md
 #
@@ -18,6 +18,9 @@
 # smollm2_seeds  Calibration sensitivity: shortgpt, angular and MKA Algorithm 1 at 4 of 30 layers
 #                with calib.seed=0,1,2 (which validation question of each subject calibrates),
 #                piqa 300 (the same first 300 as smollm2_tasks, so its records pair with those).
+# smollm2_distance  Distance to dense (issue 27): SmolLM2-135M, piqa and hellaswag 0-shot, the
+#                first 300 each (as smollm2_tasks), per-choice log-likelihoods in every record:
+#                dense, reverse_prune, shortgpt, angular and mka defaults at 4 and 8 of 30 layers.
 # LANES=1 runs the points one after another (default 2 lanes side by side; a method's points with
 # either repair share a lane, so the second replays the first's cached search or activations).
 # ONLY=REGEX keeps the points whose overrides match it (grep -E), e.g. ONLY=sleb, so two
@@ -75,8 +78,13 @@ case $name in
     for m in "method=shortgpt" "method=angular" "$alg1"; do
       for seed in 0 1 2; do points+=("$m method.ratio=0.13333 calib.seed=$seed"); done
     done ;;
+  smollm2_distance)
+    common=(model=smollm2_135m logger=none "eval.tasks=[piqa,hellaswag]" eval.limit=300)
+    c=${CURVE:-"[0.13333,0.26667]"}  # 4 and 8 of 30
+    points=("method=none")
+    for m in reverse_prune shortgpt angular mka; do points+=("method=$m curve=$c"); done ;;
   *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks," \
-      "smollm2_seeds)" >&2
+      "smollm2_seeds, smollm2_distance)" >&2
     exit 2 ;;
 esac
 if [[ -n ${ONLY:-} ]]; then

@@ -8,6 +8,9 @@ Why this shape:
 - Few-shot counts are per task (the paper's MMLU is 5-shot, the rest 0-shot), which lm-eval's
   `simple_evaluate` cannot do, so tasks are loaded here and run with `evaluator.evaluate`
   (that also skips `simple_evaluate`'s ~3 s environment report per call).
+- Which examples: lm-eval's `limit` (each task's first N), or with `sample_seed` a seeded draw
+  of N per leaf task handed to lm-eval as explicit indices (`evaluate(samples=...)`), so lm-eval
+  itself selects, logs and hashes them.
 - Results come back as one flat `{"<task>/<metric>": float}` dict for run records and wandb;
   for a group (MMLU) both lm-eval's size-weighted score and the macro average over its
   subtasks (`mmlu/acc_macro`, as the paper's script averaged per subject).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -71,18 +75,21 @@ def evaluate(
     share_prefix: bool = True,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     prefix_min_shared: int = PREFIX_MIN_SHARED,
+    sample_seed: int | None = None,
 ) -> dict[str, float]:
     """Run lm-eval `tasks` on the model as it is in memory; return `{"<task>/<metric>": value}`.
 
     `limit`: int = examples per task (per subtask of a group), float in (0, 1] = fraction,
-    None = all. `num_fewshot`: per-task shots; tasks not named use their lm-eval default
-    (0 for ours). `data_root`: offline mirror to read instead of the hub. `log_samples` keeps
-    per-example records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
+    None = all. `sample_seed`: None = the first `limit` examples of each task; an int = a seeded
+    draw of `limit` of them per task (`draw_examples`), the same for the same seed.
+    `num_fewshot`: per-task shots; tasks not named use their lm-eval default (0 for ours).
+    `data_root`: offline mirror to read instead of the hub. `log_samples` keeps per-example
+    records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
     `share_prefix` runs every token prefix the requests share once (`PrefixCacheHFLM`, same
     scores); `prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split.
     """
     args = (limit, batch_size, num_fewshot, data_root, seed, log_samples, share_prefix)
-    args += (prefix_cache_tokens, prefix_min_shared)
+    args += (prefix_cache_tokens, prefix_min_shared, sample_seed)
     return scored(model, tokenizer, tasks, *args)[0]
 
 
@@ -93,10 +100,14 @@ def evaluate_with_samples(
     `mka_exp.samples` (a DataFrame; empty when there are no tasks)."""
     from mka_exp.samples import from_lm_eval
 
-    flat, results, names = scored(model, tokenizer, tasks, **{**kwargs, "log_samples": True})
+    flat, results, names, task_dict = scored(
+        model, tokenizer, tasks, **{**kwargs, "log_samples": True}
+    )
     subtasks = results.get("group_subtasks", {})
     owners = {leaf: ours for lm, ours in names.items() for leaf in leaf_tasks(lm, subtasks)}
-    return flat, from_lm_eval(results, owners)
+    # each leaf's `doc_to_choice`: lm-eval's acc_norm divides by the lengths of its strings
+    choices = {name: task.doc_to_choice for name, task in task_dict.get("tasks", {}).items()}
+    return flat, from_lm_eval(results, owners, choices)
 
 
 def scored(
@@ -112,18 +123,21 @@ def scored(
     share_prefix: bool = True,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     prefix_min_shared: int = PREFIX_MIN_SHARED,
-) -> tuple[dict[str, float], dict[str, Any], dict[str, str]]:
-    """`evaluate`'s flat metrics, lm-eval's raw results and the resolved task names."""
+    sample_seed: int | None = None,
+) -> tuple[dict[str, float], dict[str, Any], dict[str, str], dict[str, Any]]:
+    """`evaluate`'s flat metrics, lm-eval's raw results, the resolved task names and the built
+    tasks (lm-eval's `TaskManager.load` dict)."""
     if not tasks:
-        return {}, {}, {}
+        return {}, {}, {}, {}
     from mka_exp.prefix_cache import check_options as check_prefix_cache
 
     start = time.perf_counter()
     check_limit(limit)
+    check_sample_seed(sample_seed, limit)
     check_data_root(data_root)  # these before the slow task index, so bad values fail at once
     check_prefix_cache(prefix_cache_tokens, prefix_min_shared)
     names = resolve_tasks(tasks)
-    results = run_lm_eval(
+    results, task_dict = lm_eval_run(
         model,
         tokenizer,
         list(names),
@@ -136,13 +150,20 @@ def scored(
         share_prefix,
         prefix_cache_tokens,
         prefix_min_shared,
+        sample_seed,
     )
     flat = flatten_results(results, names)
     log_summary(flat, names, results, time.perf_counter() - start)
-    return flat, results, names
+    return flat, results, names, task_dict
 
 
-def run_lm_eval(
+def run_lm_eval(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...);
+    the arguments of `lm_eval_run`."""
+    return lm_eval_run(*args, **kwargs)[0]
+
+
+def lm_eval_run(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     lm_tasks: list[str],
@@ -155,14 +176,16 @@ def run_lm_eval(
     share_prefix: bool = True,
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
     prefix_min_shared: int = PREFIX_MIN_SHARED,
-) -> dict[str, Any]:
-    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...)."""
+    sample_seed: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-eval's raw results for lm-eval task names, and the built tasks it evaluated."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
     from mka_exp.prefix_cache import PrefixCacheHFLM
 
     limit = check_limit(limit)
+    check_sample_seed(sample_seed, limit)
     check_data_root(data_root)
     shots = resolve_fewshot(num_fewshot or {}, lm_tasks)
     seed_everything(seed)
@@ -176,8 +199,13 @@ def run_lm_eval(
         else:
             lm = HFLM(**lm_kwargs)
         task_dict = built_tasks(lm_tasks, shots, seed, data_root)
+        draw = None if sample_seed is None else draw_examples(task_dict, limit, sample_seed)
         try:
-            return evaluator.evaluate(lm, task_dict, limit=limit, log_samples=log_samples)
+            results = evaluator.evaluate(
+                lm, task_dict, limit=None if draw else limit, samples=draw, log_samples=log_samples
+            )
+            check_drawn(results, draw)
+            return results, task_dict
         except AssertionError as err:
             if "no documents available for sampling" in str(err):
                 raise empty_fewshot_error(shots, data_root) from err
@@ -201,6 +229,48 @@ def check_limit(limit: int | float | None) -> int | float | None:
             )
         return None if limit == 1.0 else limit
     return limit
+
+
+def check_sample_seed(sample_seed: Any, limit: Any) -> None:
+    """A seed is an int >= 0 and draws `limit` examples, so it needs `limit` as a count."""
+    if sample_seed is None:
+        return
+    if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
+        raise ValueError(
+            f"eval.sample_seed={sample_seed!r}: use an int >= 0 (a seeded draw of eval.limit "
+            "examples per task) or null (the first eval.limit examples)"
+        )
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValueError(
+            f"eval.sample_seed={sample_seed} draws eval.limit examples per task, but "
+            f"eval.limit={limit!r}; use an int eval.limit (examples per task) or sample_seed=null"
+        )
+
+
+def draw_examples(task_dict: dict[str, Any], limit: int, seed: int) -> dict[str, list[int]]:
+    """Sorted indices of `limit` documents (all when fewer) of every leaf task (each MMLU
+    subject), drawn without replacement by a generator seeded with `seed` and the task's name:
+    a task's draw does not depend on which other tasks run beside it. Sorted because lm-eval
+    maps its n-th selected document back to `samples[n]`."""
+    draw = {}
+    for name, task in task_dict["tasks"].items():
+        total = len(task.eval_docs)
+        salt = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([seed, salt])
+        picked = rng.choice(total, size=min(limit, total), replace=False)
+        draw[name] = sorted(int(i) for i in picked)
+    return draw
+
+
+def check_drawn(results: dict[str, Any], draw: dict[str, list[int]] | None) -> None:
+    """The logged examples are exactly the drawn ones (a wrong pairing is worse than a crash)."""
+    for name, logged in (results.get("samples") or {}).items() if draw else ():
+        got = sorted({int(sample["doc_id"]) for sample in logged})
+        if got != draw[name]:
+            raise RuntimeError(
+                f"{name}: lm-eval evaluated documents {got[:5]}... where the draw is "
+                f"{draw[name][:5]}...; nothing is recorded"
+            )
 
 
 def resolve_batch_size(batch_size: int | str, device: torch.device) -> int | str:

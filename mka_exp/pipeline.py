@@ -109,6 +109,7 @@ def check_config(cfg: DictConfig) -> None:
     setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
     from mka_exp import checks
     from mka_exp.data import check_data_root
+    from mka_exp.evaluation import check_sample_seed
     from mka_exp.models import DTYPES
     from mka_exp.tracking import WANDB_MODES
 
@@ -118,6 +119,7 @@ def check_config(cfg: DictConfig) -> None:
     checks.gather(
         lambda: checks.check_seed(c.get("seed")),
         lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
+        lambda: check_sample_seed(ev.get("sample_seed"), ev["limit"]),
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
         lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
         lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),

@@ -112,6 +112,9 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
         kept["calib"] = {**calib, "path": file_fingerprint(path)}
     if isinstance(calib, dict) and calib.get("seed", 0) is None:  # null: the draw before the key
         kept["calib"] = {k: v for k, v in kept["calib"].items() if k != "seed"}
+    ev = kept.get("eval")
+    if isinstance(ev, dict) and ev.get("sample_seed", 0) is None:  # null: the first N, as before
+        kept["eval"] = {k: v for k, v in ev.items() if k != "sample_seed"}
     return kept
 
 

@@ -13,13 +13,25 @@ part a paired comparison needs, one row per example and filter:
     pred      the answer with the highest log-likelihood (the choice `acc` scores)
     acc, acc_norm   lm-eval's per-example metrics (acc_norm null where the task has none)
     filter    lm-eval's filter name (`none` for the multiple-choice tasks)
+    choice_ll   the log-likelihood of each choice, in the task's choice order: the values `acc`
+              compares (lm-eval's `filtered_resps`, the `ll` of each `(ll, is_greedy)`; for a
+              mutual-information task only the conditional ones). Null for other request types.
+    choice_len  the length each choice's log-likelihood is divided by for `acc_norm`: lm-eval's
+              `completion_len`, `len(choice)` of each string of `task.doc_to_choice(doc)` (Python
+              characters, without the target delimiter), so `argmax(choice_ll / choice_len)` is
+              acc_norm's pick. Null where no task was given to read the choices from.
+
+Files written before the two choice columns existed read with both null.
 
 The file is gzip'd JSON lines, `records/<config hash>.samples.jsonl.gz` under the records dir,
 written atomically (temp file + `os.replace`, mode from the umask, gzip mtime 0 so equal content
 gives an equal file), and the record holds `{"path": <relative to the records dir>, "sha256",
-"rows"}`; `read_samples` checks the digest. `aggregate` recomputes the record's metrics from the
-rows: the mean per task, and for a group (MMLU) lm-eval's size-weighted score (`acc`, the mean
-over all questions) and the macro average over subjects (`acc_macro`).
+"rows", "examples_sha256"}`; `read_samples` checks the digest. `examples_sha256` names which
+examples were evaluated (`examples_digest` of each subtask's doc_ids: with `eval.sample_seed` it
+is the digest of the draw), so two records evaluated the same examples when it is equal.
+`aggregate` recomputes the record's metrics from the rows: the mean per task, and for a group
+(MMLU) lm-eval's size-weighted score (`acc`, the mean over all questions) and the macro average
+over subjects (`acc_macro`).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import gzip
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +50,34 @@ import pandas as pd
 from mka_exp import results
 
 COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "prompt_hash", "target", "pred")
-COLUMNS += ("acc", "acc_norm", "filter")
+COLUMNS += ("acc", "acc_norm", "filter", "choice_ll", "choice_len")
+CHOICE_COLUMNS = ("choice_ll", "choice_len")
 METRICS = ("acc", "acc_norm")
 HASH_DIGITS = 16
 SUFFIX = ".samples.jsonl.gz"
 
 
-def from_lm_eval(results: dict[str, Any], owners: dict[str, str]) -> pd.DataFrame:
-    """Rows from lm-eval's `results["samples"]`; `owners` maps each leaf task to our task name."""
+ChoicesOf = Callable[[dict[str, Any]], list[str]]
+
+
+def from_lm_eval(
+    results: dict[str, Any], owners: dict[str, str], choices: Mapping[str, ChoicesOf] | None = None
+) -> pd.DataFrame:
+    """Rows from lm-eval's `results["samples"]`; `owners` maps each leaf task to our task name,
+    `choices` each leaf task to its `doc_to_choice` (for `choice_len`; none: null lengths)."""
     rows = []
     for subtask, logged in results.get("samples", {}).items():
-        task = owners.get(subtask, subtask)
-        rows += [sample_row(task, subtask, sample) for sample in logged]
+        task, doc_to_choice = owners.get(subtask, subtask), (choices or {}).get(subtask)
+        rows += [sample_row(task, subtask, sample, doc_to_choice) for sample in logged]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.sort_values(["task", "subtask", "filter", "doc_id"], ignore_index=True)
 
 
-def sample_row(task: str, subtask: str, sample: dict[str, Any]) -> dict[str, Any]:
+def sample_row(
+    task: str, subtask: str, sample: dict[str, Any], doc_to_choice: ChoicesOf | None = None
+) -> dict[str, Any]:
+    lengths = choice_lengths(doc_to_choice, sample.get("doc"))
+    lls = choice_lls(sample.get("filtered_resps"), lengths)
     return {
         "task": task,
         "subtask": subtask,
@@ -61,20 +85,38 @@ def sample_row(task: str, subtask: str, sample: dict[str, Any]) -> dict[str, Any
         "doc_hash": str(sample.get("doc_hash", ""))[:HASH_DIGITS],
         "prompt_hash": str(sample.get("prompt_hash", ""))[:HASH_DIGITS],
         "target": plain(sample.get("target")),
-        "pred": chosen_answer(sample.get("filtered_resps")),
+        "pred": int(np.argmax(lls)) if lls else None,  # lm-eval's `pred` for `acc`
         **{m: float(sample[m]) if m in sample else None for m in METRICS},
         "filter": sample.get("filter", "none"),
+        "choice_ll": lls,
+        "choice_len": lengths,
     }
 
 
-def chosen_answer(responses: Any) -> int | None:
-    """Index of the highest log-likelihood among a multiple-choice example's `(ll, greedy)`
-    responses (lm-eval's `pred` for `acc`); None for other request types."""
-    try:
-        lls = [float(r[0]) for r in responses]
-    except (TypeError, ValueError, IndexError, KeyError):
+def choice_lengths(doc_to_choice: ChoicesOf | None, doc: Any) -> list[int] | None:
+    """lm-eval's `completion_len` for `acc_norm`: `len` of each choice string of the document."""
+    if doc_to_choice is None or doc is None:
         return None
-    return int(np.argmax(lls)) if lls else None
+    choices = doc_to_choice(doc)
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        return None
+    return [len(choice) for choice in choices]
+
+
+def choice_lls(responses: Any, lengths: list[int] | None) -> list[float] | None:
+    """The `ll` of each multiple-choice `(ll, is_greedy)` response, None for other request types.
+    A mutual-information task appends one unconditional response per choice; with the choice
+    count known only the conditional ones (what `acc` compares) are kept."""
+    if not isinstance(responses, list | tuple) or not responses:
+        return None
+    if not all(isinstance(r, list | tuple) and r and is_number(r[0]) for r in responses):
+        return None
+    lls = [float(r[0]) for r in responses]
+    return lls[: len(lengths)] if lengths else lls
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.floating) and not isinstance(value, bool)
 
 
 def plain(value: Any) -> Any:
@@ -102,7 +144,16 @@ def write_samples(records_dir: Path, key: str, frame: pd.DataFrame) -> dict[str,
         "path": path.relative_to(records_dir).as_posix(),
         "sha256": hashlib.sha256(blob).hexdigest(),
         "rows": len(frame),
+        "examples_sha256": examples_digest(frame.groupby("subtask")["doc_id"].agg(list).to_dict()),
     }
+
+
+def examples_digest(doc_ids: Mapping[str, Iterable[int]]) -> str:
+    """16 hex digits of sha256 over `{subtask: sorted distinct doc_ids}` as sorted JSON (for
+    `evaluation.draw_examples`' output as for the rows of a file)."""
+    plain_ids = {str(k): sorted({int(i) for i in v}) for k, v in doc_ids.items()}
+    blob = json.dumps(plain_ids, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:HASH_DIGITS]
 
 
 def json_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -132,8 +183,13 @@ def read_samples(records_dir: Path, record: dict[str, Any]) -> pd.DataFrame | No
     if digest != ref.get("sha256"):
         raise SamplesError(f"{name} has sha256 {digest[:12]}…, the record says {ref.get('sha256')}")
     lines = gzip.decompress(blob).decode().splitlines()
-    frame = pd.DataFrame([json.loads(line) for line in lines if line], columns=list(COLUMNS))
+    rows = [json.loads(line) for line in lines if line]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame[list(METRICS)] = frame[list(METRICS)].astype(float)
+    for column in CHOICE_COLUMNS:  # lists per row; None in a file older than these columns
+        frame[column] = pd.Series(
+            [row.get(column) for row in rows], index=frame.index, dtype=object
+        )
     return frame
 
 

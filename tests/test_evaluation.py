@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from mka_exp.data import MMLU_SUBJECTS
-from mka_exp.evaluation import check_limit, evaluate, flatten_results, run_lm_eval
+from mka_exp.evaluation import (
+    check_limit,
+    check_sample_seed,
+    draw_examples,
+    evaluate,
+    flatten_results,
+    run_lm_eval,
+)
 
 PIQA = "baber/piqa/default/validation.jsonl"
 
@@ -158,3 +165,107 @@ def test_tasks_are_built_once_and_prompt_alike(tiny, data_root, monkeypatch):
     (task_dict,) = evaluation.BUILT_TASKS.values()
     tasks = list(evaluation.task_objects(task_dict))
     assert tasks and all(t.eval_docs is t.eval_docs for t in tasks)  # mapped once, kept
+
+
+@pytest.mark.parametrize(
+    ("seed", "limit", "wrong"),
+    [
+        (-1, 10, "-1"),
+        (1.5, 10, "1.5"),
+        (True, 10, "True"),
+        ("3", 10, "'3'"),
+        (3, None, "None"),
+        (3, 0.5, "0.5"),
+    ],
+)
+def test_bad_sample_seed_is_one_line(seed, limit, wrong):
+    with pytest.raises(ValueError, match=r"eval\.sample_seed=") as err:
+        check_sample_seed(seed, limit)
+    assert wrong in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_sample_seeds_pass():
+    for seed, limit in [(None, None), (None, 0.5), (0, 10), (7, 1)]:
+        check_sample_seed(seed, limit)
+
+
+def test_bad_sample_seed_stops_before_the_model_loads(tmp_path, data_root, monkeypatch):
+    from mka_exp import pipeline
+    from tests.helpers import compose_config
+
+    monkeypatch.setattr(pipeline, "load_session", lambda *a: pytest.fail("model loaded"))
+    cfg = compose_config(["eval.sample_seed=3", "eval.limit=null"], tmp_path, data_root)
+    with pytest.raises(ValueError, match=r"eval\.sample_seed=3 .*eval\.limit=None"):
+        pipeline.run(cfg)
+
+
+@pytest.fixture
+def piqa_mmlu(data_root):
+    from mka_exp.data import offline_datasets
+    from mka_exp.evaluation import built_tasks
+
+    with offline_datasets(data_root):
+        return built_tasks(["piqa", "mmlu"], {}, 1234, data_root)
+
+
+def test_draw_is_seeded_per_leaf_task(piqa_mmlu):
+    draw = draw_examples(piqa_mmlu, 5, 0)
+    assert set(draw) == set(piqa_mmlu["tasks"]) and len(draw) == 1 + len(MMLU_SUBJECTS)
+    for name, indices in draw.items():
+        total = len(piqa_mmlu["tasks"][name].eval_docs)
+        assert indices == sorted(set(indices)) and len(indices) == 5 and indices[-1] < total
+    assert draw == draw_examples(piqa_mmlu, 5, 0)
+    other = draw_examples(piqa_mmlu, 5, 1)
+    assert sum(draw[n] != other[n] for n in draw) == len(draw)  # every task draws anew
+    assert draw["piqa"] != list(range(5))
+    alone = {"tasks": {"piqa": piqa_mmlu["tasks"]["piqa"]}}
+    assert draw_examples(alone, 5, 0)["piqa"] == draw["piqa"]  # not shaped by the other tasks
+    small = draw_examples(alone, 10**6, 0)["piqa"]
+    assert small == list(range(len(piqa_mmlu["tasks"]["piqa"].eval_docs)))  # limit >= size: all
+
+
+def test_seeded_runs_evaluate_the_drawn_examples(tiny, data_root, piqa_mmlu):
+    """Two runs with one seed score the same drawn examples, and every row's doc_hash is the hash
+    of the document at its doc_id (lm-eval mapped the draw back correctly)."""
+    from lm_eval.utils import handle_non_serializable, hash_string
+
+    from mka_exp import samples
+    from mka_exp.evaluation import evaluate_with_samples
+
+    kwargs = dict(tasks=["piqa", "mmlu_anatomy"], limit=4, data_root=data_root, sample_seed=11)
+    (flat, one), (_, two) = (
+        evaluate_with_samples(tiny.model, tiny.tokenizer, **kwargs) for _ in "ab"
+    )
+    cols = ["subtask", "doc_id", "doc_hash", "prompt_hash", "target", "choice_ll"]
+    assert one[cols].equals(two[cols])
+    draw = draw_examples(piqa_mmlu, 4, 11)
+    for subtask in ("piqa", "mmlu_anatomy"):
+        assert one[one["subtask"] == subtask]["doc_id"].tolist() == draw[subtask]
+    docs = {name: task.eval_docs for name, task in piqa_mmlu["tasks"].items()}
+    for row in one.to_dict("records"):
+        doc = docs[row["subtask"]][row["doc_id"]]
+        text = json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        assert row["doc_hash"] == hash_string(text)[:16]
+    assert samples.aggregate(one)["piqa/acc"] == pytest.approx(flat["piqa/acc"], abs=1e-12)
+    first = evaluate_with_samples(tiny.model, tiny.tokenizer, **{**kwargs, "sample_seed": None})[1]
+    assert first[first["subtask"] == "piqa"]["doc_id"].tolist() == [0, 1, 2, 3]
+    assert samples.examples_digest({"piqa": draw["piqa"]}) != samples.examples_digest(
+        {"piqa": [0, 1, 2, 3]}
+    )
+
+
+def test_sample_seed_null_keeps_every_committed_evidence_hash(data_root):
+    """The key arrived after the evidence: null must leave each record's hash its own key."""
+    from pathlib import Path
+
+    from mka_exp.results import config_hash
+
+    paths = sorted(Path(__file__).parents[1].glob("docs/evidence/*/records/*.json"))
+    assert paths
+    for path in paths:
+        record = json.loads(path.read_text())
+        config = {**record["config"], "data_root": str(data_root)}  # the same mirror, here
+        config["eval"] = {**config["eval"], "sample_seed": None}
+        assert config_hash(config) == record["config_hash"], path.name
+        seeded = {**config, "eval": {**config["eval"], "sample_seed": 0}}
+        assert config_hash(seeded) != record["config_hash"]

@@ -4,10 +4,12 @@ readable by the group, and they reproduce the record's aggregated metrics exactl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import stat
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -85,7 +87,22 @@ def test_curve_points_differ_but_share_examples(curve):
 
 def test_equal_rows_give_an_equal_file(tmp_path):
     frame = pd.DataFrame(
-        [["piqa", "piqa", 0, "ab" * 8, "cd" * 8, 1, 1, 1.0, float("nan"), "none"]],
+        [
+            [
+                "piqa",
+                "piqa",
+                0,
+                "ab" * 8,
+                "cd" * 8,
+                1,
+                1,
+                1.0,
+                float("nan"),
+                "none",
+                [-2.5, -1.0],
+                [3, 4],
+            ]
+        ],
         columns=samples.COLUMNS,
     )
     one = samples.write_samples(tmp_path / "a", "k", frame)
@@ -111,3 +128,75 @@ def test_damaged_file_is_one_clear_error(curve, damage, tmp_path):
 
 def test_a_record_without_samples_reads_as_none(tmp_path):
     assert samples.read_samples(tmp_path, {"config_hash": "x"}) is None
+
+
+@pytest.fixture(scope="module")
+def logged(data_root):
+    """piqa + hellaswag (5 each) on a tiny model through `evaluate_with_samples`, with the raw
+    samples lm-eval logged in that same evaluation."""
+    from mka_exp import evaluation
+    from mka_exp.models import build_random_model
+
+    tiny = build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
+    raw = {}
+
+    def spy(*args, **kwargs):
+        raw["results"], task_dict = run(*args, **kwargs)
+        return raw["results"], task_dict
+
+    run, evaluation.lm_eval_run = evaluation.lm_eval_run, spy
+    try:
+        _, frame = evaluation.evaluate_with_samples(
+            tiny.model, tiny.tokenizer, ["piqa", "hellaswag"], limit=5, data_root=data_root
+        )
+    finally:
+        evaluation.lm_eval_run = run
+    by_key = {(t, s["doc_id"]): s for t, rows in raw["results"]["samples"].items() for s in rows}
+    return frame, by_key
+
+
+def test_choice_ll_is_what_lm_eval_logged_and_acc_compares(logged):
+    frame, by_key = logged
+    assert len(frame) == 10
+    for row in frame.to_dict("records"):
+        sample = by_key[(row["subtask"], row["doc_id"])]
+        assert row["choice_ll"] == [float(ll) for ll, _ in sample["filtered_resps"]]
+        assert row["choice_ll"] == [float(r[0][0]) for r in sample["resps"]]
+        assert int(np.argmax(row["choice_ll"])) == row["pred"]
+        assert float(row["pred"] == row["target"]) == row["acc"] == sample["acc"]
+
+
+def test_choice_len_gives_lm_evals_acc_norm(logged):
+    frame, by_key = logged
+    for row in frame.to_dict("records"):
+        normed = np.array(row["choice_ll"]) / np.array(row["choice_len"])
+        assert float(int(np.argmax(normed)) == row["target"]) == row["acc_norm"]
+    piqa = frame[frame["task"] == "piqa"].to_dict("records")
+    for row in piqa:  # characters of each solution string, no target delimiter
+        doc = by_key[("piqa", row["doc_id"])]["doc"]
+        assert row["choice_len"] == [len(doc["sol1"]), len(doc["sol2"])]
+    hellaswag = frame[frame["task"] == "hellaswag"]
+    assert hellaswag["choice_len"].map(len).eq(4).all()
+
+
+def test_choice_columns_survive_the_file(curve):
+    root, records, _ = curve
+    frame = samples.read_samples(root, records[0])
+    counts = frame["choice_ll"].map(len)
+    assert (
+        counts[frame["task"] == "mmlu"].eq(4).all() and counts[frame["task"] == "piqa"].eq(2).all()
+    )
+    assert (frame["choice_len"].map(len) == counts).all()
+    assert (frame["choice_ll"].map(np.argmax) == frame["pred"]).all()
+
+
+def test_a_file_without_choice_columns_reads_them_as_none(tmp_path):
+    values = ["piqa", "piqa", 0, "a", "b", 1, 1, 1.0, None, "none"]
+    row = dict(zip(samples.COLUMNS[:10], values, strict=True))
+    blob = gzip.compress((json.dumps(row) + "\n").encode(), mtime=0)
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "k.samples.jsonl.gz").write_bytes(blob)
+    ref = {"path": "records/k.samples.jsonl.gz", "sha256": hashlib.sha256(blob).hexdigest()}
+    frame = samples.read_samples(tmp_path, {"config_hash": "k", "samples": ref})
+    assert frame["choice_ll"].tolist() == [None] and frame["choice_len"].tolist() == [None]
+    assert frame["acc"].tolist() == [1.0]
