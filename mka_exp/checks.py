@@ -235,6 +235,14 @@ def check_device(device: Any) -> None:
         raise ValueError(f"model.device={device!r}: allowed here: {allowed}")
 
 
+def check_model_source(model: dict[str, Any]) -> None:
+    """A pretrained model's source: one of path or wheel, and a local path is a model."""
+    from mka_exp.models import check_source
+
+    if str(model.get("_target_")).endswith(".load_pretrained"):
+        check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
+
+
 def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
     choices = ("auto", *allowed)
     if dtype not in choices:

