@@ -383,3 +383,66 @@ def test_bounds_come_from_a_model_folders_config(tmp_path, data_root, monkeypatc
     overrides = [*model, "method=sleb", "method.num_layers=5"]
     with pytest.raises(ValueError, match=r"method.num_layers=5 .* for a model of 4 layers"):
         pipeline.run(compose_config(overrides, tmp_path, data_root))
+
+
+# --- data fingerprints ----------------------------------------------------------------------
+
+
+def rglob_fingerprint(root: Path) -> str:
+    """The fingerprint as defined before links were followed (committed records use it)."""
+    import hashlib
+
+    files = sorted(root.rglob("*.jsonl"))
+    listing = "\n".join(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def piqa_rows(folder: Path, rows: int) -> Path:
+    split = folder / "default"
+    split.mkdir(parents=True)
+    (split / "validation.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n' * rows)
+    return folder
+
+
+def test_mirrors_linking_to_different_data_differ(tmp_path):
+    small, full = piqa_rows(tmp_path / "small", 20), piqa_rows(tmp_path / "full", 1838)
+    mirrors = []
+    for name, target in (("m1", small), ("m2", full)):
+        (tmp_path / name / "baber").mkdir(parents=True)
+        (tmp_path / name / "baber" / "piqa").symlink_to(target, target_is_directory=True)
+        mirrors.append(results.data_fingerprint(str(tmp_path / name)))
+    empty = rglob_fingerprint(tmp_path / "m1")  # what both were: the empty listing's digest
+    assert mirrors[0] != mirrors[1] and empty not in mirrors
+
+
+def test_a_linked_folder_counts_as_its_files(tmp_path):
+    piqa_rows(tmp_path / "real" / "baber" / "piqa", 5)
+    (tmp_path / "linked" / "baber").mkdir(parents=True)
+    (tmp_path / "linked" / "baber" / "piqa").symlink_to(tmp_path / "real" / "baber" / "piqa")
+    real = results.data_fingerprint(str(tmp_path / "real"))
+    assert results.data_fingerprint(str(tmp_path / "linked")) == real
+    assert real == rglob_fingerprint(tmp_path / "real")  # real folders: as before
+
+
+def test_a_link_cycle_ends(tmp_path):
+    piqa_rows(tmp_path / "m" / "baber" / "piqa", 3)
+    (tmp_path / "m" / "baber" / "piqa" / "loop").symlink_to(tmp_path / "m")
+    files = results.data_files(tmp_path / "m")
+    assert [f.relative_to(tmp_path / "m").as_posix() for f in files] == [
+        "baber/piqa/default/validation.jsonl"
+    ]
+
+
+def test_the_shared_mirror_keeps_its_fingerprint(data_root, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mka_exp.results")
+    results.say_covered.cache_clear()
+    assert results.data_fingerprint(str(data_root)) == rglob_fingerprint(data_root)
+    assert f"data_root={data_root}: fingerprint" in caplog.text
+    assert "baber/piqa" in caplog.text and "cais/mmlu" in caplog.text
+
+
+def test_an_empty_mirror_says_it_covers_nothing(tmp_path, caplog):
+    results.data_fingerprint(str(tmp_path))
+    assert "holds no *.jsonl file" in caplog.text
