@@ -164,7 +164,10 @@ def check_pinned_file(path: Path, size: int | None, sha256: str | None) -> None:
     if sha256 is None and problem == "no digest recorded or pinned":
         return  # a size pin alone: the size matched
     if problem:
-        raise ValueError(f"model.gguf_file: {path}: {problem}; allowed: the pinned file")
+        raise ValueError(
+            f"model.gguf_file: {path}: {problem}; allowed: the pinned file, or another one "
+            "unpinned (model.pins=null, or model.gguf_size=null model.gguf_sha256=null)"
+        )
 
 
 def dequantized_copy(gguf: Path) -> Path:
