@@ -226,7 +226,8 @@ COPY_SEALS = ".verified.json"  # in a dequantized copy: the seal of each of its 
 
 def seal_copy(folder: Path) -> None:
     """Seal every file of a dequantized copy (one full hash, when it is written)."""
-    files = {path.name: seal(path) for path in sorted(folder.iterdir()) if path.is_file()}
+    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != COPY_SEALS]
+    files = {path.name: seal(path) for path in paths}
     write_json(folder / COPY_SEALS, {"files": files})
 
 

@@ -462,3 +462,11 @@ def test_a_local_gguf_is_checked_against_its_pins(tmp_path):
         models.check_pinned_file(gguf, len(GGUF_BYTES), sha)
     with pytest.raises(ValueError, match=r"16,390 bytes where 5 were expected"):
         models.check_pinned_file(gguf, 5, None)
+
+
+def test_sealing_a_copy_again_leaves_it_valid(dequantizer, monkeypatch):
+    make, builds = dequantizer
+    copy = make()
+    models.seal_copy(copy)  # the seals file is not sealed itself
+    assert models.COPY_SEALS not in json.loads((copy / models.COPY_SEALS).read_text())["files"]
+    assert models.copy_problem(copy) is None and make() == copy and len(builds) == 1
