@@ -470,3 +470,14 @@ def test_sealing_a_copy_again_leaves_it_valid(dequantizer, monkeypatch):
     models.seal_copy(copy)  # the seals file is not sealed itself
     assert models.COPY_SEALS not in json.loads((copy / models.COPY_SEALS).read_text())["files"]
     assert models.copy_problem(copy) is None and make() == copy and len(builds) == 1
+
+
+def test_check_finite_is_not_fooled_by_an_overflowing_sum(tiny):
+    weight = tiny.model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        weight[:2] = 3e38  # finite values whose sum overflows to inf
+    check_finite(tiny.model, "load")
+    with torch.no_grad():
+        weight[0, 0] = float("-inf")  # inf + -inf: NaN
+    with pytest.raises(NonFiniteWeights, match=r"mlp.up_proj.weight holds 1 NaN/inf"):
+        check_finite(tiny.model, "load")
