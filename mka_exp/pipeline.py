@@ -31,6 +31,7 @@ from mka_exp import results, sweep
 from mka_exp.evaluation import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
+from mka_exp.models import check_finite
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.repair.none import NoRepair
@@ -100,8 +101,26 @@ def run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
+    settle_amount(cfg)
     check_config(cfg)
     return run_points(cfg, curve_points(cfg))[-1]
+
+
+def settle_amount(cfg: DictConfig) -> None:
+    """`method.num_layers=N` alone works: a layer count replaces the yaml's default ratio, which
+    is cleared so the config (and its hash) holds only the amount used. Both on the command line,
+    or a layer count with a curve of ratios, is refused: one of them would be ignored."""
+    method = cfg.method
+    if method.get("num_layers") is None or method.get("ratio") is None:
+        return
+    given = {o.lstrip("+~").split("=", 1)[0] for o in sweep.job_overrides()}
+    if {"method.ratio", "method.num_layers"} <= given or cfg.get("curve"):
+        what = f"curve={list(cfg.curve)}" if cfg.get("curve") else f"method.ratio={method.ratio}"
+        raise ValueError(
+            f"{what} and method.num_layers={method.num_layers} both set how many layers go; "
+            "allowed: one of them"
+        )
+    method.ratio = None
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -126,6 +145,7 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_writable_dir("paths.records_dir", c["paths"]["records_dir"]),
         lambda: check_data_root(c.get("data_root")),
         lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
+        lambda: checks.check_model_source(model),
         lambda: checks.check_device(model.get("device", "auto")),
         lambda: checks.check_dtype(model.get("dtype", "auto"), DTYPES),
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
@@ -245,6 +265,7 @@ def compute_points(
     repair.check_method(method)
     quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
     check_tasks(eval_kwargs)
+    check_layer_bounds(method, configs, cfg.model)
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
     dense = prepare_repair(repair, session, watch)
@@ -256,6 +277,7 @@ def compute_points(
             records.append(done[point.key])
             continue
         check_cut(point, stats, session.layers_before)
+        check_finite(model, "compression")
         save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
@@ -279,6 +301,15 @@ def check_cut(point: Point, stats: dict, total: int) -> None:
         )
 
 
+def check_layer_bounds(method, configs: list[DictConfig], model_cfg: DictConfig) -> None:
+    """How many layers each point removes (and LaCo's `m`), against the layer count in the
+    model's config or GGUF header: before the weights load."""
+    from mka_exp.checks import check_layer_bounds as check
+
+    amounts = [(c.method.get("ratio"), c.method.get("num_layers")) for c in configs]
+    check(method, amounts, OmegaConf.to_container(model_cfg, resolve=True))
+
+
 def check_tasks(eval_kwargs: dict) -> None:
     """Unknown task names (with close matches), few-shot names and a bad line in a benchmark file
     fail before the model loads: the tasks are built (read) now and reused by the evaluation."""
@@ -290,6 +321,7 @@ def check_tasks(eval_kwargs: dict) -> None:
 def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, eval_kwargs: dict) -> Session:
     with watch.stage("load"):
         loaded = instantiate(cfg.model)
+        check_finite(loaded.model, "load")
     with watch.stage("calibrate"):
         calib = instantiate(cfg.calib, tokenizer=loaded.tokenizer)
     model = loaded.model
@@ -346,6 +378,7 @@ def repair_point(
     with watch.stage("repair"):
         target = model if in_place else copy.deepcopy(model)
         repair_stats = repair.repair(target, session.calib, stats, dense)
+    check_finite(target, "repair")
     return target, {**stats, "repair": repair_stats}
 
 
@@ -393,6 +426,8 @@ def measure_point(
         # Quantizing changes the model in place: a curve keeps cutting the unquantized one.
         target = model if last or isinstance(quantizer, NoQuant) else copy.deepcopy(model)
         target, quant_stats = quantizer.quantize(target, session.tokenizer, session.calib)
+    if not isinstance(quantizer, NoQuant):
+        check_finite(target, "quantization")
     record = {
         "model": session.name,
         "method": method_name(point.cfg),

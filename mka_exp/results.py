@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 # Config keys (dotted) that never change a run's results: where files go, how it is logged, where
 # caches live, whether evaluation shares multiple-choice contexts (same scores, less work), and
-# where the data mirror sits (its content enters the hash as `data_fingerprint`).
+# where the data mirror sits (its content enters the hash as `data_fingerprint`), and a model file's
+# pins (a file that fails them is refused, so they never change a result).
 NON_RESULT_KEYS = (
     "paths",
     "logger",
@@ -61,6 +63,7 @@ NON_RESULT_KEYS = (
     "eval.prefix_cache_tokens",
     "eval.prefix_min_shared",
     "data_root",
+    "model.pins",
     "calib.data_root",
     "eval.data_root",
     "compare",  # which comparisons the report marks (conf/compare/): read after the run
@@ -83,15 +86,47 @@ def without_keys(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, A
 
 def data_fingerprint(data_root: str | None) -> str:
     """Names (relative to the mirror) and sizes of the mirror's `*.jsonl` files, hashed; "hub"
-    without a mirror. The same mirror at another path gives the same fingerprint."""
+    without a mirror. The same mirror at another path gives the same fingerprint. Linked dataset
+    folders are followed (two mirrors linking to different data differ); the files covered are
+    logged once per mirror (`data_files`)."""
     if data_root is None:
         return "hub"
     root = Path(data_root).expanduser()
     if not root.is_dir():
         return "missing"  # the run itself stops with a clear error before any record
-    files = sorted(root.rglob("*.jsonl"))
+    files = data_files(root)
     listing = "\n".join(f"{f.relative_to(root).as_posix()}:{f.stat().st_size}" for f in files)
-    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    say_covered(str(root), fingerprint, tuple(f.relative_to(root).as_posix() for f in files))
+    return fingerprint
+
+
+def data_files(root: Path) -> list[Path]:
+    """Every `*.jsonl` under `root`, through linked folders (a link back to a folder above it
+    is not followed again), in `sorted(root.rglob(...))` order: a mirror of real folders keeps the
+    fingerprint it had when links were not followed."""
+    found, above = [], {str(root): {os.path.realpath(root)}}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        chain = above.pop(folder)
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in chain:  # a cycle
+                dirs.remove(name)
+            else:
+                above[os.path.join(folder, name)] = chain | {real}
+        found += [Path(folder) / n for n in names if n.endswith(".jsonl")]
+    return sorted(found)
+
+
+@functools.lru_cache(maxsize=64)
+def say_covered(root: str, fingerprint: str, files: tuple[str, ...]) -> None:
+    """Which files a mirror's fingerprint stands for, once per mirror and content."""
+    datasets = sorted({f.rsplit("/", 2)[0] for f in files if f.count("/") >= 2})
+    if not files:
+        log.warning("data_root=%s holds no *.jsonl file: its fingerprint covers nothing", root)
+        return
+    log.info("data_root=%s: fingerprint %s covers %d *.jsonl files of %d datasets: %s", root,
+             fingerprint, len(files), len(datasets), ", ".join(datasets))  # fmt: skip
 
 
 def file_fingerprint(path: str) -> str:
