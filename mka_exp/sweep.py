@@ -96,25 +96,28 @@ def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 class OutputRootCheck(Callback):
-    """`paths.output_root` checked before Hydra creates the run (or sweep) directory under it:
-    Hydra makes that directory before the job starts, so the pipeline's checks come too late
-    and a bad root ended in Hydra's traceback. One line, exit status 2, like the other checks."""
+    """`paths.output_root` and the folder Hydra makes the run (or sweep) directory in, checked
+    before Hydra creates it: that happens before the job starts, so the pipeline's checks come
+    too late and a bad root (or a `runs/` folder of another user) ended in Hydra's traceback.
+    One line, exit status 2, like the other checks."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_root(config)
+        check_output_root(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_root(config)
+        check_output_root(config, "hydra.sweep.dir")
 
 
-def check_output_root(config: DictConfig) -> None:
+def check_output_root(config: DictConfig, run_dir_key: str) -> None:
     from mka_exp.checks import check_writable_dir  # reads data modules: only when a run starts
 
     root = OmegaConf.select(config, "paths.output_root")
-    if root is None:
-        return
+    run_dir = OmegaConf.select(config, run_dir_key)
     try:
-        check_writable_dir("paths.output_root", str(root))
+        if root is not None:
+            check_writable_dir("paths.output_root", str(root))
+        if run_dir is not None:
+            check_writable_dir(run_dir_key, str(run_dir))
     except ValueError as err:
         print(f"ERROR: ConfigError: {err}", file=sys.stderr)
         raise SystemExit(2) from None
