@@ -98,16 +98,32 @@ def run_name(cfg: DictConfig) -> str:
     return "-".join(str(p) for p in parts if p is not None)
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
+    canonicalise(cfg)
     check_config(cfg)
     return run_points(cfg, curve_points(cfg))[-1]
+
+
+def canonicalise(cfg: DictConfig) -> None:
+    """One experiment, one config (and hash): a task named twice is evaluated once (warning)."""
+    from mka_exp.canonical import unique_tasks
+
+    tasks = OmegaConf.to_container(cfg.eval, resolve=True).get("tasks")
+    kept, repeated = unique_tasks(tasks)
+    if repeated:
+        log.warning("eval.tasks=%s names %s more than once; evaluating each once: eval.tasks=%s",
+                    tasks, ", ".join(repeated), kept)  # fmt: skip
+        cfg.eval.tasks = kept
 
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
     setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
-    from mka_exp import checks
+    from mka_exp import canonical, checks
     from mka_exp.data import check_data_root
     from mka_exp.models import DTYPES
     from mka_exp.tracking import WANDB_MODES
@@ -116,6 +132,7 @@ def check_config(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     ev, model, method, calib = c["eval"], c["model"], c["method"], c["calib"]
     checks.gather(
+        lambda: canonical.check_known_keys(c, CONF_DIR),
         lambda: checks.check_seed(c.get("seed")),
         lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
