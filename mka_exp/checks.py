@@ -245,6 +245,24 @@ def check_records_dir(key: str, path: str) -> None:
         mode = os.W_OK | (os.X_OK if kind == "dir" else 0)
         if write and not os.access(entry, mode):
             raise ValueError(f"{key}={str(path)!r}: {entry} {not_writable(entry)}")
+    check_free_space(key, path)
+
+
+MIN_FREE_BYTES = 10 * 2**20  # a point's record, per-example file, figures and temporaries
+
+
+def check_free_space(key: str, path: str) -> None:
+    """Room for a point's files: a run on a full disk would compute everything, then fail."""
+    import shutil
+
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"{key}={str(path)!r}: only {free / 2**20:.2f} MB free on {existing}; allowed: a file "
+            f"system with at least {MIN_FREE_BYTES // 2**20} MB free (free some space first)"
+        )
 
 
 # --- model ----------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ import contextlib
 import copy
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,18 +46,85 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, Run
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Entry point behind `@hydra.main`: one line and exit code 2 on bad input. In a multirun a
     failed job is reported (its error line and overrides) and the sweep goes on; the sweep exits
-    1 at its end with a summary (`mka_exp.sweep.FailureSummary`)."""
+    1 at its end with a summary (`mka_exp.sweep.FailureSummary`). A full disk stops a curve (and
+    a sweep, with its summary): exit 1. SIGTERM (Slurm's time limit, preemption, scancel) and
+    SIGINT abandon the point being computed: one line, exit 128 + the signal (143, 130)."""
+    with stop_on_signals():
+        try:
+            return run(cfg)
+        except Interrupted as stop:
+            log.error("%s", stop.line())
+            raise SystemExit(128 + stop.signum) from None
+        except Exception as err:
+            return failed(cfg, err)
+
+
+def failed(cfg: DictConfig, err: Exception) -> None:
+    """Report a run's error: one line (a traceback too for a bug), or a sweep job's failure."""
+    full = isinstance(err, results.DiskFull)
+    expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
+    line = sweep.error_line(err)
+    if sweep.in_multirun():
+        sweep.job_failed(Path(cfg.paths.output_dir), line, err, expected)
+        if full:  # every later job would fail the same way (or die in Hydra's own writes)
+            sweep.stop_sweep(f"the disk is full ({line})")
+        return None
+    if not expected:
+        raise err
+    log.error("%s", line)
+    raise SystemExit(1 if full else 2) from None
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt: no `except Exception`
+    on its way marks the abandoned point as failed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.progress = "no point of this run was recorded"
+
+    def line(self) -> str:
+        return (
+            f"{self}: stopped; the point being computed was abandoned, nothing of it recorded; "
+            f"{self.progress}. Resume: run the same command again (finished points are skipped)"
+        )
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread; a second one while stopping is
+    ignored, so the stop stays one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        return run(cfg)
-    except Exception as err:
-        expected = isinstance(err, (InstantiationException, *USER_ERRORS))
-        if sweep.in_multirun():
-            sweep.job_failed(Path(cfg.paths.output_dir), sweep.error_line(err), err, expected)
-            return None
-        if not expected:
-            raise
-        log.error("%s", sweep.error_line(err))
-        raise SystemExit(2) from None
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def progress(points: list[Point], records_dir: Path) -> str:
+    """Which points are recorded and which are not, read from the records on disk."""
+    done = [p for p in points if results.record_path(records_dir, p.key).exists()]
+    todo = [p for p in points if p not in done]
+    labels = (lambda ps: ", ".join(p.label for p in ps)) if len(points) > 1 else None
+    head = f"{len(done)} of {len(points)} point(s) recorded"
+    if labels is None:
+        return head + (f" ({points[0].key})" if done else "")
+    return head + (f": {labels(done)}" if done else "") + (f"; not done: {labels(todo)}" if todo
+                                                            else "")  # fmt: skip
 
 
 class Stopwatch:
@@ -209,6 +278,12 @@ class Point:
     key: str
     output_dir: Path
 
+    @property
+    def label(self) -> str:
+        """How a message names the point: its curve ratio, else its config hash."""
+        ratio = self.cfg.method.get("ratio")
+        return f"ratio {ratio}" if self.output_dir.name.startswith("ratio_") else self.key
+
 
 def plan_points(cfg: DictConfig, configs: list[DictConfig]) -> list[Point]:
     base = Path(cfg.paths.output_dir)
@@ -224,6 +299,17 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
     """Load once, walk the points in order; points already recorded are not evaluated again."""
     records_dir = Path(cfg.paths.records_dir)
     points = plan_points(cfg, configs)
+    try:
+        return resume_points(cfg, configs, points, records_dir)
+    except Interrupted as stop:  # not a failure of the point: nothing is marked
+        stop.progress = progress(points, records_dir)
+        raise
+
+
+def resume_points(
+    cfg: DictConfig, configs: list[DictConfig], points: list[Point], records_dir: Path
+) -> list[dict[str, Any]]:
+    """The records of the points, computing those not recorded yet (see `run_points`)."""
     done = recorded_points(cfg, points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
@@ -232,10 +318,23 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
     try:
         return compute_points(cfg, configs, points, done, finished)
     except Exception as err:  # each unfinished point is marked; the next resume retries it
-        for point in points:
-            if not done[point.key] and point.key not in finished:
-                results.save_failure(records_dir, point.key, sweep.error_line(err), point.config)
+        mark_failed(records_dir, [p for p in points if not done[p.key] and p.key not in finished],
+                    sweep.error_line(err))  # fmt: skip
+        if isinstance(err, results.DiskFull):
+            raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
+                                   "space, then run the same command again (finished points "
+                                   "are skipped)") from None  # fmt: skip
         raise
+
+
+def mark_failed(records_dir: Path, points: list[Point], line: str) -> None:
+    """A failure marker per unfinished point; on a full disk as many as fit (they only say why
+    a resume retries the point)."""
+    for point in points:
+        try:
+            results.save_failure(records_dir, point.key, line, point.config)
+        except OSError:
+            return
 
 
 def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> dict:
@@ -281,7 +380,8 @@ def compute_points(
             records.append(done[point.key])
             continue
         check_cut(point, stats, session.layers_before)
-        save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
+        with results.naming_full_disk(point.output_dir):
+            save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
         repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
@@ -395,11 +495,13 @@ def finish_point(
     point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
 ) -> dict:
     """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
-    point.output_dir.mkdir(parents=True, exist_ok=True)
-    tracker = shared_tracker(point.cfg.logger)
-    tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
+    with results.naming_full_disk(point.output_dir):
+        point.output_dir.mkdir(parents=True, exist_ok=True)
+        tracker = shared_tracker(point.cfg.logger)
+        tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
-        record = measure_point(point, model, stats, session, watch, last)
+        with results.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
+            record = measure_point(point, model, stats, session, watch, last)
         copy = point.output_dir / "results.json"
         results.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
         results.clear_failure(Path(point.cfg.paths.records_dir), point.key)

@@ -77,10 +77,14 @@ def job_failed(output_dir: Path, line: str, err: BaseException, expected: bool) 
     log.error("job failed: %s\n  overrides: %s", line, " ".join(overrides),
               exc_info=None if expected else err)  # fmt: skip
     path = Path(output_dir) / FAILED
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{FAILED}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"error": line, "overrides": overrides}, indent=2))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"error": line, "overrides": overrides}, indent=2))
+        os.replace(tmp, path)
+    except OSError as write_err:  # a full disk: the log line above is the record of it
+        tmp.unlink(missing_ok=True)
+        log.error("could not write %s (%s)", path, write_err.strerror)
 
 
 def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -123,19 +127,38 @@ def check_output_root(config: DictConfig, run_dir_key: str) -> None:
         raise SystemExit(2) from None
 
 
+def summary_lines(sweep_dir: Path) -> list[str]:
+    """One line per failed job of the sweep (its overrides and error), after a count."""
+    failures = sweep_failures(sweep_dir)
+    if not failures:
+        return []
+    jobs = sum(1 for _ in Path(sweep_dir).rglob(".hydra"))
+    lines = [f"{len(failures)} of {jobs} sweep job(s) failed (sweep dir {sweep_dir}):"]
+    for failure in failures:
+        overrides = " ".join(failure.get("overrides") or [])
+        lines.append(f"  {overrides or failure['dir']}: {failure['error']}")
+    return lines
+
+
+def stop_sweep(reason: str) -> None:
+    """Stop a sweep at this job (every later one would fail the same way): the summary of the
+    failed jobs so far, and exit status 1."""
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    lines = summary_lines(sweep_dir) or [f"sweep dir {sweep_dir}:"]
+    lines.insert(0, f"sweep stopped at job {HydraConfig.get().job.num}: {reason}; later jobs "
+                    "were not started")  # fmt: skip
+    lines.append("Rerun the same command to go on; finished points are skipped.")
+    log.error("\n".join(lines))
+    raise SystemExit(1)
+
+
 class FailureSummary(Callback):
     """At the end of a multirun: which jobs failed and why; exit status 1 if any did."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        failures = sweep_failures(sweep_dir)
-        if not failures:
+        lines = summary_lines(Path(str(config.hydra.sweep.dir)))
+        if not lines:
             return
-        jobs = sum(1 for _ in sweep_dir.rglob(".hydra"))
-        lines = [f"{len(failures)} of {jobs} sweep job(s) failed (sweep dir {sweep_dir}):"]
-        for failure in failures:
-            overrides = " ".join(failure.get("overrides") or [])
-            lines.append(f"  {overrides or failure['dir']}: {failure['error']}")
         lines.append("Rerun the same command to retry them; finished points are skipped.")
         log.error("\n".join(lines))
         raise SystemExit(1)

@@ -3,14 +3,17 @@ submitit launcher, and an output root with one damaged state file of every kind.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +273,126 @@ def test_output_root_under_a_file_is_one_line_before_hydra_makes_the_run_dir(tmp
         "directory; "
         "allowed: a directory you can write to"
     ]
+
+
+# --- signals and a full disk (issue 31) ------------------------------------------------------
+
+CURVE = ["method=reverse_prune", "curve=[0.25,0.5,0.75]", *SHRINK]
+MEASURE = pipeline.measure_point
+
+
+def at_second_point(monkeypatch, action) -> None:
+    """Run `action` when the curve's second point starts measuring (the first is recorded)."""
+    real = MEASURE
+
+    def measure(point, *args, **kwargs):
+        if point.cfg.method.ratio == 0.5:
+            action()
+        return real(point, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_point", measure)
+
+
+def errors_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_abandons_the_point_and_says_how_to_resume(
+    tmp_path, data_root, monkeypatch, caplog, sig, code
+):
+    """What Slurm sends at a time limit or preemption (SIGTERM), or Ctrl-C: the point being
+    computed is dropped (no record, no failure marker), one line lists what is done, and the
+    exit status is 128 + the signal; the handlers are restored afterwards."""
+    at_second_point(monkeypatch, lambda: os.kill(os.getpid(), sig))
+    before = signal.getsignal(sig)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        pipeline.main(compose_config(CURVE, tmp_path, data_root))
+    assert stop.value.code == code
+    (line,) = errors_of(caplog)
+    assert line == (
+        f"{sig.name}: stopped; the point being computed was abandoned, nothing of it recorded; "
+        "1 of 3 point(s) recorded: ratio 0.25; not done: ratio 0.5, ratio 0.75. Resume: run the "
+        "same command again (finished points are skipped)"
+    )
+    assert len(results.record_keys(tmp_path)) == 1 and not (tmp_path / "failures").exists()
+    assert signal.getsignal(sig) is before
+    evaluated = []
+    at_second_point(monkeypatch, lambda: evaluated.append(1))
+    pipeline.run(compose_config(CURVE, tmp_path, data_root))
+    assert len(results.record_keys(tmp_path)) == 3 and evaluated == [1]
+
+
+def full_disk_at(suffix: str):
+    """`os.replace` that finds the disk full when moving a file ending in `suffix` into place
+    after the first record exists (the curve's second point)."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        records = list(Path(dst).parent.glob("*.json"))
+        if str(dst).endswith(suffix) and records:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    return replace
+
+
+def test_a_full_disk_names_the_path_and_free_space_and_stops_the_curve(
+    tmp_path, data_root, monkeypatch, caplog
+):
+    monkeypatch.setattr(os, "replace", full_disk_at(".samples.jsonl.gz"))
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        pipeline.main(compose_config(CURVE, tmp_path, data_root))
+    assert stop.value.code == 1
+    (line,) = errors_of(caplog)
+    (first,) = results.record_keys(tmp_path)
+    assert line.startswith(f"DiskFull: no space left on device writing {tmp_path}/records/")
+    assert f" free on {tmp_path}/records); 1 of 3 point(s) recorded: ratio 0.25; not done: " in (
+        line
+    )
+    assert line.endswith("Free space, then run the same command again (finished points are "
+                         "skipped)")  # fmt: skip
+    assert "Traceback" not in caplog.text
+    assert results.read_table(tmp_path / "results.csv")["config_hash"].tolist() == [first]
+
+
+SITE_FULL_DISK = """import errno, os
+from pathlib import Path
+
+_real = os.replace
+
+
+def _replace(src, dst, *args, **kwargs):
+    if str(dst).endswith(".samples.jsonl.gz") and list(Path(dst).parent.glob("*.json")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _real(src, dst, *args, **kwargs)
+
+
+os.replace = _replace
+"""
+
+
+def test_a_full_disk_stops_a_sweep_with_its_summary(tmp_path, data_root):
+    """The second job of three finds the disk full: it is recorded as failed, the sweep stops
+    there (the third would fail the same way) with its summary, exit 1, no traceback."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE_FULL_DISK)
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none",
+        "method=reverse_prune", "method.ratio=0.25,0.5,0.75", "eval.tasks=[piqa]", "eval.limit=2",
+        "calib.max_length=32", f"data_root={data_root}", f"paths.output_root={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "Traceback" not in done.stdout
+    assert "sweep stopped at job 1: the disk is full (DiskFull: no space left on device " in (
+        done.stdout
+    )
+    assert "1 of 2 sweep job(s) failed" in done.stdout
+    assert "method.ratio=0.75" not in done.stdout.split("sweep stopped")[0].split("#2 :")[-1]
+    assert "#2 : " not in done.stdout  # the third job never started
+    assert len(results.record_keys(out)) == 1
