@@ -29,7 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mka_exp import results, sweep
+from mka_exp import claims, results, sweep
 from mka_exp.evaluation import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -309,17 +309,42 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
 def resume_points(
     cfg: DictConfig, configs: list[DictConfig], points: list[Point], records_dir: Path
 ) -> list[dict[str, Any]]:
-    """The records of the points, computing those not recorded yet (see `run_points`)."""
+    """The records of the points, computing those not recorded yet (see `run_points`). A point
+    another run has claimed is skipped and waited for at the end (`mka_exp/claims.py`); one whose
+    claim is abandoned meanwhile is computed here after all (the model is loaded again)."""
     done = recorded_points(cfg, points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
         return [done[p.key] for p in points]
+    share = cfg.get("resume", True)  # resume=false computes every point again: no claims
+    with claims.Claims(records_dir) as held:
+        todo = [p.key for p in points if not done[p.key]]
+        if not share or len(held.busy(todo)) < len(todo):  # else nothing to load the model for
+            compute_guarded(cfg, configs, points, done, held if share else None)
+        waiting = [p for p in points if not done[p.key]]
+        held.wait_for([p.key for p in waiting], {p.key: p.label for p in points})
+    for point in waiting:
+        done[point.key] = results.load_record(records_dir, point.key)
+    lost = [p for p in waiting if done[p.key] is None]  # claim abandoned, or the other run failed
+    if lost:
+        for point, record in zip(lost, resume_points(cfg, [p.cfg for p in lost], lost,
+                                                     records_dir), strict=True):  # fmt: skip
+            done[point.key] = record
+    return [done[p.key] for p in points]
+
+
+def compute_guarded(
+    cfg: DictConfig, configs: list[DictConfig], points: list[Point], done: dict, held
+) -> None:
+    """`compute_points`; on an error each unfinished point of this run gets a failure marker."""
+    records_dir = Path(cfg.paths.records_dir)
     finished: set[str] = set()
     try:
-        return compute_points(cfg, configs, points, done, finished)
+        compute_points(cfg, configs, points, done, finished, held)
     except Exception as err:  # each unfinished point is marked; the next resume retries it
-        mark_failed(records_dir, [p for p in points if not done[p.key] and p.key not in finished],
-                    sweep.error_line(err))  # fmt: skip
+        others = set(held.busy(p.key for p in points)) if held else set()
+        unfinished = [p for p in points if not done[p.key] and p.key not in finished | others]
+        mark_failed(records_dir, unfinished, sweep.error_line(err))
         if isinstance(err, results.DiskFull):
             raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
                                    "space, then run the same command again (finished points "
@@ -358,9 +383,15 @@ def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> 
 
 
 def compute_points(
-    cfg: DictConfig, configs: list[DictConfig], points: list[Point], done: dict, finished: set
-) -> list[dict[str, Any]]:
-    """Load once and compute the points not in `done`, adding each finished key to `finished`."""
+    cfg: DictConfig,
+    configs: list[DictConfig],
+    points: list[Point],
+    done: dict,
+    finished: set,
+    held: claims.Claims | None = None,
+) -> None:
+    """Load once and compute the points not in `done` that this run can claim (`held`; None:
+    no claims), putting each record into `done` and its key into `finished`."""
     torch.manual_seed(cfg.seed)
     # The first point's method: for a one-point curve the top-level config still holds the
     # yaml's ratio, and a method built from it cut at that ratio under the point's label.
@@ -372,12 +403,12 @@ def compute_points(
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
     dense = prepare_repair(repair, session, watch)
-    records = []
     for index, (stats, model) in enumerate(walk(method, session, configs, watch)):
         point = points[index]
         if done[point.key]:
             log.info("point %s already recorded; not evaluated again", point.key)
-            records.append(done[point.key])
+            continue
+        if not claimed(point, held, done):
             continue
         check_cut(point, stats, session.layers_before)
         with results.naming_full_disk(point.output_dir):
@@ -385,9 +416,27 @@ def compute_points(
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
         repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
-        records.append(finish_point(point, repaired, stats, session, watch, last))
+        done[point.key] = finish_point(point, repaired, stats, session, watch, last)
         finished.add(point.key)
-    return records
+        if held is not None:
+            held.release(point.key)
+
+
+def claimed(point: Point, held: claims.Claims | None, done: dict) -> bool:
+    """Whether this run computes the point now: it claimed it (or shares no work). A point
+    recorded meanwhile by another run goes into `done`; one it is computing is left for later."""
+    if held is None:
+        return True
+    state = held.take(point.key)
+    if state == claims.DONE:
+        done[point.key] = results.load_record(held.records_dir, point.key)
+        log.info("point %s was recorded by another run meanwhile", point.label)
+        return False
+    if state != claims.OURS:
+        log.info("point %s is being computed by %s; this run goes on and waits for it at its end",
+                 point.label, claims.holder(state))  # fmt: skip
+        return False
+    return True
 
 
 def check_cut(point: Point, stats: dict, total: int) -> None:

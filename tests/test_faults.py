@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from mka_exp import activations, pipeline, results
+from mka_exp import activations, claims, pipeline, results
 from mka_exp.activations import capture_hidden_states
 from mka_exp.calibration import tokenize
 from mka_exp.methods.mka import MKA
@@ -396,3 +397,114 @@ def test_a_full_disk_stops_a_sweep_with_its_summary(tmp_path, data_root):
     assert "method.ratio=0.75" not in done.stdout.split("sweep stopped")[0].split("#2 :")[-1]
     assert "#2 : " not in done.stdout  # the third job never started
     assert len(results.record_keys(out)) == 1
+
+
+# --- sweeps that share work: claims (issue 31) ------------------------------------------------
+
+
+def curve_keys(tmp_path, data_root) -> dict[float, str]:
+    cfg = compose_config(CURVE, tmp_path, data_root)
+    points = pipeline.plan_points(cfg, pipeline.curve_points(cfg))
+    return {p.cfg.method.ratio: p.key for p in points}
+
+
+def write_claim(records_dir, key: str, host: str, pid: int, age: float = 0.0):
+    path = claims.claim_path(records_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": time.time()}))
+    os.utime(path, (time.time() - age,) * 2)
+    return path
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("how", ["process gone", "no heartbeat"])
+def test_a_killed_runs_claim_is_taken_over(tmp_path, data_root, monkeypatch, caplog, how):
+    """A claim left by a SIGKILLed job: on this host its pid is gone (taken over at once), on
+    another host its heartbeat stopped (taken over after STALE_S)."""
+    key = curve_keys(tmp_path, data_root)[0.5]
+    if how == "process gone":
+        write_claim(tmp_path, key, claims.HOST, dead_pid())
+    else:
+        write_claim(tmp_path, key, "node-17", 4242, age=claims.STALE_S + 5)
+    with caplog.at_level(logging.WARNING):
+        pipeline.run(compose_config(CURVE, tmp_path, data_root))
+    assert len(results.record_keys(tmp_path)) == 3
+    (warning,) = [w for w in warnings_of(caplog) if "claim" in w]
+    reason = "on this host is gone" if how == "process gone" else "no heartbeat for"
+    assert f"point {key}: the claim of " in warning and reason in warning
+    assert "this run takes it over" in warning
+    assert not list((tmp_path / "claims").iterdir())  # released
+
+
+def test_a_curve_skips_a_claimed_point_and_waits_for_it(tmp_path, data_root, monkeypatch, caplog):
+    """Another run (a live claim on another host) computes ratio 0.5: this curve computes the
+    others, then waits; the other run dies (its heartbeat stops), so this run computes 0.5
+    after all. Every point is computed once and recorded once."""
+    monkeypatch.setattr(claims, "POLL_S", 0.05)
+    keys = curve_keys(tmp_path, data_root)
+    claim = write_claim(tmp_path, keys[0.5], "node-17", 4242)
+    evaluated = []
+    real = MEASURE
+
+    def measure(point, *args, **kwargs):
+        evaluated.append(point.cfg.method.ratio)
+        if len(evaluated) == 2:  # both free points done: the other run dies now
+            os.utime(claim, (time.time() - claims.STALE_S - 5,) * 2)
+        return real(point, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_point", measure)
+    with caplog.at_level(logging.INFO):
+        pipeline.run(compose_config(CURVE, tmp_path, data_root))
+    assert evaluated == [0.25, 0.75, 0.5]
+    text = caplog.text
+    assert "point ratio 0.5 is being computed by node-17:4242; this run goes on" in text
+    assert "waiting for 1 point(s) that other runs (node-17:4242) are computing: ratio 0.5" in text
+    assert f"point {keys[0.5]}: the claim of node-17:4242 is stale (no heartbeat for" in text
+    assert sorted(results.record_keys(tmp_path)) == sorted(keys.values())
+    assert len(results.read_table(tmp_path / "results.csv")) == 3
+
+
+def test_a_point_recorded_by_the_other_run_is_not_computed(tmp_path, data_root, monkeypatch):
+    """A run whose only point is claimed loads no model and takes the other run's record."""
+    monkeypatch.setattr(claims, "POLL_S", 0.05)
+    first = pipeline.run(compose_config(["method=reverse_prune", *SHRINK], tmp_path, data_root))
+    record = results.record_path(tmp_path, first["config_hash"])
+    text = record.read_text()
+    record.unlink()  # as if the other run were still computing it
+    write_claim(tmp_path, first["config_hash"], "node-17", 4242)
+
+    def finish_later():
+        time.sleep(0.5)
+        record.write_text(text)
+
+    monkeypatch.setattr(pipeline, "load_session", lambda *a, **k: pytest.fail("model loaded"))
+    threading.Thread(target=finish_later, daemon=True).start()
+    again = pipeline.run(compose_config(["method=reverse_prune", *SHRINK], tmp_path, data_root))
+    assert again == first
+
+
+def test_two_overlapping_sweeps_compute_each_point_once(tmp_path, data_root):
+    """Two sweeps started together over the same three points, in opposite orders."""
+    procs = []
+    for order in ("0.25,0.5,0.75", "0.75,0.5,0.25"):
+        args = [
+            sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none",
+            "method=reverse_prune", f"method.ratio={order}", "eval.tasks=[piqa]",
+            "eval.limit=2", "calib.max_length=32", f"data_root={data_root}",
+            f"paths.output_root={tmp_path}",
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    computed = sum(out.count("piqa/acc_norm") for out in outs)  # a summary per computed point
+    assert computed == 3, outs
+    assert len(results.record_keys(tmp_path)) == 3
+    assert len(results.read_table(tmp_path / "results.csv")) == 3
+    assert not list((tmp_path / "claims").iterdir())
