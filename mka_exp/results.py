@@ -6,6 +6,7 @@ Layout under `records_dir`::
     records/<config_hash>.json     the record (the source of truth; resume looks here)
     records/<hash>.json.damaged    a record that did not parse, moved aside (its point reruns)
     failures/<config_hash>.json    a point that failed: its error line and config (resume retries it)
+    claims/<config_hash>.json      a point being computed: host, pid, heartbeat (`claims.py`)
     results.csv                    every record flattened to one row (derived: rebuilt from records/)
 
 A crash can leave neither a half-written record nor a half-written table: every write goes to a
