@@ -719,15 +719,17 @@ def overlapping_sweeps(ctx: Ctx):
     return run, f"{computed} point computations for 3 points; {survival(ctx.root, 3)}"
 
 
-@case("sweep SIGKILLed mid-point, rerun at once: the dead job's claim", hint="claim", warn=True)
+@case("sweep SIGKILLed holding a claim, rerun at once: the claim", hint="claim", warn=True)
 def killed_claim(ctx: Ctx):
     proc = subprocess.Popen(sweep_args(ctx, "0.25,0.5,0.75"), cwd=ctx.repo,
                             env=ctx.env(None, None), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + ctx.timeout
-    while time.time() < deadline and not records(ctx.root) and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(3)  # into the second point
+    claims = ctx.root / "claims"
+    while time.time() < deadline and proc.poll() is None:  # kill while the 2nd point is claimed
+        if records(ctx.root) and list(claims.glob("*.json")):
+            break
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     left = len(list((ctx.root / "claims").glob("*.json")))

@@ -310,8 +310,9 @@ def resume_points(
     cfg: DictConfig, configs: list[DictConfig], points: list[Point], records_dir: Path
 ) -> list[dict[str, Any]]:
     """The records of the points, computing those not recorded yet (see `run_points`). A point
-    another run has claimed is skipped and waited for at the end (`mka_exp/claims.py`); one whose
-    claim is abandoned meanwhile is computed here after all (the model is loaded again)."""
+    another run has claimed is skipped and waited for at the end (`mka_exp/claims.py`), or at the
+    sweep's end for a job of the basic launcher (None in its place); one whose claim is abandoned
+    meanwhile is computed here after all (the model is loaded again)."""
     done = recorded_points(cfg, points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
@@ -322,7 +323,12 @@ def resume_points(
         if not share or len(held.busy(todo)) < len(todo):  # else nothing to load the model for
             compute_guarded(cfg, configs, points, done, held if share else None)
         waiting = [p for p in points if not done[p.key]]
-        held.wait_for([p.key for p in waiting], {p.key: p.label for p in points})
+        labels = {p.key: p.label for p in points}
+        if waiting and sweep.defers():  # the sweep's other jobs first (`sweep.finish_deferred`)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            sweep.defer(Path(cfg.paths.output_dir), config, [labels[p.key] for p in waiting])
+            return [done[p.key] for p in points]
+        held.wait_for([p.key for p in waiting], labels)
     for point in waiting:
         done[point.key] = results.load_record(records_dir, point.key)
     lost = [p for p in waiting if done[p.key] is None]  # claim abandoned, or the other run failed

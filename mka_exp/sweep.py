@@ -10,6 +10,11 @@ logs which jobs failed and why, and exits with status 1. It reads files rather t
 so it works the same with the basic launcher and the submitit (local, Slurm) launchers, whose
 jobs run in other processes.
 
+Sweeps that share an output root share work (`mka_exp/claims.py`): a job of the basic launcher
+whose points other runs are computing is deferred (`deferred.json` in its directory) and run by
+`FailureSummary` at the sweep's end, after the other jobs; it then waits for those points, or
+computes them if their claims were abandoned.
+
 Importing this module registers the `${unique:}` resolver used in `hydra.run.dir` and
 `hydra.sweep.dir`: six random hex digits, drawn once per config (cached, and copied with the
 config to submitit jobs), after the date and time, so runs started in the same second get
@@ -76,6 +81,10 @@ def job_failed(output_dir: Path, line: str, err: BaseException, expected: bool) 
     overrides = job_overrides()
     log.error("job failed: %s\n  overrides: %s", line, " ".join(overrides),
               exc_info=None if expected else err)  # fmt: skip
+    write_failed(Path(output_dir), line, overrides)
+
+
+def write_failed(output_dir: Path, line: str, overrides: list[str]) -> None:
     path = Path(output_dir) / FAILED
     tmp = path.with_name(f".{FAILED}.{os.getpid()}.tmp")
     try:
@@ -152,10 +161,68 @@ def stop_sweep(reason: str) -> None:
     raise SystemExit(1)
 
 
+DEFERRED = "deferred.json"  # in the directory of a job whose points other runs were computing
+FINISHING: list[bool] = []  # non-empty while the deferred jobs run at the sweep's end
+
+
+def defers() -> bool:
+    """A job whose points other runs are computing is deferred to the sweep's end when the jobs
+    run in this process (the basic launcher), so the sweep's other points go first; a submitit
+    job (its own process, maybe its own node) waits in place."""
+    if not in_multirun() or FINISHING:
+        return False
+    return "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
+def defer(output_dir: Path, config: dict[str, Any], labels: list[str]) -> None:
+    """Leave the job's resolved config for `finish_deferred`."""
+    log.info("point(s) %s: being computed by other runs; this job is deferred to the end of "
+             "the sweep", ", ".join(labels))  # fmt: skip
+    path = Path(output_dir) / DEFERRED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, "overrides": job_overrides()}, default=str))
+
+
+def finish_deferred(sweep_dir: Path) -> None:
+    """The deferred jobs, after the others: each waits for the points other runs are computing
+    and computes those whose claim was abandoned; a failure leaves `failed.json` as any job's."""
+    from mka_exp import pipeline
+
+    FINISHING.append(True)
+    try:
+        for path in sorted(Path(sweep_dir).rglob(DEFERRED)):
+            job = json.loads(path.read_text())
+            log.info("deferred job %s: %s", path.parent.name, " ".join(job["overrides"]))
+            try:
+                pipeline.run(OmegaConf.create(job["config"]))
+            except Exception as err:  # noqa: BLE001 (reported like any failed job)
+                log.error("job failed: %s\n  overrides: %s", error_line(err),
+                          " ".join(job["overrides"]))  # fmt: skip
+                write_failed(path.parent, error_line(err), job["overrides"])
+            path.unlink()
+    finally:
+        FINISHING.clear()
+
+
 class FailureSummary(Callback):
-    """At the end of a multirun: which jobs failed and why; exit status 1 if any did."""
+    """At the end of a multirun: the deferred jobs (`finish_deferred`), then which jobs failed
+    and why; exit status 1 if any did."""
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """A disk that filled up during this job stops the sweep here: the next job would die
+        in Hydra's own writes (its directory, its config), with a traceback and no summary."""
+        from mka_exp.checks import check_free_space
+
+        records_dir = OmegaConf.select(config, "paths.records_dir")
+        if not in_multirun() or records_dir is None:
+            return
+        try:
+            check_free_space("paths.records_dir", str(records_dir))
+        except ValueError as err:
+            stop_sweep(f"the disk is full ({err})")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        finish_deferred(Path(str(config.hydra.sweep.dir)))
         lines = summary_lines(Path(str(config.hydra.sweep.dir)))
         if not lines:
             return

@@ -508,3 +508,78 @@ def test_two_overlapping_sweeps_compute_each_point_once(tmp_path, data_root):
     assert len(results.record_keys(tmp_path)) == 3
     assert len(results.read_table(tmp_path / "results.csv")) == 3
     assert not list((tmp_path / "claims").iterdir())
+
+
+def test_a_sweep_defers_a_claimed_point_to_its_end(tmp_path, data_root):
+    """Basic launcher: the job whose point another run (node-17) computes is deferred, the next
+    job runs first; at the sweep's end the claim has gone stale (that run died), so the sweep
+    takes it over and computes it."""
+    overrides = ["method=reverse_prune", "eval.tasks=[piqa]"]
+    keys = {
+        ratio: pipeline.plan_points(cfg, [cfg])[0].key
+        for ratio in (0.25, 0.5)
+        for cfg in [compose_config([*overrides, f"method.ratio={ratio}"], tmp_path, data_root)]
+    }
+    claim = write_claim(tmp_path, keys[0.25], "node-17", 4242)
+    args = [
+        sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none", *overrides,
+        "method.ratio=0.25,0.5", "calib.max_length=64", "eval.limit=4", "eval.batch_size=4",
+        f"data_root={data_root}", f"paths.output_root={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "MKA_EXP_CLAIM_STALE_S": "600"}  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    second = results.record_path(tmp_path, keys[0.5])
+    deadline = time.monotonic() + 600
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.utime(claim, (time.time() - 3600,) * 2)  # node-17's run died: its heartbeat stopped
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    deferred = out.index(f"point(s) {keys[0.25]}: being computed by other runs; this job is "
+                         "deferred to the end of the sweep")  # fmt: skip
+    taken = out.index(f"point {keys[0.25]}: the claim of node-17:4242 is stale")
+    summaries = [i for i in range(len(out)) if out.startswith("piqa/acc_norm", i)]
+    assert len(summaries) == 2 and deferred < summaries[0] < taken < summaries[1]
+    assert sorted(results.record_keys(tmp_path)) == sorted(keys.values())
+    assert not list(tmp_path.glob("multirun/*/*/*/deferred.json"))
+
+
+SITE_DISK_FILLS = """import shutil
+from pathlib import Path
+
+_real = shutil.disk_usage
+
+
+def _usage(path):
+    usage = _real(path)
+    if list(Path(path).glob("records/*.json")) or Path(path).name == "records":
+        return usage._replace(free=20 * 1024)  # the disk filled once the first point was recorded
+    return usage
+
+
+shutil.disk_usage = _usage
+"""
+
+
+def test_a_disk_that_fills_between_jobs_stops_the_sweep_with_its_summary(tmp_path, data_root):
+    """The first job finishes, the disk is then full: the sweep stops before Hydra writes the
+    next job's directory (which would fail with a traceback), with one summary, exit 1."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE_DISK_FILLS)
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none",
+        "method=reverse_prune", "method.ratio=0.25,0.5", "eval.tasks=[piqa]", "eval.limit=2",
+        "calib.max_length=32", f"data_root={data_root}", f"paths.output_root={out}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "Traceback" not in done.stdout
+    assert (f"sweep stopped at job 0: the disk is full (paths.records_dir='{out}': only 0.02 MB "
+            f"free on {out}") in done.stdout  # fmt: skip
+    assert "#1 : " not in done.stdout and len(results.record_keys(out)) == 1
