@@ -63,6 +63,8 @@ def failed(cfg: DictConfig, err: Exception) -> None:
     """Report a run's error: one line (a traceback too for a bug), or a sweep job's failure."""
     full = isinstance(err, results.DiskFull)
     expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
+    if full:
+        sweep.quiet_log_file_errors()
     line = sweep.error_line(err)
     if sweep.in_multirun():
         sweep.job_failed(Path(cfg.paths.output_dir), line, err, expected)

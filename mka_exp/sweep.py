@@ -33,6 +33,7 @@ Example (conf/config.yaml)::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,33 @@ FAILED = "failed.json"  # in a failed job's own directory
 def unique_suffix() -> str:
     return secrets.token_hex(3)
 
+
+def stop_sweep_on_full_disk_in_hydra() -> None:
+    """Shim: Hydra writes each sweep job's `.hydra/*.yaml` before the job starts, where no check
+    of ours runs; a disk that filled up between two jobs ended the sweep in Hydra's traceback
+    with no summary. Such a write now stops the sweep with its summary (`stop_sweep`)."""
+    from hydra.core import utils
+
+    real = utils._save_config
+    if getattr(real, "stops_sweep", False):
+        return
+
+    def save_config(cfg: Any, filename: str, output_dir: Any) -> None:
+        try:
+            real(cfg, filename, output_dir)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not in_multirun():
+                raise
+            from mka_exp.results import free_space
+
+            path = Path(output_dir) / filename
+            stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
+
+    save_config.stops_sweep = True  # type: ignore[attr-defined]
+    utils._save_config = save_config
+
+
+stop_sweep_on_full_disk_in_hydra()
 
 if not OmegaConf.has_resolver("unique"):
     OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)
@@ -157,8 +185,15 @@ def stop_sweep(reason: str) -> None:
     lines.insert(0, f"sweep stopped at job {HydraConfig.get().job.num}: {reason}; later jobs "
                     "were not started")  # fmt: skip
     lines.append("Rerun the same command to go on; finished points are skipped.")
+    quiet_log_file_errors()
     log.error("\n".join(lines))
     raise SystemExit(1)
+
+
+def quiet_log_file_errors() -> None:
+    """The process is about to stop, maybe on a full disk: the console gets the message even
+    when the job's log file (on that disk) cannot be written, without logging's own traceback."""
+    logging.raiseExceptions = False
 
 
 DEFERRED = "deferred.json"  # in the directory of a job whose points other runs were computing
