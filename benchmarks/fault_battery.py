@@ -688,7 +688,8 @@ def full_disk_sweep(ctx: Ctx):
     with small_disk(ctx) as disk:
         run = fill_after_first_record(ctx, disk, ["method.ratio=0.25,0.5,0.75", "eval.limit=40"],
                                       True)  # fmt: skip
-    summary = "summary" if "sweep job(s) failed" in run.out else "no summary"
+    stopped = "sweep job(s) failed" in run.out or "sweep stopped" in run.out
+    summary = "summary" if stopped else "no summary"
     return run, f"{summary}, {run.out.count('Traceback')} traceback(s)"
 
 
