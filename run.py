@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 
+from mka_exp.canonical import check_override_keys
 from mka_exp.choices import check_group_options
 
 
@@ -17,4 +18,5 @@ def entry(cfg) -> None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:], Path(__file__).parent / "conf")  # Hydra would not suggest
+    check_override_keys(sys.argv[1:], Path(__file__).parent / "conf")  # Hydra: 6 lines, no hint
     entry()

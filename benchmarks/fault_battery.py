@@ -10,12 +10,19 @@ e.g. the commit before issue 11, to compare:
 
     python benchmarks/fault_battery.py --repo . --out battery.md [--only 3 7 ...]
 
-One `run.py` process at a time (the cases are sequential); OMP_NUM_THREADS=1 is set for it.
+With `--before OLD_CHECKOUT` every case runs against both and the row has before/after columns
+(cases 56 on are issue 31's: paths, unknown keys, duplicate tasks, signals, a full disk, shared
+work). The full-disk cases mount a small tmpfs and the second-user cases drop root's
+CAP_DAC_OVERRIDE (setpriv), so they need root; as a user the second-user cases drop write bits.
+
+One `run.py` process at a time (the cases are sequential, except the two overlapping sweeps);
+OMP_NUM_THREADS=1 is set for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -36,6 +43,10 @@ from pathlib import Path
 DATA = Path(os.environ.get("MKA_EXP_DATA_ROOT", "/work/shared/benchmarks"))
 FAKE_HASHES = ["724e836309272529", "0012345678901234"]
 HEADER = "| # | case | exit code | seconds | first clear error/warning line | outcome |"
+BEFORE_AFTER = (
+    "| # | case | before: exit | before: line | before: outcome | after: exit | after: line "
+    "| after: outcome |"
+)
 FROZEN_TIME = """import datetime as _dt
 
 import hydra.core.utils as _utils
@@ -81,11 +92,13 @@ class Ctx:
         env.pop("MKA_EXP_OUTPUTS", None)
         return {**env, **(extra or {})}
 
-    def run(self, *extra: str, env=None, multirun=False, umask=-1, pythonpath=None) -> Run:
+    def run(
+        self, *extra: str, env=None, multirun=False, umask=-1, pythonpath=None, prefix=()
+    ) -> Run:
         start = time.monotonic()
         try:
             done = subprocess.run(
-                self.args(list(extra), multirun), cwd=self.repo, timeout=self.timeout,
+                [*prefix, *self.args(list(extra), multirun)], cwd=self.repo, timeout=self.timeout,
                 env=self.env(env, pythonpath), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, errors="replace", umask=umask, start_new_session=True,
             )  # fmt: skip
@@ -534,10 +547,203 @@ def missing_split(ctx: Ctx):
     return ctx.run(f"data_root={root}"), None
 
 
+# --- issue 31: paths, one hash per experiment, signals, a full disk, shared work ----------
+
+# Root writes anywhere; without these capabilities it obeys file modes like any user.
+AS_USER = ("setpriv", "--bounding-set=-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+
+
+@case("records/ replaced by a file", hint="records")
+def records_is_file(ctx: Ctx):
+    (ctx.root / "records").write_text("not a folder")
+    run = ctx.run()
+    table = (ctx.root / "results.csv").read_text() if (ctx.root / "results.csv").is_file() else ""
+    return run, f"{judge(run, message(run.out, 'records'))}; table {table.count(chr(10))} line(s)"
+
+
+@case("results.csv replaced by a directory", hint="results.csv")
+def table_is_dir(ctx: Ctx):
+    (ctx.root / "results.csv").mkdir()
+    return ctx.run(), None
+
+
+def other_users_root(ctx: Ctx, entry: str) -> None:
+    """A group-writable root that another user filled under umask 022: `entry` is theirs."""
+    first = ctx.run(umask=0o022)  # the first user's run
+    if first.code != 0:
+        raise RuntimeError("first run failed")
+    ctx.root.chmod(0o777)
+    path = ctx.root / entry
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chown(item, 65534, 65534) if os.geteuid() == 0 else item.chmod(
+            item.stat().st_mode & ~0o222
+        )
+
+
+@case("second user, root filled under umask 022: runs/ not theirs", hint="runs")
+def other_user_runs(ctx: Ctx):
+    other_users_root(ctx, "runs")
+    return ctx.run("method.ratio=0.5", prefix=AS_USER), None
+
+
+@case("second user, root filled under umask 022: results.csv.lock not theirs", hint="lock")
+def other_user_lock(ctx: Ctx):
+    other_users_root(ctx, "results.csv.lock")
+    return ctx.run("method.ratio=0.5", prefix=AS_USER), None
+
+
+@case("second user, root filled under umask 022: records/ not theirs", hint="records")
+def other_user_records(ctx: Ctx):
+    other_users_root(ctx, "records")
+    return ctx.run("method.ratio=0.5", prefix=AS_USER), None
+
+
+bad("+foo=bar (a key nothing reads)", "+foo=bar", hint="foo")
+bad("method.ratoi=0.25 (misspelt, no +)", "method.ratoi=0.25", hint="ratoi")
+bad("+method.ratoi=0.25 (misspelt, added)", "+method.ratoi=0.25", hint="ratoi")
+
+
+@case("eval.tasks=[piqa,piqa] after eval.tasks=[piqa]: one experiment", hint="piqa", warn=True)
+def duplicate_tasks(ctx: Ctx):
+    first, rec = first_point(ctx)
+    if rec is None:
+        return first, "first run failed"
+    run = ctx.run("eval.tasks=[piqa,piqa]")
+    skipped = "skipped (already recorded)" if "already recorded" in run.out else "COMPUTED AGAIN"
+    return run, f"{skipped}, {len(records(ctx.root))} record(s)"
+
+
+def signal_curve(sig: signal.Signals):
+    def body(ctx: Ctx):
+        args = ctx.args(["curve=[0.25,0.5,0.75]", "eval.limit=40"], multirun=False)
+        log = ctx.root / "out.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(args, cwd=ctx.repo, env=ctx.env(None, None), stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            start = time.monotonic()
+            while not records(ctx.root) and proc.poll() is None:
+                if time.monotonic() - start > ctx.timeout:
+                    break
+                time.sleep(0.2)
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        run = Run(proc.returncode, time.monotonic() - start, log.read_text(errors="replace"))
+        again = ctx.run("curve=[0.25,0.5,0.75]", "eval.limit=40")
+        lines = len(run.out.splitlines())
+        return run, f"{judge(run, message(run.out))}, {lines} output lines; rerun: " + (
+            survival(ctx.root, 3) if again.code == 0 else f"FAILED {again.code}"
+        )
+
+    return body
+
+
+CASES.append(Case("SIGTERM to a curve after its first point", signal_curve(signal.SIGTERM), "SIG"))
+CASES.append(Case("SIGINT to a curve after its first point", signal_curve(signal.SIGINT), "SIG"))
+
+
+@contextlib.contextmanager
+def small_disk(ctx: Ctx, size: str = "16m"):
+    """A tmpfs of `size` as the output root (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root to mount a tmpfs")
+    disk = ctx.root / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_after_first_record(ctx: Ctx, disk: Path, extra: list[str], multirun: bool) -> Run:
+    """Start the run on `disk`, fill the disk when its first record appears, wait for the end."""
+    args = ctx.args([*extra, f"paths.output_root={disk}"], multirun=multirun)
+    start = time.monotonic()
+    proc = subprocess.Popen(args, cwd=ctx.repo, env=ctx.env(None, None), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
+    while not records(disk) and proc.poll() is None and time.monotonic() - start < ctx.timeout:
+        time.sleep(0.2)
+    with open(disk / "filler", "wb") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 2**20)
+    out, _ = proc.communicate(timeout=ctx.timeout)
+    return Run(proc.returncode, time.monotonic() - start, out)
+
+
+@case("full disk (tmpfs filled) in the middle of a curve", hint="space")
+def full_disk_curve(ctx: Ctx):
+    with small_disk(ctx) as disk:
+        run = fill_after_first_record(ctx, disk, ["curve=[0.25,0.5,0.75]", "eval.limit=40"], False)
+        found = f"{len(records(disk))} record(s) kept"
+    tracebacks = run.out.count("Traceback")
+    return run, f"{judge(run, message(run.out, 'space'))}, {tracebacks} traceback(s), {found}"
+
+
+@case("full disk (tmpfs filled) during a -m sweep of 3", hint="sweep")
+def full_disk_sweep(ctx: Ctx):
+    with small_disk(ctx) as disk:
+        run = fill_after_first_record(ctx, disk, ["method.ratio=0.25,0.5,0.75", "eval.limit=40"],
+                                      True)  # fmt: skip
+    stopped = "sweep job(s) failed" in run.out or "sweep stopped" in run.out
+    summary = "summary" if stopped else "no summary"
+    return run, f"{summary}, {run.out.count('Traceback')} traceback(s)"
+
+
+@case("20 KB free on the output root", hint="free")
+def nearly_full(ctx: Ctx):
+    with small_disk(ctx) as disk:
+        with open(disk / "filler", "wb") as fh, contextlib.suppress(OSError):
+            fh.write(b"\0" * (16 * 2**20 - 20 * 1024))
+        run = ctx.run(f"paths.output_root={disk}")
+    return run, None
+
+
+def sweep_args(ctx: Ctx, ratios: str) -> list[str]:
+    return ctx.args([f"method.ratio={ratios}", "eval.limit=20"], multirun=True)
+
+
+@case("two overlapping -m sweeps started together (same 3 points, opposite orders)")
+def overlapping_sweeps(ctx: Ctx):
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(sweep_args(ctx, order), cwd=ctx.repo, env=ctx.env(None, None),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for order in ("0.25,0.5,0.75", "0.75,0.5,0.25")
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=ctx.timeout)[0] for p in procs]
+    computed = sum(out.count("piqa/acc_norm") for out in outs)
+    run = Run(max(p.returncode for p in procs), time.monotonic() - start, "\n".join(outs))
+    return run, f"{computed} point computations for 3 points; {survival(ctx.root, 3)}"
+
+
+@case("sweep SIGKILLed holding a claim, rerun at once: the claim", hint="claim", warn=True)
+def killed_claim(ctx: Ctx):
+    proc = subprocess.Popen(sweep_args(ctx, "0.25,0.5,0.75"), cwd=ctx.repo,
+                            env=ctx.env(None, None), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + ctx.timeout
+    claims = ctx.root / "claims"
+    while time.time() < deadline and proc.poll() is None:  # kill while the 2nd point is claimed
+        if records(ctx.root) and list(claims.glob("*.json")):
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):  # no claims: the sweep ran to its end
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = len(list((ctx.root / "claims").glob("*.json")))
+    run = ctx.run("method.ratio=0.25,0.5,0.75", "eval.limit=20", multirun=True)
+    return run, f"{left} claim(s) left by the kill; rerun: {survival(ctx.root, 3)}"
+
+
 # --- driver -------------------------------------------------------------------------------
 
 
-def run_case(number: int, item: Case, repo: Path, timeout: float) -> str:
+def run_case(number: int, item: Case, repo: Path, timeout: float) -> list[str]:
+    """The cells of one case run against `repo`: exit code, seconds, line, outcome."""
     root = Path(tempfile.mkdtemp(prefix=f"battery{number:02d}_"))
     base = {
         "model": "tiny_llama", "logger": "none", "method": "reverse_prune",
@@ -552,24 +758,38 @@ def run_case(number: int, item: Case, repo: Path, timeout: float) -> str:
         shutil.rmtree(root, ignore_errors=True)
     text = message(run.out, item.hint, item.warn)
     outcome = outcome or judge(run, text)
-    cells = [str(number), item.name, str(run.code), f"{run.seconds:.1f}", text, outcome]
+    return [str(run.code), f"{run.seconds:.1f}", text, outcome]
+
+
+def row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="checkout whose run.py runs")
+    parser.add_argument("--before", type=Path, help="an older checkout: before/after columns")
     parser.add_argument("--out", type=Path, help="write the markdown table here too")
     parser.add_argument("--only", type=int, nargs="+", help="case numbers (1-based)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run.py run")
     opts = parser.parse_args()
     repo = opts.repo.resolve()
-    lines = [f"Fault battery against {repo}", "", HEADER, "|---|---|---|---|---|---|"]
+    if opts.before:
+        lines = [f"Fault battery: before = {opts.before.resolve()}, after = {repo}", "",
+                 BEFORE_AFTER, "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    else:
+        lines = [f"Fault battery against {repo}", "", HEADER, "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for number, item in enumerate(CASES, 1):
         if opts.only and number not in opts.only:
             continue
-        lines.append(run_case(number, item, repo, opts.timeout))
+        after = run_case(number, item, repo, opts.timeout)
+        if opts.before:
+            before = run_case(number, item, opts.before.resolve(), opts.timeout)
+            cells = [before[0], before[2], before[3], after[0], after[2], after[3]]
+            lines.append(row([str(number), item.name, *cells]))
+        else:
+            lines.append(row([str(number), item.name, *after]))
         print(lines[-1], flush=True)
     if opts.out:
         opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ import contextlib
 import copy
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mka_exp import results, sweep
+from mka_exp import claims, results, sweep
 from mka_exp.evaluation import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -45,18 +47,87 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, Run
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Entry point behind `@hydra.main`: one line and exit code 2 on bad input. In a multirun a
     failed job is reported (its error line and overrides) and the sweep goes on; the sweep exits
-    1 at its end with a summary (`mka_exp.sweep.FailureSummary`)."""
+    1 at its end with a summary (`mka_exp.sweep.FailureSummary`). A full disk stops a curve (and
+    a sweep, with its summary): exit 1. SIGTERM (Slurm's time limit, preemption, scancel) and
+    SIGINT abandon the point being computed: one line, exit 128 + the signal (143, 130)."""
+    with stop_on_signals():
+        try:
+            return run(cfg)
+        except Interrupted as stop:
+            log.error("%s", stop.line())
+            raise SystemExit(128 + stop.signum) from None
+        except Exception as err:
+            return failed(cfg, err)
+
+
+def failed(cfg: DictConfig, err: Exception) -> None:
+    """Report a run's error: one line (a traceback too for a bug), or a sweep job's failure."""
+    full = isinstance(err, results.DiskFull)
+    expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
+    if full:
+        sweep.quiet_log_file_errors()
+    line = sweep.error_line(err)
+    if sweep.in_multirun():
+        sweep.job_failed(Path(cfg.paths.output_dir), line, err, expected)
+        if full:  # every later job would fail the same way (or die in Hydra's own writes)
+            sweep.stop_sweep(f"the disk is full ({line})")
+        return None
+    if not expected:
+        raise err
+    log.error("%s", line)
+    raise SystemExit(1 if full else 2) from None
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt: no `except Exception`
+    on its way marks the abandoned point as failed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.progress = "no point of this run was recorded"
+
+    def line(self) -> str:
+        return (
+            f"{self}: stopped; the point being computed was abandoned, nothing of it recorded; "
+            f"{self.progress}. Resume: run the same command again (finished points are skipped)"
+        )
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread; a second one while stopping is
+    ignored, so the stop stays one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        return run(cfg)
-    except Exception as err:
-        expected = isinstance(err, (InstantiationException, *USER_ERRORS))
-        if sweep.in_multirun():
-            sweep.job_failed(Path(cfg.paths.output_dir), sweep.error_line(err), err, expected)
-            return None
-        if not expected:
-            raise
-        log.error("%s", sweep.error_line(err))
-        raise SystemExit(2) from None
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def progress(points: list[Point], records_dir: Path) -> str:
+    """Which points are recorded and which are not, read from the records on disk."""
+    done = [p for p in points if results.record_path(records_dir, p.key).exists()]
+    todo = [p for p in points if p not in done]
+    labels = (lambda ps: ", ".join(p.label for p in ps)) if len(points) > 1 else None
+    head = f"{len(done)} of {len(points)} point(s) recorded"
+    if labels is None:
+        return head + (f" ({points[0].key})" if done else "")
+    return head + (f": {labels(done)}" if done else "") + (f"; not done: {labels(todo)}" if todo
+                                                            else "")  # fmt: skip
 
 
 class Stopwatch:
@@ -99,9 +170,13 @@ def run_name(cfg: DictConfig) -> str:
     return "-".join(str(p) for p in parts if p is not None)
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
     settle_amount(cfg)
+    canonicalise(cfg)
     check_config(cfg)
     return run_points(cfg, curve_points(cfg))[-1]
 
@@ -123,10 +198,22 @@ def settle_amount(cfg: DictConfig) -> None:
     method.ratio = None
 
 
+def canonicalise(cfg: DictConfig) -> None:
+    """One experiment, one config (and hash): a task named twice is evaluated once (warning)."""
+    from mka_exp.canonical import unique_tasks
+
+    tasks = OmegaConf.to_container(cfg.eval, resolve=True).get("tasks")
+    kept, repeated = unique_tasks(tasks)
+    if repeated:
+        log.warning("eval.tasks=%s names %s more than once; evaluating each once: eval.tasks=%s",
+                    tasks, ", ".join(repeated), kept)  # fmt: skip
+        cfg.eval.tasks = kept
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
     setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
-    from mka_exp import checks
+    from mka_exp import canonical, checks
     from mka_exp.data import check_data_root
     from mka_exp.evaluation import check_sample_seed
     from mka_exp.models import DTYPES
@@ -136,13 +223,16 @@ def check_config(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     ev, model, method, calib = c["eval"], c["model"], c["method"], c["calib"]
     checks.gather(
+        lambda: canonical.check_known_keys(c, CONF_DIR),
         lambda: checks.check_seed(c.get("seed")),
         lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
         lambda: check_sample_seed(ev.get("sample_seed"), ev["limit"]),
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
         lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
         lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
-        lambda: checks.check_writable_dir("paths.records_dir", c["paths"]["records_dir"]),
+        lambda: checks.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
+        lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
+        lambda: check_cache_dir(method.get("cache")),
         lambda: check_data_root(c.get("data_root")),
         lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
         lambda: checks.check_model_source(model),
@@ -151,6 +241,14 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
         lambda: check_curve_methods(cfg, c.get("curve")),
     )
+
+
+def check_cache_dir(cache: Any) -> None:
+    """The method's activation cache (a folder under the output root by default)."""
+    from mka_exp import checks
+
+    if isinstance(cache, str):
+        checks.check_writable_dir("method.cache", cache)
 
 
 def check_curve_methods(cfg: DictConfig, curve: Any) -> None:
@@ -204,6 +302,12 @@ class Point:
     key: str
     output_dir: Path
 
+    @property
+    def label(self) -> str:
+        """How a message names the point: its curve ratio, else its config hash."""
+        ratio = self.cfg.method.get("ratio")
+        return f"ratio {ratio}" if self.output_dir.name.startswith("ratio_") else self.key
+
 
 def plan_points(cfg: DictConfig, configs: list[DictConfig]) -> list[Point]:
     base = Path(cfg.paths.output_dir)
@@ -219,18 +323,73 @@ def run_points(cfg: DictConfig, configs: list[DictConfig]) -> list[dict[str, Any
     """Load once, walk the points in order; points already recorded are not evaluated again."""
     records_dir = Path(cfg.paths.records_dir)
     points = plan_points(cfg, configs)
+    try:
+        return resume_points(cfg, configs, points, records_dir)
+    except Interrupted as stop:  # not a failure of the point: nothing is marked
+        stop.progress = progress(points, records_dir)
+        raise
+
+
+def resume_points(
+    cfg: DictConfig, configs: list[DictConfig], points: list[Point], records_dir: Path
+) -> list[dict[str, Any]]:
+    """The records of the points, computing those not recorded yet (see `run_points`). A point
+    another run has claimed is skipped and waited for at the end (`mka_exp/claims.py`), or at the
+    sweep's end for a job of the basic launcher (None in its place); one whose claim is abandoned
+    meanwhile is computed here after all (the model is loaded again)."""
     done = recorded_points(cfg, points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
         return [done[p.key] for p in points]
+    share = cfg.get("resume", True)  # resume=false computes every point again: no claims
+    with claims.Claims(records_dir) as held:
+        todo = [p.key for p in points if not done[p.key]]
+        if not share or len(held.busy(todo)) < len(todo):  # else nothing to load the model for
+            compute_guarded(cfg, configs, points, done, held if share else None)
+        waiting = [p for p in points if not done[p.key]]
+        labels = {p.key: p.label for p in points}
+        if waiting and sweep.defers():  # the sweep's other jobs first (`sweep.finish_deferred`)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            sweep.defer(Path(cfg.paths.output_dir), config, [labels[p.key] for p in waiting])
+            return [done[p.key] for p in points]
+        held.wait_for([p.key for p in waiting], labels)
+    for point in waiting:
+        done[point.key] = results.load_record(records_dir, point.key)
+    lost = [p for p in waiting if done[p.key] is None]  # claim abandoned, or the other run failed
+    if lost:
+        for point, record in zip(lost, resume_points(cfg, [p.cfg for p in lost], lost,
+                                                     records_dir), strict=True):  # fmt: skip
+            done[point.key] = record
+    return [done[p.key] for p in points]
+
+
+def compute_guarded(
+    cfg: DictConfig, configs: list[DictConfig], points: list[Point], done: dict, held
+) -> None:
+    """`compute_points`; on an error each unfinished point of this run gets a failure marker."""
+    records_dir = Path(cfg.paths.records_dir)
     finished: set[str] = set()
     try:
-        return compute_points(cfg, configs, points, done, finished)
+        compute_points(cfg, configs, points, done, finished, held)
     except Exception as err:  # each unfinished point is marked; the next resume retries it
-        for point in points:
-            if not done[point.key] and point.key not in finished:
-                results.save_failure(records_dir, point.key, sweep.error_line(err), point.config)
+        others = set(held.busy(p.key for p in points)) if held else set()
+        unfinished = [p for p in points if not done[p.key] and p.key not in finished | others]
+        mark_failed(records_dir, unfinished, sweep.error_line(err))
+        if isinstance(err, results.DiskFull):
+            raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
+                                   "space, then run the same command again (finished points "
+                                   "are skipped)") from None  # fmt: skip
         raise
+
+
+def mark_failed(records_dir: Path, points: list[Point], line: str) -> None:
+    """A failure marker per unfinished point; on a full disk as many as fit (they only say why
+    a resume retries the point)."""
+    for point in points:
+        try:
+            results.save_failure(records_dir, point.key, line, point.config)
+        except OSError:
+            return
 
 
 def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> dict:
@@ -254,9 +413,15 @@ def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> 
 
 
 def compute_points(
-    cfg: DictConfig, configs: list[DictConfig], points: list[Point], done: dict, finished: set
-) -> list[dict[str, Any]]:
-    """Load once and compute the points not in `done`, adding each finished key to `finished`."""
+    cfg: DictConfig,
+    configs: list[DictConfig],
+    points: list[Point],
+    done: dict,
+    finished: set,
+    held: claims.Claims | None = None,
+) -> None:
+    """Load once and compute the points not in `done` that this run can claim (`held`; None:
+    no claims), putting each record into `done` and its key into `finished`."""
     torch.manual_seed(cfg.seed)
     # The first point's method: for a one-point curve the top-level config still holds the
     # yaml's ratio, and a method built from it cut at that ratio under the point's label.
@@ -269,22 +434,41 @@ def compute_points(
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, eval_kwargs)
     dense = prepare_repair(repair, session, watch)
-    records = []
     for index, (stats, model) in enumerate(walk(method, session, configs, watch)):
         point = points[index]
         if done[point.key]:
             log.info("point %s already recorded; not evaluated again", point.key)
-            records.append(done[point.key])
+            continue
+        if not claimed(point, held, done):
             continue
         check_cut(point, stats, session.layers_before)
         check_finite(model, "compression")
-        save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
+        with results.naming_full_disk(point.output_dir):
+            save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
         repaired, stats = repair_point(repair, dense, model, stats, session, watch, in_place)
-        records.append(finish_point(point, repaired, stats, session, watch, last))
+        done[point.key] = finish_point(point, repaired, stats, session, watch, last)
         finished.add(point.key)
-    return records
+        if held is not None:
+            held.release(point.key)
+
+
+def claimed(point: Point, held: claims.Claims | None, done: dict) -> bool:
+    """Whether this run computes the point now: it claimed it (or shares no work). A point
+    recorded meanwhile by another run goes into `done`; one it is computing is left for later."""
+    if held is None:
+        return True
+    state = held.take(point.key)
+    if state == claims.DONE:
+        done[point.key] = results.load_record(held.records_dir, point.key)
+        log.info("point %s was recorded by another run meanwhile", point.label)
+        return False
+    if state != claims.OURS:
+        log.info("point %s is being computed by %s; this run goes on and waits for it at its end",
+                 point.label, claims.holder(state))  # fmt: skip
+        return False
+    return True
 
 
 def check_cut(point: Point, stats: dict, total: int) -> None:
@@ -403,11 +587,13 @@ def finish_point(
     point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
 ) -> dict:
     """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
-    point.output_dir.mkdir(parents=True, exist_ok=True)
-    tracker = shared_tracker(point.cfg.logger)
-    tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
+    with results.naming_full_disk(point.output_dir):
+        point.output_dir.mkdir(parents=True, exist_ok=True)
+        tracker = shared_tracker(point.cfg.logger)
+        tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
-        record = measure_point(point, model, stats, session, watch, last)
+        with results.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
+            record = measure_point(point, model, stats, session, watch, last)
         copy = point.output_dir / "results.json"
         results.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
         results.clear_failure(Path(point.cfg.paths.records_dir), point.key)

@@ -6,6 +6,7 @@ Layout under `records_dir`::
     records/<config_hash>.json     the record (the source of truth; resume looks here)
     records/<hash>.json.damaged    a record that did not parse, moved aside (its point reruns)
     failures/<config_hash>.json    a point that failed: its error line and config (resume retries it)
+    claims/<config_hash>.json      a point being computed: host, pid, heartbeat (`claims.py`)
     results.csv                    every record flattened to one row (derived: rebuilt from records/)
 
 A crash can leave neither a half-written record nor a half-written table: every write goes to a
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import functools
 import hashlib
@@ -39,6 +41,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -176,6 +179,50 @@ def code_version() -> str:
     return rev.stdout.strip() or "unknown"
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or this user's quota on it
+
+
+class DiskFull(OSError):
+    """A write found the disk (or the quota) full; the message names the path and free space."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def free_space(path: Path) -> str:
+    """Free bytes on the file system holding `path` (its first existing folder), for a message."""
+    path = Path(path).absolute()
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
+    try:
+        return f"{human_bytes(shutil.disk_usage(folder).free)} free on {folder}"
+    except OSError:
+        return f"free space of {folder} unknown"
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: Path) -> Iterator[None]:
+    """A full disk while writing `path` becomes `DiskFull` naming the path and the free space
+    (`OSError: [Errno 28]` often names no file at all)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        problem = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
+        where = err.filename or path  # the file the system call named, else the one being written
+        raise DiskFull(err.errno, f"{problem} writing {where} ({free_space(where)})") from None
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path) -> Iterator[str]:
     """A temporary path beside `path`, moved onto it only if the block succeeds.
@@ -185,13 +232,14 @@ def atomic_target(path: Path) -> Iterator[str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield str(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with naming_full_disk(path):
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            yield str(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -282,8 +330,11 @@ def clear_failure(records_dir: Path, key: str) -> None:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock shared by every process writing the same table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as fh:
+    lock = path.with_suffix(path.suffix + ".lock")
+    with naming_full_disk(lock):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "w")  # noqa: SIM115 (closed below, after the lock is released)
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

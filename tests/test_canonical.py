@@ -1,0 +1,142 @@
+"""One experiment, one config hash (`mka_exp/canonical.py`): keys that no component reads are
+refused in one line with the closest key, a task named twice is evaluated once, and the configs
+already recorded keep their hashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from mka_exp import canonical, pipeline, results
+from mka_exp.checks import ConfigError
+from tests.helpers import CONF, REPO_ROOT, compose_config
+
+EVIDENCE = sorted((REPO_ROOT / "docs" / "evidence").glob("*/records/*.json"))
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("the model was loaded before the unknown key was found")
+
+    monkeypatch.setattr(pipeline, "load_session", refuse)
+
+
+def error_of(tmp_path, data_root, *overrides: str) -> list[str]:
+    cfg = compose_config(["method=mka", "eval.tasks=[piqa]", *overrides], tmp_path, data_root)
+    with pytest.raises(ConfigError) as err:
+        pipeline.run(cfg)
+    return err.value.problems
+
+
+def test_a_top_level_key_nothing_reads_is_one_line(no_model, tmp_path, data_root):
+    (line,) = error_of(tmp_path, data_root, "+foo=bar")
+    assert line.startswith("foo='bar': nothing reads it, so it would change only the config hash")
+    assert "allowed: calib, curve, data_root, eval," in line
+
+
+def test_a_misspelt_method_key_gets_the_closest_one(no_model, tmp_path, data_root):
+    (line,) = error_of(tmp_path, data_root, "+method.ratoi=0.25")
+    assert line.startswith("method.ratoi=0.25: MKA has no setting 'ratoi'")
+    assert line.endswith("did you mean method.ratio?")
+
+
+def test_every_unknown_key_is_listed_at_once(no_model, tmp_path, data_root):
+    lines = error_of(tmp_path, data_root, "+eval.limt=3", "+calib.seed2=1", "+repair.ridg=1")
+    by_key = {line.split("=")[0]: line for line in lines}
+    assert sorted(by_key) == ["calib.seed2", "eval.limt", "repair.ridg"]
+    assert by_key["eval.limt"].startswith("eval.limt=3: evaluate has no setting 'limt'")
+    assert by_key["eval.limt"].endswith("did you mean eval.limit?")
+    assert by_key["repair.ridg"].startswith("repair.ridg=1: NoRepair has no setting 'ridg'")
+
+
+def test_a_new_parameter_of_a_component_is_readable_at_once(monkeypatch):
+    """Keys are derived from signatures: a parameter another change adds needs no list here."""
+
+    def evaluate(model, tokenizer, tasks, limit=None, sample_seed=None):
+        return {}
+
+    monkeypatch.setattr("mka_exp.evaluation.evaluate", evaluate)
+    config = {"eval": {"tasks": ["piqa"], "limit": 2, "sample_seed": 3}}
+    canonical.check_known_keys(config, CONF)  # no error
+    with pytest.raises(ConfigError, match="eval.batch_size=8: evaluate has no setting"):
+        canonical.check_known_keys({"eval": {**config["eval"], "batch_size": 8}}, CONF)
+
+
+@pytest.mark.parametrize("group", ["model", "calib", "method", "repair", "quant", "eval", "logger"])
+def test_every_shipped_option_passes(tmp_path, data_root, group):
+    for option in sorted((CONF / group).glob("*.yaml")):
+        cfg = compose_config([f"{group}={option.stem}"], tmp_path, data_root)
+        config = OmegaConf.to_container(cfg, resolve=False)
+        canonical.check_known_keys(config, CONF)  # no error
+
+
+def test_override_of_a_key_the_yaml_lacks_is_one_line_before_hydra(tmp_path):
+    args = [sys.executable, "run.py", "model=tiny_llama", "logger=none", "method.ratoi=0.25",
+            f"paths.output_root={tmp_path}"]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stdout[-3000:]
+    (line,) = done.stdout.strip().splitlines()
+    assert line.startswith("ERROR: ConfigError: method.ratoi=0.25: MKA has no setting 'ratoi'")
+    assert line.endswith("did you mean method.ratio?")
+
+
+def test_override_checks_follow_the_selected_option():
+    argv = ["method=reverse_prune", "method.pairing=x", "method.keep_final=false"]
+    line = canonical.override_key_problem("method.pairing=x", argv, CONF)
+    assert line.startswith("method.pairing='x': ReversePrune has no setting 'pairing'")
+    assert canonical.override_key_problem("method.keep_final=false", argv, CONF) is None
+    assert canonical.override_key_problem("method.pairing=x", ["method.pairing=x"], CONF) is None
+    assert canonical.override_key_problem("eval.seed=1", ["eval.seed=1"], CONF) == (
+        "eval.seed=1: not set by eval's yaml; add it with +eval.seed=1"
+    )
+    assert canonical.override_key_problem("+foo=1", ["+foo=1"], CONF) is None  # the pipeline's
+
+
+def point_hash(cfg) -> str:
+    return results.config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_a_task_named_twice_is_one_experiment(tmp_path, data_root, caplog):
+    twice = compose_config(["eval.tasks=[piqa,hellaswag,piqa]"], tmp_path, data_root)
+    once = compose_config(["eval.tasks=[piqa,hellaswag]"], tmp_path, data_root)
+    assert point_hash(twice) != point_hash(once)
+    with caplog.at_level(logging.WARNING):
+        pipeline.canonicalise(twice)
+        pipeline.canonicalise(once)
+    assert point_hash(twice) == point_hash(once)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "names piqa more than once; evaluating each once: eval.tasks=['piqa', 'hellaswag']" in (
+        warning
+    )
+
+
+@pytest.mark.skipif(not EVIDENCE, reason="no evidence records in this checkout")
+def test_recorded_configs_pass_and_keep_their_hashes(data_root):
+    """Every committed evidence record: its config has no unknown key, is already canonical,
+    and still hashes to its record's key (the mirror's fingerprint does not depend on its path)."""
+    for path in EVIDENCE:
+        record = json.loads(path.read_text())
+        config = record["config"]
+        config["data_root"] = config["eval"]["data_root"] = str(data_root)
+        if "data_root" in config["calib"]:
+            config["calib"]["data_root"] = str(data_root)
+        canonical.check_known_keys(config, CONF)
+        tasks = config["eval"]["tasks"]
+        assert canonical.unique_tasks(tasks) == (tasks, [])
+        assert results.config_hash(config) == record["config_hash"] == path.stem, path
+
+
+def test_unique_tasks_keeps_the_first_order():
+    assert canonical.unique_tasks(["a", "b", "a", "c", "b"]) == (["a", "b", "c"], ["a", "b"])
+    assert canonical.unique_tasks("piqa") == ("piqa", [])  # not a list: check_task_list says so
