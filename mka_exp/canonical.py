@@ -35,9 +35,10 @@ def yaml_keys(path: Path) -> dict[str, Any]:
 
 
 def top_level_keys(conf_dir: Path) -> set[str]:
-    """The settings conf/config.yaml defines and the groups its defaults list selects."""
+    """The settings conf/config.yaml defines, the groups its defaults list selects, and every
+    other group of the tree (selected with `+group=option`, e.g. `+compare=mka_vs_pruning`)."""
     config = yaml_keys(conf_dir / "config.yaml")
-    groups = set()
+    groups = {d.name for d in conf_dir.iterdir() if d.is_dir() and any(d.glob("*.yaml"))}
     for entry in config.get("defaults", []):
         if isinstance(entry, dict):
             groups |= {k.split()[-1].split("@")[0] for k in entry}
