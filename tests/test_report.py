@@ -597,7 +597,12 @@ def test_baseline_missing_at_a_layer_count_is_one_line(sweep, tmp_path):
 def test_protocol_line_names_the_shots_of_the_evaluated_tasks_only():
     config = {"eval": {"tasks": ["mmlu"], "limit": 3,
                        "num_fewshot": {"mmlu": 0, "piqa": 0, "boolq": 5}}}  # fmt: skip
-    assert document.eval_protocol(config) == "tasks mmlu, limit 3, mmlu 0-shot"
+    assert document.eval_protocol(config) == "tasks mmlu, limit 3 (the first examples), mmlu 0-shot"
+
+
+def test_protocol_line_names_the_sample_seed():
+    config = {"eval": {"tasks": ["piqa"], "limit": 20, "sample_seed": 7, "num_fewshot": {}}}
+    assert "limit 20 (a draw with sample_seed 7)" in document.eval_protocol(config)
 
 
 def test_several_outputs_dirs_report_as_one(sweep, tmp_path, capsys):

@@ -229,4 +229,8 @@ def eval_protocol(config: dict) -> str:
     tasks = set(ev.get("tasks") or [])
     shots = {t: n for t, n in (ev.get("num_fewshot") or {}).items() if t in tasks}
     shot_text = ", ".join(f"{t} {n}-shot" for t, n in sorted(shots.items())) or "all 0-shot"
-    return f"tasks {', '.join(ev.get('tasks') or [])}, limit {ev.get('limit')}, {shot_text}"
+    seed = ev.get("sample_seed")
+    chosen = "the first examples" if seed is None else f"a draw with sample_seed {seed}"
+    return (
+        f"tasks {', '.join(ev.get('tasks') or [])}, limit {ev.get('limit')} ({chosen}), {shot_text}"
+    )
