@@ -12,7 +12,7 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mka_exp import report
+from mka_exp.report.cli import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
@@ -71,5 +71,5 @@ def test_local_sweep_runs_two_jobs(tmp_path, data_root):
     assert table["metrics.piqa/acc"].notna().all()
     jobs = sorted(p.parent.name for p in (tmp_path / "multirun").glob("*/*/*/results.json"))
     assert jobs == ["0", "1"]  # one sweep subdir per job, each with its results.json
-    assert report.main([str(tmp_path)]) == 0  # the sweep's real records make a report
+    assert report_main([str(tmp_path)]) == 0  # the sweep's real records make a report
     assert len(pd.read_csv(tmp_path / "report" / "table2.csv")) == 2

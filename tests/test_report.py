@@ -380,7 +380,7 @@ def test_without_a_declaration_nothing_is_marked_and_ties_read_not_detected(swee
     assert perfect[0].count("+") == 9  # Δ, low and high positive in each
     assert "*" not in against.split("### Against")[1]  # exploratory: no marks
     assert "Declared comparisons: none" in text and "not detected (MDE " in text
-    assert "none of these" in text and "so this document has no such section" in text
+    assert "### Distance to the dense model" in text  # lm-eval's choice log-likelihoods, kept
     for word in (" tie", "equal", "within the interval"):
         assert word not in text
     assert re.search(r"\| none \|  \| 0 \|  \| \d+\.\d \[\d+\.\d, \d+\.\d\]", text)
@@ -725,13 +725,26 @@ def test_the_report_names_damaged_records_and_leaves_them_in_place(sweep, tmp_pa
     assert f"{cut}: not JSON" in line and f"{aside}: moved aside by an earlier run" in line
 
 
-def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path, monkeypatch):
+def without_choices(root: Path) -> None:
+    """Rewrite every record under `root` as one made before `choice_ll`/`choice_len` existed."""
+    for path in sorted((root / "records").glob("*.json")):
+        record = json.loads(path.read_text())
+        rows = samples.read_samples(root, record).assign(choice_ll=None, choice_len=None)
+        record["samples"] = samples.write_samples(root, record["config_hash"], rows)
+        results.save_record(root, record)
+
+
+def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path):
     """A planted dense run always right, and a compressed one that swaps the two choices on even
     doc ids: half the answers flip, all correct->wrong, KL as computed by hand."""
     root, runs = sweep
-    monkeypatch.setattr(samples, "COLUMNS", (*samples.COLUMNS, "choice_ll", "choice_len"))
     copy = tmp_path / "choices"
     shutil.copytree(root / "records", copy / "records")
+    without_choices(copy)  # the sweep's runs as older records: only the planted ones have them
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main([str(copy), "--out", str(tmp_path / "older"), "--resamples", "50"]) == 0
+    older = (tmp_path / "older" / "statistics.md").read_text()
+    assert "none of these" in older and "so this document has no such section" in older
     rows = samples.read_samples(root, runs["none"])
     right = [[0.0, -1.0] if t == 0 else [-1.0, 0.0] for t in pd.to_numeric(rows["target"])]
     dense = rows.assign(choice_ll=right, choice_len=[[5, 5]] * len(rows))
