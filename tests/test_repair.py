@@ -18,11 +18,10 @@ from mka_exp.methods.reverse_prune import ReversePrune
 from mka_exp.models import build_random_model
 from mka_exp.repair.linear import (
     LinearRepair,
+    RIDGE_SCALES,
     NormalEquations,
-    Prefix,
     fit_positions,
     fold_into,
-    normal_equations,
     relative_residual,
     repair_plan,
     solve_map,
@@ -99,28 +98,79 @@ def test_linear_repair_recovers_a_linear_layer_exactly():
     assert fit["residual_before"] > 0.1 and fit["residual_after"] < 1e-5
 
 
-def test_later_fits_resume_from_the_cached_prefix_exactly():
-    """Two cuts: the second fit resumes at the first fit's layer; same maps as full passes."""
-    lm = build_random_model("llama", num_layers=7, hidden_size=64, device="cpu", seed=2)
+def hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def boundary_states(model, calib) -> list[torch.Tensor]:
+    """Today's in-memory capture: every layer boundary's hidden state on every non-pad token."""
+    layers, mask, out = decoder_layers(model), calib.attention_mask.bool(), []
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a: out.append(a[0][mask]))]
+    hooks += [
+        layer.register_forward_hook(lambda m, a, o: out.append(hidden_of(o)[mask]))
+        for layer in layers
+    ]
+    logits_of(model, calib)
+    for hook in hooks:
+        hook.remove()
+    return out
+
+
+def layer_parts(model, calib, position) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, Y) of layer `position` on every non-pad token, from a full forward pass."""
+    layer, mask, seen = decoder_layers(model)[position], calib.attention_mask.bool(), {}
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp=o[mask])),
+        layer.register_forward_hook(lambda m, a, o: seen.update(out=hidden_of(o)[mask])),
+    ]
+    logits_of(model, calib)
+    for hook in hooks:
+        hook.remove()
+    return seen["mlp"].double(), (seen["out"] - seen["mlp"]).double()
+
+
+def in_memory_repair(dense_model, model, calib, stats, ridge) -> None:
+    """The fit as it was before streaming: all dense states kept, stacked matrices, solved."""
+    states = boundary_states(dense_model, calib)
+    plan, _ = repair_plan(stats, len(states) - 1)
+    for item in plan:
+        m, y = layer_parts(model, calib, item["position"])
+        target = states[item["span"][-1] + 1].double() - y
+        eye = torch.eye(m.shape[1], dtype=torch.float64)
+        transform = torch.linalg.solve(m.T @ m + ridge * eye, m.T @ target)
+        fold_into(decoder_layers(model)[item["position"]].mlp.down_proj, transform)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method"),
+    [
+        ("llama", ReversePrune(num_layers=2)),
+        ("llama", "cut_2_5"),
+        ("qwen2", MKA(num_layers=2, cache=None)),
+    ],
+    ids=["llama-reverse_prune", "llama-two-cuts", "qwen2-mka"],
+)
+def test_streaming_fit_equals_the_in_memory_fit(model_type, method):
+    """Streamed sums, dense copy and a compressed pass started at the first changed layer give
+    the maps of the in-memory fit on the same tokens (front to back, every fit)."""
+    lm = build_random_model(model_type, num_layers=7, hidden_size=64, device="cpu", seed=2)
     calib = calib_of(lm.tokenizer)
-    repair = LinearRepair(ridge=0.5)
+    dense_model = copy.deepcopy(lm.model)
+    repair = LinearRepair(ridge=0.5, max_tokens=None, batch_size=3)
     dense = repair.prepare(lm.model, calib)
-    remove_layers(lm.model, [2, 5])
+    if method == "cut_2_5":
+        remove_layers(lm.model, [2, 5])
+        stats = {"removed_layers": [2, 5]}
+    else:
+        stats = method.compress(lm.model, calib)
     reference = copy.deepcopy(lm.model)
-    stats = repair.repair(lm.model, calib, {"removed_layers": [2, 5]}, dense)
-    assert [f["position"] for f in stats["fits"]] == [1, 3]
-    # Held: the dense states, one fit's float64 normal equations, one layer's cached inputs.
-    inputs = calib.input_ids.numel() * 64 * 4
-    assert stats["held_bytes"] == dense.states.nbytes + 2 * 64 * 64 * 8 + inputs
-    for fit in stats["fits"]:  # each fit from a full forward pass
-        end = fit["span"][-1] + 1
-        eq = normal_equations(reference, calib, dense, fit["position"], end, None, Prefix())
-        fold_into(
-            decoder_layers(reference)[fit["position"]].mlp.down_proj, solve_map(eq, 0.5, False)
-        )
+    result = repair.repair(lm.model, calib, stats, dense)
+    in_memory_repair(dense_model, reference, calib, stats, 0.5)
+    assert result["fits"] and result["tokens"] == int(calib.attention_mask.sum())
     for ours, full in zip(decoder_layers(lm.model), decoder_layers(reference), strict=True):
         torch.testing.assert_close(ours.mlp.down_proj.weight, full.mlp.down_proj.weight)
-    torch.testing.assert_close(logits_of(lm.model, calib), logits_of(reference, calib))
+    # The dense copy is never changed: it still gives the dense model's logits.
+    torch.testing.assert_close(logits_of(dense.model, calib), logits_of(dense_model, calib))
 
 
 def test_solve_map_is_the_ridge_closed_form_and_its_diagonal():
