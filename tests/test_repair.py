@@ -230,6 +230,20 @@ def test_ridge_auto_picks_the_grid_point_with_the_lowest_heldout_residual():
     )
 
 
+def test_a_list_of_scales_is_the_grid(tiny):
+    calib = split_calib(tiny.tokenizer, fit_count=1)
+    repair = LinearRepair(ridge=[10.0, 1.0])
+    dense = repair.prepare(tiny.model, calib)
+    stats = ReversePrune(num_layers=1).compress(tiny.model, calib)
+    result = repair.repair(tiny.model, calib, stats, dense)
+    (fit,) = result["fits"]
+    assert result["ridge"] == [10.0, 1.0] and [p["scale"] for p in fit["ridge_grid"]] == [10, 1]
+    best = min(fit["ridge_grid"], key=lambda point: point["heldout_residual"])
+    assert fit["ridge"] == best["ridge"]
+    big, small = fit["ridge_grid"]  # α = scale · tr(MᵀM) / D for both
+    assert big["ridge"] == pytest.approx(10 * small["ridge"]) and small["ridge"] > 0
+
+
 def test_ridge_auto_needs_heldout_tokens(tiny):
     with pytest.raises(ValueError, match="repair.ridge=auto .* has none"):
         LinearRepair(ridge="auto").prepare(tiny.model, calib_of(tiny.tokenizer))
@@ -345,8 +359,10 @@ def test_pipeline_records_repair_and_curve_points_equal_single_runs(tmp_path, da
         (["method=none"], "repair=linear needs a layer method .* method=none removes none"),
         (["method=sparsegpt"], "method=sparsegpt removes none"),
         (["repair.positions=middle"], "repair.positions='middle' is not allowed"),
-        (["repair.ridge=-1"], "repair.ridge=-1 must be a number >= 0 or auto"),
-        (["repair.ridge=best"], "repair.ridge='best' must be a number >= 0 or auto"),
+        (["repair.ridge=-1"], "repair.ridge=-1 must be a number >= 0, auto, or a non-empty"),
+        (["repair.ridge=best"], "repair.ridge='best' must be a number >= 0, auto, or a"),
+        (["repair.ridge=[]"], r"repair.ridge=\[\] must be .* list of scales >= 0"),
+        (["repair.ridge=[1,-2]"], r"repair.ridge=\[1, -2\] must be"),
         (["repair.max_tokens=0"], "repair.max_tokens=0 must be an integer >= 1 or null"),
     ],
 )

@@ -30,9 +30,10 @@ dense pass's hidden state.
 Held-out tokens: a calibration set with a `heldout` part (`calib=hellaswag_passages`) gives each
 fit's relative residual on tokens the fit never saw, before and after the map
 (`heldout_residual_before/after`); `ridge: auto` picks α per fit from RIDGE_SCALES × tr(MᵀM)/D
-by that held-out residual and records the grid.
+by that held-out residual and records the grid (`ridge: [s1, s2, ...]`: from those scales).
 
-Options: `ridge` (α, absolute: MᵀM sums over the fit tokens; or `auto`), `diagonal`
+Options: `ridge` (α, absolute: MᵀM sums over the fit tokens; or `auto`, or a list of
+scales), `diagonal`
 (T = diag(t), one scale per channel), `positions` (`all` non-pad tokens, `skip_first`: without
 each prompt's first token, whose massive activations dominate a least-squares fit, or `last`
 token only) and `max_tokens` (a seeded sample of at most that many positions; null: all). Without
@@ -55,7 +56,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -252,10 +253,12 @@ def ridge_of(eq: NormalEquations, scale: float) -> float:
     return scale * float(torch.trace(eq.gram)) / len(eq.gram)
 
 
-def choose_ridge(eq: NormalEquations, heldout: NormalEquations, diagonal: bool) -> tuple:
-    """(α, T, grid): the RIDGE_SCALES point whose map has the lowest held-out residual."""
+def choose_ridge(
+    eq: NormalEquations, heldout: NormalEquations, diagonal: bool, scales=RIDGE_SCALES
+) -> tuple:
+    """(α, T, grid): the point of `scales` whose map has the lowest held-out residual."""
     grid, best = [], None
-    for scale in RIDGE_SCALES:
+    for scale in scales:
         ridge = ridge_of(eq, scale)
         transform = solve_map(eq, ridge, diagonal)
         residual = relative_residual(heldout, transform)
@@ -325,12 +328,22 @@ def check_architecture(model) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def _check_ridge(ridge) -> float | str:
+def _is_scale(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+
+def _check_ridge(ridge) -> float | str | list[float]:
+    """A number, `auto` or a non-empty list of scales (held-out choice over them)."""
     if ridge == "auto":
         return ridge
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-        raise ValueError(f"repair.ridge={ridge!r} must be a number >= 0 or auto")
-    return float(ridge)
+    if isinstance(ridge, Sequence) and not isinstance(ridge, str):
+        if ridge and all(_is_scale(scale) for scale in ridge):
+            return [float(scale) for scale in ridge]
+    elif _is_scale(ridge):
+        return float(ridge)
+    raise ValueError(
+        f"repair.ridge={ridge!r} must be a number >= 0, auto, or a non-empty list of scales >= 0"
+    )
 
 
 def _check_count(name: str, value, nullable: bool = False) -> None:
@@ -354,6 +367,8 @@ class LinearRepair:
         seed: int = 0,
     ) -> None:
         self.ridge = _check_ridge(ridge)
+        # The held-out choice's grid: None for a fixed α.
+        self.scales = {str: RIDGE_SCALES, list: self.ridge}.get(type(self.ridge))
         if not isinstance(diagonal, bool):
             raise ValueError(f"repair.diagonal={diagonal!r} must be true or false")
         if positions not in POSITIONS:
@@ -385,9 +400,9 @@ class LinearRepair:
         check_architecture(model)
         picks = fit_positions(calib.attention_mask, self.positions, self.max_tokens, self.seed)
         heldout = getattr(calib, "heldout", None)
-        if self.ridge == "auto" and heldout is None:
+        if self.scales is not None and heldout is None:
             raise ValueError(
-                f"repair.ridge=auto picks the ridge on held-out tokens, and calib {calib.name!r} "
+                f"repair.ridge={self.ridge} picks the ridge on held-out tokens, and calib {calib.name!r} "
                 "has none; use a calibration source with a held-out part "
                 "(calib=hellaswag_passages) or a number"
             )
@@ -444,8 +459,8 @@ class LinearRepair:
         held = None
         if dense.heldout is not None:
             held = normal_equations(model, dense.model, dense.heldout, dense.heldout_picks, *args)
-        if self.ridge == "auto":
-            ridge, transform, grid = choose_ridge(eq, held, self.diagonal)
+        if self.scales is not None:
+            ridge, transform, grid = choose_ridge(eq, held, self.diagonal, self.scales)
             fit.update(ridge=ridge, ridge_grid=grid)
         else:
             transform = solve_map(eq, self.ridge, self.diagonal)
