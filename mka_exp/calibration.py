@@ -1,5 +1,6 @@
 """Calibration prompts: MMLU questions (leak-free validation by default, or the paper's first test
-question per subject) or any text dataset (hub id or local file), tokenized once. `seed` null takes
+question per subject), any text dataset (hub id or local file), or general-text passages of
+benchmark rows no evaluation reaches, with a held-out part (`hellaswag_passages`), tokenized once. `seed` null takes
 the first rows (the paper's draw); an integer draws the rows at random (calibration sensitivity).
 
 Builders take plain arguments and return a :class:`CalibrationSet`, which layer methods read as
@@ -29,6 +30,7 @@ class CalibrationSet:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     batch_size: int = 8
+    heldout: CalibrationSet | None = None  # prompts a fit must never see (its held-out check)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -165,3 +167,99 @@ def text_dataset(
     texts = draw([t for t in texts if t and t.strip()], num_samples, seed)
     label = f"{local.stem if local.suffix else path}_{split}_{len(texts)}{seed_label(seed)}"
     return tokenize(texts, tokenizer, max_length, label, batch_size)
+
+
+# HellaSwag's validation split (MIT licence; 10,042 rows in the offline mirror) as general text:
+# each row's context followed by its gold ending. Evaluations here read its first rows (lm-eval's
+# `limit`), so passages start at `start_row` and `check_passages_unevaluated` refuses any
+# evaluation that could reach them.
+PASSAGES = ("Rowan/hellaswag", None, "validation")
+PASSAGE_TASK = "hellaswag"
+
+
+def hellaswag_passage(row: dict) -> str:
+    return f"{row['ctx'].strip()} {row['endings'][int(row['label'])].strip()}"
+
+
+def _lengths(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [len(row) for row in ids]
+
+
+def _take(order: list[int], lengths: list[int], tokens: int) -> list[int]:
+    """The first indices of `order` whose lengths add up to at least `tokens`."""
+    taken, total = [], 0
+    for index in order:
+        if total >= tokens:
+            break
+        taken.append(index)
+        total += lengths[index]
+    return taken if total >= tokens else []
+
+
+def _by_length(texts: list[str], tokenizer, max_length: int, name: str, batch_size: int):
+    # Shortest first: a batch pads to its longest prompt, and a fit's sums do not depend on order.
+    lengths = _lengths(texts, tokenizer, max_length)
+    ordered = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
+    return tokenize(ordered, tokenizer, max_length, name, batch_size)
+
+
+def hellaswag_passages(
+    tokenizer: PreTrainedTokenizerBase,
+    start_row: int = 1000,
+    num_tokens: int = 200_000,
+    heldout_tokens: int = 20_000,
+    max_length: int = 256,
+    batch_size: int = 16,
+    data_root: str | None = None,
+    seed: int | None = None,
+) -> CalibrationSet:
+    """Fit passages of at least `num_tokens` tokens (the model's tokenizer) from rows `start_row`
+    on (seed null: in order; an integer: drawn at random), and a held-out part of at least
+    `heldout_tokens` from the last rows, the same for every fit size. Each part is ordered by
+    length."""
+    check_seed(seed)
+    rows = load_split(*PASSAGES, data_root)
+    texts = [hellaswag_passage(row) for row in rows]
+    lengths = _lengths(texts, tokenizer, max_length)
+    held = _take(list(range(len(texts) - 1, start_row - 1, -1)), lengths, heldout_tokens)
+    pool = list(range(start_row, min(held, default=len(texts))))
+    if seed is not None:
+        random.Random(seed).shuffle(pool)
+    fit = sorted(_take(pool, lengths, num_tokens))
+    if not held or not fit:
+        raise ValueError(
+            f"calib.num_tokens={num_tokens} + calib.heldout_tokens={heldout_tokens}: rows "
+            f"{start_row}..{len(texts) - 1} of {PASSAGES[0]} hold only {sum(lengths[start_row:])} "
+            "tokens; ask for fewer or lower calib.start_row"
+        )
+    label = f"hellaswag_passages_{start_row}_{sum(lengths[i] for i in fit)}{seed_label(seed)}"
+    calib = _by_length([texts[i] for i in fit], tokenizer, max_length, label, batch_size)
+    heldout = [texts[i] for i in sorted(held)]
+    calib.heldout = _by_length(heldout, tokenizer, max_length, f"{label}_heldout", batch_size)
+    return calib
+
+
+def check_passages_unevaluated(
+    tasks: list, limit: object, sample_seed: object, start_row: int
+) -> None:
+    """Refuse an evaluation of the passages' task that could read a row >= `start_row`: all
+    rows (null), a fraction, a larger limit, or a seeded draw (from anywhere in the split)."""
+    if PASSAGE_TASK not in (tasks or []):
+        return
+    first_rows = isinstance(limit, int) and not isinstance(limit, bool) and limit <= start_row
+    if first_rows and sample_seed is None:
+        return
+    key, value = ("eval.sample_seed", sample_seed) if first_rows else ("eval.limit", limit)
+    raise ValueError(
+        f"{key}={value!r}: calib=hellaswag_passages fits on {PASSAGE_TASK} rows from "
+        f"calib.start_row={start_row} on, and this evaluation of {PASSAGE_TASK} could read them; "
+        f"allowed: eval.limit an integer <= {start_row} with eval.sample_seed null"
+    )
+
+
+def check_against_eval(calib: dict, ev: dict) -> None:
+    """The calibration source's own check against the evaluation (settings as plain dicts)."""
+    if str(calib.get("_target_", "")).endswith(".hellaswag_passages"):
+        start = calib.get("start_row", 1000)
+        check_passages_unevaluated(ev.get("tasks"), ev.get("limit"), ev.get("sample_seed"), start)

@@ -214,6 +214,7 @@ def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
     setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
     from mka_exp import canonical, checks
+    from mka_exp.calibration import check_against_eval
     from mka_exp.data import check_data_root
     from mka_exp.evaluation import check_sample_seed
     from mka_exp.models import DTYPES
@@ -236,6 +237,7 @@ def check_config(cfg: DictConfig) -> None:
         lambda: check_data_root(c.get("data_root")),
         lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
         lambda: checks.check_model_source(model),
+        lambda: check_against_eval(calib, ev),
         lambda: checks.check_device(model.get("device", "auto")),
         lambda: checks.check_dtype(model.get("dtype", "auto"), DTYPES),
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from mka_exp.calibration import format_mmlu, mmlu_prompts, text_dataset
+from mka_exp.calibration import (
+    PASSAGES,
+    format_mmlu,
+    hellaswag_passage,
+    hellaswag_passages,
+    mmlu_prompts,
+    text_dataset,
+    tokenize,
+)
 from mka_exp.data import MMLU_SUBJECTS, load_split
 from mka_exp.models import train_tokenizer
 from mka_exp.results import config_hash
@@ -83,3 +91,48 @@ def test_default_seed_leaves_the_config_hash_as_before_the_key(tmp_path, data_ro
     assert config_hash(config) == config_hash(before_the_key)
     seeded = {**config, "calib": {**config["calib"], "seed": 1}}
     assert config_hash(seeded) != config_hash(config)
+
+
+def passages(tokenizer, data_root, **kwargs):
+    settings = {"num_tokens": 3000, "heldout_tokens": 800, "max_length": 64, **kwargs}
+    return hellaswag_passages(tokenizer, data_root=str(data_root), **settings)
+
+
+def token_count(calib) -> int:
+    return int(calib.attention_mask.sum())
+
+
+def test_passages_are_rows_past_start_row_with_a_fixed_heldout_tail(tokenizer, data_root):
+    """Fit rows from `start_row` on, just enough tokens; held-out rows from the split's end,
+    the same for any fit size, never among the fit rows."""
+    texts = [hellaswag_passage(r) for r in load_split(*PASSAGES, str(data_root))]
+    small, large = passages(tokenizer, data_root), passages(tokenizer, data_root, num_tokens=6000)
+    index = {text: number for number, text in enumerate(texts)}
+    rows = sorted(index[t] for t in small.texts)
+    assert rows == list(range(1000, 1000 + len(rows)))
+    assert token_count(small) >= 3000
+    last = tokenize([texts[rows[-1]]], tokenizer, 64, "last", 1)
+    assert token_count(small) - token_count(last) < 3000  # whole rows, no more than needed
+    held = sorted(index[t] for t in small.heldout.texts)
+    assert held == list(range(len(texts) - len(held), len(texts)))
+    assert token_count(small.heldout) >= 800
+    assert sorted(large.heldout.texts) == sorted(small.heldout.texts)
+    assert token_count(large) >= 6000 and not set(large.texts) & set(large.heldout.texts)
+    lengths = small.attention_mask.sum(dim=1).tolist()
+    assert lengths == sorted(lengths)  # shortest first: batches pad little
+    assert small.name == f"hellaswag_passages_1000_{token_count(small)}"
+
+
+def test_seeded_passages_draw_other_rows_past_start_row(tokenizer, data_root):
+    texts = [hellaswag_passage(r) for r in load_split(*PASSAGES, str(data_root))]
+    index = {text: number for number, text in enumerate(texts)}
+    first, one, again = (passages(tokenizer, data_root, seed=s) for s in (None, 1, 1))
+    assert sorted(one.texts) == sorted(again.texts) and set(one.texts) != set(first.texts)
+    held = {index[t] for t in one.heldout.texts}
+    assert all(1000 <= index[t] < min(held) for t in one.texts)
+    assert one.name.endswith("_seed1")
+
+
+def test_too_many_passage_tokens_are_refused(tokenizer, data_root):
+    with pytest.raises(ValueError, match=r"calib.num_tokens=100000000 .* ask for fewer"):
+        passages(tokenizer, data_root, num_tokens=100_000_000)

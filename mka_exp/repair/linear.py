@@ -10,24 +10,34 @@ before the residual add); a linear map T on M is fitted in closed form on calibr
 
 L being the dense model's hidden state after the span, and folded into the MLP's last Linear
 (W_down ← Tᵀ W_down, bias too), so the model keeps its shape and stays a valid Hugging Face
-checkpoint. MᵀM and Mᵀ(L − Y) are accumulated over batches in float64, so the token count is not
-bounded by memory.
+checkpoint.
 
 Which layers are repaired: with kept layers at original indices o_0 < o_1 < ..., kept layer o_j
 stands for the originals [o_j, o_{j+1}) (the last one up to the end). A kept layer is refitted
 when its span holds a removed layer (pruning) or when a merge changed its weights (MKA, LaCo: the
 `keep` of each merge), with the dense hidden state at the start of o_{j+1} as its target. Layers
-are fitted front to back on the already-repaired model, so each fit sees its real inputs; each
-fit runs only the layers since the previous fit, from that one's input kept per batch (at most
-one hidden state per calibration token, on CPU). Layers
+are fitted front to back on the already-repaired model, so each fit sees its real inputs. Layers
 removed before the first kept layer have no `down_proj` in front of them and stay unrepaired
-(recorded). The dense targets come from one capture pass of the dense model, before the method.
+(recorded).
 
-Options: `ridge` (α, absolute: MᵀM sums over the fit tokens), `diagonal` (T = diag(t), one scale
-per channel), `positions` (`all` non-pad tokens, `skip_first`: without each prompt's first token,
-whose massive activations dominate a least-squares fit, or `last` token only) and `max_tokens`
-(a seeded sample of at most that many positions). Without ridge the fit needs at least as many
-tokens as the hidden size.
+The fits stream: memory is bounded by the D × D normal equations (MᵀM, Mᵀ(L − Y), float64) and one
+batch of activations, not by the token count. `prepare` keeps a copy of the dense model (taken
+before the method runs); each fit runs, batch by batch, the dense copy up to the end of its span
+(the target L) and the compressed model up to the fitted layer (M, Y). The layers in front of
+the first changed one are the same in both models, so the compressed pass starts there, fed the
+dense pass's hidden state.
+
+Held-out tokens: a calibration set with a `heldout` part (`calib=hellaswag_passages`) gives each
+fit's relative residual on tokens the fit never saw, before and after the map
+(`heldout_residual_before/after`); `ridge: auto` picks α per fit from RIDGE_SCALES × tr(MᵀM)/D
+by that held-out residual and records the grid (`ridge: [s1, s2, ...]`: from those scales).
+
+Options: `ridge` (α, absolute: MᵀM sums over the fit tokens; or `auto`, or a list of
+scales), `diagonal`
+(T = diag(t), one scale per channel), `positions` (`all` non-pad tokens, `skip_first`: without
+each prompt's first token, whose massive activations dominate a least-squares fit, or `last`
+token only) and `max_tokens` (a seeded sample of at most that many positions; null: all). Without
+ridge the fit needs at least as many tokens as the hidden size.
 
 Example config (`conf/repair/linear.yaml`)::
 
@@ -43,9 +53,10 @@ Example config (`conf/repair/linear.yaml`)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,24 +68,34 @@ from mka_exp.layers import decoder_layers, num_layers
 from mka_exp.methods.sleb import hooks_removed_after, swapped_layers, with_hidden_input
 
 POSITIONS = ("all", "skip_first", "last")
+# ridge=auto: α = scale · tr(MᵀM) / D, the scale chosen per fit by the held-out residual.
+RIDGE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class _StopForward(Exception):
-    """Raised by a hook once the layers a capture needs have run."""
+    """Raised by a hook once the layers a pass needs have run."""
 
 
 @dataclass
-class DenseTargets:
-    """The dense model's hidden states at every layer boundary [L+1, n, D] on the fit tokens."""
+class DenseReference:
+    """What the fits need from the dense model: a copy of it (never changed) and the tokens."""
 
-    picks: torch.Tensor  # [n, 2] (prompt, position), sorted
-    states: torch.Tensor  # [L+1, n, D] float32, CPU; index i = input of layer i
+    model: nn.Module
+    picks: torch.Tensor  # [n, 2] (prompt, position) of the fit tokens, sorted
+    heldout: CalibrationSet | None = None
+    heldout_picks: torch.Tensor | None = None
+
+    @property
+    def total(self) -> int:
+        return num_layers(self.model)
 
 
 # --------------------------------------------------------------------------- tokens and passes
 
 
-def fit_positions(mask: torch.Tensor, positions: str, max_tokens: int, seed: int) -> torch.Tensor:
+def fit_positions(
+    mask: torch.Tensor, positions: str, max_tokens: int | None, seed: int
+) -> torch.Tensor:
     """(prompt, position) pairs that feed the fit: [n, 2], sorted, at most `max_tokens`."""
     mask = mask.bool().clone()
     rows = torch.arange(len(mask))
@@ -85,19 +106,20 @@ def fit_positions(mask: torch.Tensor, positions: str, max_tokens: int, seed: int
         only = torch.zeros_like(mask)
         only[rows, last] = mask[rows, last]
         mask = only
-    return select_token_positions(mask, max_tokens, seed)
+    return select_token_positions(mask, max_tokens or int(mask.sum()), seed)
 
 
 def _batches(calib: CalibrationSet, picks: torch.Tensor, batch_size: int | None) -> Iterator:
-    """(batch trimmed to its longest prompt, batch-local rows, columns, indices into picks)."""
+    """(batch trimmed to its longest prompt, batch-local rows, columns) of batches with picks."""
     start = 0
     for batch in calib.batches(batch_size):
         size = len(batch["input_ids"])
         inside = (picks[:, 0] >= start) & (picks[:, 0] < start + size)
-        used = batch["attention_mask"].bool().any(dim=0).nonzero()
-        width = int(used.max()) + 1 if len(used) else 1
-        trimmed = {name: tensor[:, :width] for name, tensor in batch.items()}
-        yield trimmed, picks[inside, 0] - start, picks[inside, 1], inside.nonzero()[:, 0]
+        if inside.any():
+            used = batch["attention_mask"].bool().any(dim=0).nonzero()
+            width = int(used.max()) + 1 if len(used) else 1
+            trimmed = {name: tensor[:, :width] for name, tensor in batch.items()}
+            yield trimmed, picks[inside, 0] - start, picks[inside, 1]
         start += size
 
 
@@ -111,36 +133,51 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def capture_dense(model, calib, picks: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    """[L+1, n, D] float32 hidden states at `picks`, one forward pass per batch."""
-    layers = decoder_layers(model)
-    state: dict = {}
+def _input_of(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
-    def write(slot: int, hidden: torch.Tensor) -> None:
-        rows, cols = state["rows"], state["cols"]
-        points = hidden[rows.to(hidden.device), cols.to(hidden.device)].float().cpu()
-        if "out" not in state:
-            state["out"] = torch.empty(len(layers) + 1, len(picks), points.shape[-1])
-        state["out"][slot, state["index"]] = points
 
-    def on_input(module, args, kwargs):
-        write(0, args[0] if args else kwargs["hidden_states"])
+def dense_pass(model: nn.Module, batch: dict, cursor: int, end: int) -> tuple:
+    """The dense model's hidden state entering layer `cursor` (None for 0) and at boundary `end`
+    (the output of layer end − 1), [b, T, D] each; the layers after end − 1 do not run."""
+    layers, seen = decoder_layers(model), {}
 
-    def on_output(index: int):
-        def hook(module, args, output):
-            write(index + 1, _hidden(output))
-            if index == len(layers) - 1:
-                raise _StopForward
+    def entering(module, args, kwargs):
+        seen["input"] = _input_of(args, kwargs)
 
-        return hook
+    def leaving(module, args, output):
+        seen["target"] = _hidden(output)
+        raise _StopForward
 
-    handles = [layers[0].register_forward_pre_hook(on_input, with_kwargs=True)]
-    handles += [layer.register_forward_hook(on_output(i)) for i, layer in enumerate(layers)]
-    with hooks_removed_after(handles), torch.no_grad():
-        for batch, rows, cols, index in _batches(calib, picks, batch_size):
-            state.update(rows=rows, cols=cols, index=index)
-            _run(model, batch)
-    return state["out"]
+    handles = [layers[end - 1].register_forward_hook(leaving)]
+    if cursor > 0:
+        handles.append(layers[cursor].register_forward_pre_hook(entering, with_kwargs=True))
+    with hooks_removed_after(handles):
+        _run(model, batch)
+    return seen.get("input"), seen["target"]
+
+
+def compressed_pass(model, batch: dict, cursor: int, fed, position: int) -> tuple:
+    """(M, Y + M) of kept layer `position` — its MLP output and its output — running only the
+    layers cursor..position, layer `cursor` fed `fed` (the dense model's state there)."""
+    layers, seen = decoder_layers(model), {}
+
+    def on_mlp(module, args, output):
+        seen["mlp"] = _hidden(output)
+
+    def on_layer(module, args, output):
+        seen["out"] = _hidden(output)
+        raise _StopForward
+
+    layer = layers[position]
+    handles = [layer.mlp.register_forward_hook(on_mlp), layer.register_forward_hook(on_layer)]
+    if cursor > 0:
+        feed = lambda module, args, kwargs: with_hidden_input(args, kwargs, fed)  # noqa: E731
+        handles.append(layers[cursor].register_forward_pre_hook(feed, with_kwargs=True))
+    # The layers in front of the cursor stand aside: the cursor layer gets the dense state.
+    with hooks_removed_after(handles), swapped_layers(model, dict.fromkeys(range(cursor))):
+        _run(model, batch)
+    return seen["mlp"], seen["out"]
 
 
 # --------------------------------------------------------------------------- the fit
@@ -155,81 +192,35 @@ class NormalEquations:
     target_sq: float
     tokens: int
 
-
-@dataclass
-class Prefix:
-    """The hidden states entering layer `cursor` of the model being repaired, one tensor per
-    batch (CPU): the next fit resumes there instead of re-running the layers before it."""
-
-    cursor: int = 0
-    inputs: list | None = None
-
-
-def _resume_hooks(layers, prefix: Prefix, position: int, seen: dict) -> list:
-    """Feed the cached input at `prefix.cursor`; record the input of `position` for the next
-    fit (registered in this order, so the second sees what the first fed)."""
-
-    def feed(module, args, kwargs):
-        return with_hidden_input(args, kwargs, prefix.inputs[seen["batch"]])
-
-    def record(module, args, kwargs):
-        seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().cpu()
-
-    handles = []
-    if prefix.inputs is not None:
-        handles.append(layers[prefix.cursor].register_forward_pre_hook(feed, with_kwargs=True))
-    handles.append(layers[position].register_forward_pre_hook(record, with_kwargs=True))
-    return handles
+    def add(self, mlp: torch.Tensor, wanted: torch.Tensor) -> None:
+        self.gram += mlp.T @ mlp
+        self.cross += mlp.T @ wanted
+        self.target_sq += float((wanted * wanted).sum())
+        self.tokens += len(mlp)
 
 
 def normal_equations(
-    model, calib, dense: DenseTargets, position: int, end: int, batch_size, prefix: Prefix
+    model, dense: nn.Module, calib, picks, position: int, end: int, cursor: int, batch_size
 ) -> NormalEquations:
-    """Accumulate the fit of kept layer `position` (current index) towards dense boundary `end`,
-    running only layers prefix.cursor..position; `prefix` moves to `position` afterwards."""
-    layers = decoder_layers(model)
-    layer = layers[position]
-    seen: dict = {}
-
-    def on_mlp(module, args, output):
-        seen["mlp"] = _hidden(output)
-
-    def on_layer(module, args, output):
-        seen["out"] = _hidden(output)
-        raise _StopForward
-
-    handles = _resume_hooks(layers, prefix, position, seen)
-    handles += [layer.mlp.register_forward_hook(on_mlp), layer.register_forward_hook(on_layer)]
-    # Layers before the cursor stand aside: the cursor layer gets the cached input instead.
-    skip = dict.fromkeys(range(prefix.cursor)) if prefix.inputs is not None else {}
-    eq, inputs = None, []
-    with hooks_removed_after(handles), torch.no_grad(), swapped_layers(model, skip):
-        for number, (batch, rows, cols, index) in enumerate(
-            _batches(calib, dense.picks, batch_size)
-        ):
-            seen["batch"] = number
-            _run(model, batch)
-            inputs.append(seen["input"])
-            device = seen["mlp"].device
+    """The fit of kept layer `position` (current index) towards dense boundary `end` on the
+    tokens `picks` of `calib`, streamed batch by batch. Layers before `cursor` must be the same
+    in both models (so the compressed pass starts there)."""
+    eq = None
+    with torch.no_grad():
+        for batch, rows, cols in _batches(calib, picks, batch_size):
+            fed, target = dense_pass(dense, batch, cursor, end)
+            mlp, out = compressed_pass(model, batch, cursor, fed, position)
+            device = mlp.device
             rows, cols = rows.to(device), cols.to(device)
-            mlp = seen["mlp"][rows, cols].double()
-            residual_in = seen["out"][rows, cols].double() - mlp  # Y: what the MLP adds to
-            wanted = dense.states[end, index].to(device, torch.float64) - residual_in  # L - Y
+            m = mlp[rows, cols].double()
+            residual_in = out[rows, cols].double() - m  # Y: what the MLP adds to
+            wanted = target[rows.to(target.device), cols.to(target.device)].to(device).double()
             if eq is None:
-                dim = mlp.shape[-1]
+                dim = m.shape[-1]
                 zeros = torch.zeros(dim, dim, dtype=torch.float64, device=device)
                 eq = NormalEquations(zeros, zeros.clone(), 0.0, 0)
-            eq.gram += mlp.T @ mlp
-            eq.cross += mlp.T @ wanted
-            eq.target_sq += float((wanted * wanted).sum())
-            eq.tokens += len(mlp)
-    prefix.cursor, prefix.inputs = position, inputs
+            eq.add(m, wanted - residual_in)  # L − Y
     return eq
-
-
-def held_bytes(eq: NormalEquations, prefix: Prefix) -> int:
-    """Bytes of one fit's normal equations and the layer inputs cached for the next fit."""
-    return eq.gram.nbytes + eq.cross.nbytes + sum(t.nbytes for t in prefix.inputs or [])
 
 
 def solve_map(eq: NormalEquations, ridge: float, diagonal: bool) -> torch.Tensor:
@@ -255,6 +246,26 @@ def relative_residual(eq: NormalEquations, transform: torch.Tensor | None) -> fl
         fit = (transform * (eq.gram @ transform)).sum() - 2 * (transform * eq.cross).sum()
     squared = max(float(fit) + eq.target_sq, 0.0)
     return math.sqrt(squared / eq.target_sq) if eq.target_sq > 0 else 0.0
+
+
+def ridge_of(eq: NormalEquations, scale: float) -> float:
+    """α = scale · tr(MᵀM) / D: a ridge on the scale of the fit's own sums."""
+    return scale * float(torch.trace(eq.gram)) / len(eq.gram)
+
+
+def choose_ridge(
+    eq: NormalEquations, heldout: NormalEquations, diagonal: bool, scales=RIDGE_SCALES
+) -> tuple:
+    """(α, T, grid): the point of `scales` whose map has the lowest held-out residual."""
+    grid, best = [], None
+    for scale in scales:
+        ridge = ridge_of(eq, scale)
+        transform = solve_map(eq, ridge, diagonal)
+        residual = relative_residual(heldout, transform)
+        grid.append({"scale": scale, "ridge": ridge, "heldout_residual": residual})
+        if best is None or residual < best[0]:
+            best = (residual, ridge, transform)
+    return best[1], best[2], grid
 
 
 def fold_into(linear: nn.Linear, transform: torch.Tensor) -> None:
@@ -291,6 +302,13 @@ def repair_plan(method_stats: dict, total: int) -> tuple[list[dict], list[int]]:
     return plan, list(range(kept[0]))
 
 
+def unchanged_prefix(method_stats: dict, total: int) -> int:
+    """How many leading layers the method left as they were (same weights, same positions)."""
+    touched = set(method_stats.get("removed_layers") or [])
+    touched |= {m["keep"] for m in method_stats.get("merges") or []}
+    return min(touched, default=total)
+
+
 def check_architecture(model) -> None:
     """The MLP output must be added to the residual stream as is, through a Linear `down_proj`."""
     layer = decoder_layers(model)[0]
@@ -310,30 +328,56 @@ def check_architecture(model) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
+def _is_scale(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+
+def _check_ridge(ridge) -> float | str | list[float]:
+    """A number, `auto` or a non-empty list of scales (held-out choice over them)."""
+    if ridge == "auto":
+        return ridge
+    if isinstance(ridge, Sequence) and not isinstance(ridge, str):
+        if ridge and all(_is_scale(scale) for scale in ridge):
+            return [float(scale) for scale in ridge]
+    elif _is_scale(ridge):
+        return float(ridge)
+    raise ValueError(
+        f"repair.ridge={ridge!r} must be a number >= 0, auto, or a non-empty list of scales >= 0"
+    )
+
+
+def _check_count(name: str, value, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "an integer >= 1" + (" or null" if nullable else "")
+        raise ValueError(f"repair.{name}={value!r} must be {allowed}")
+
+
 class LinearRepair:
     """Fit and fold one linear map per cut (ReplaceMe's least squares), see the module doc."""
 
     def __init__(
         self,
-        ridge: float = 0.0,
+        ridge: float | str = 0.0,
         diagonal: bool = False,
         positions: str = "all",
-        max_tokens: int = 8192,
+        max_tokens: int | None = 8192,
         batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-            raise ValueError(f"repair.ridge={ridge!r} must be a number >= 0")
+        self.ridge = _check_ridge(ridge)
+        # The held-out choice's grid: None for a fixed α.
+        self.scales = {str: RIDGE_SCALES, list: self.ridge}.get(type(self.ridge))
         if not isinstance(diagonal, bool):
             raise ValueError(f"repair.diagonal={diagonal!r} must be true or false")
         if positions not in POSITIONS:
             raise ValueError(
                 f"repair.positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}"
             )
-        for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size or 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"repair.{name}={value!r} must be an integer >= 1")
-        self.ridge, self.diagonal, self.positions = float(ridge), diagonal, positions
+        _check_count("max_tokens", max_tokens, nullable=True)
+        _check_count("batch_size", batch_size, nullable=True)
+        self.diagonal, self.positions = diagonal, positions
         self.max_tokens, self.batch_size, self.seed = max_tokens, batch_size, seed
 
     def options(self) -> dict:
@@ -351,10 +395,17 @@ class LinearRepair:
                 f"reverse_prune, shortgpt, angular, mka, laco, sleb); method={name} removes none"
             )
 
-    def prepare(self, model, calib: CalibrationSet) -> DenseTargets:
-        """Check the token count and capture the dense model's hidden states (before the method)."""
+    def prepare(self, model, calib: CalibrationSet) -> DenseReference:
+        """Check the tokens and keep a copy of the dense model (before the method runs)."""
         check_architecture(model)
         picks = fit_positions(calib.attention_mask, self.positions, self.max_tokens, self.seed)
+        heldout = getattr(calib, "heldout", None)
+        if self.scales is not None and heldout is None:
+            raise ValueError(
+                f"repair.ridge={self.ridge} picks the ridge on held-out tokens, and calib {calib.name!r} "
+                "has none; use a calibration source with a held-out part "
+                "(calib=hellaswag_passages) or a number"
+            )
         hidden = model.get_input_embeddings().weight.shape[1]
         if self.ridge == 0 and len(picks) < hidden:
             raise ValueError(
@@ -363,11 +414,17 @@ class LinearRepair:
                 f"size {hidden}: the fit is underdetermined; use more calibration tokens or "
                 "repair.ridge > 0"
             )
-        return DenseTargets(picks, capture_dense(model, calib, picks, self.batch_size))
+        held = None
+        if heldout is not None:
+            held = fit_positions(heldout.attention_mask, self.positions, None, self.seed)
+        dense = copy.deepcopy(model).eval().requires_grad_(False)
+        return DenseReference(dense, picks, heldout, held)
 
-    def repair(self, model, calib: CalibrationSet, method_stats: dict, dense: DenseTargets) -> dict:
+    def repair(
+        self, model, calib: CalibrationSet, method_stats: dict, dense: DenseReference
+    ) -> dict:
         """Refit every kept layer that stands for a cut or a merge, front to back, in place."""
-        total = len(dense.states) - 1
+        total = dense.total
         plan, unrepaired = repair_plan(method_stats, total)
         expected = total - len(method_stats["removed_layers"])
         if num_layers(model) != expected:
@@ -375,28 +432,52 @@ class LinearRepair:
                 f"repair=linear: the model has {num_layers(model)} layers, the method's stats "
                 f"say {expected}"
             )
-        start, fits, prefix, held = time.perf_counter(), [], Prefix(), 0
+        start, fits, same = time.perf_counter(), [], unchanged_prefix(method_stats, total)
         for item in plan:
-            end, position = item["span"][-1] + 1, item["position"]
-            eq = normal_equations(model, calib, dense, position, end, self.batch_size, prefix)
-            held = max(held, held_bytes(eq, prefix))
-            transform = solve_map(eq, self.ridge, self.diagonal)
-            fold_into(decoder_layers(model)[position].mlp.down_proj, transform)
-            fits.append(
-                {
-                    **item,
-                    "residual_before": relative_residual(eq, None),
-                    "residual_after": relative_residual(eq, transform),
-                }
-            )
-        seconds = round(time.perf_counter() - start, 3)
-        return {
+            fits.append(self.fit_one(model, calib, dense, item, min(same, item["position"])))
+            same = min(same, item["position"])  # its down_proj changes now
+        stats = {
             **self.options(),
             "tokens": len(dense.picks),
             "fits": fits,
             "unrepaired_layers": unrepaired,
-            "fit_seconds": seconds,
-            # What the repair holds beside the two models: the dense hidden states it fits to,
-            # plus the largest fit's normal equations and cached layer inputs.
-            "held_bytes": dense.states.nbytes + held,
+            "fit_seconds": round(time.perf_counter() - start, 3),
+            # Beside the model: the dense copy and two fits' float64 normal equations (the
+            # activations of one batch come and go).
+            "held_bytes": model_bytes(dense.model) + 2 * 2 * 8 * _width(model) ** 2,
         }
+        if dense.heldout is not None:
+            stats["heldout_tokens"] = len(dense.heldout_picks)
+        return stats
+
+    def fit_one(self, model, calib, dense: DenseReference, item: dict, cursor: int) -> dict:
+        """Fit, fold and describe the map of one plan item."""
+        position, end = item["position"], item["span"][-1] + 1
+        args = (position, end, cursor, self.batch_size)
+        eq = normal_equations(model, dense.model, calib, dense.picks, *args)
+        fit = dict(item)
+        held = None
+        if dense.heldout is not None:
+            held = normal_equations(model, dense.model, dense.heldout, dense.heldout_picks, *args)
+        if self.scales is not None:
+            ridge, transform, grid = choose_ridge(eq, held, self.diagonal, self.scales)
+            fit.update(ridge=ridge, ridge_grid=grid)
+        else:
+            transform = solve_map(eq, self.ridge, self.diagonal)
+        fit["residual_before"] = relative_residual(eq, None)
+        fit["residual_after"] = relative_residual(eq, transform)
+        if held is not None:
+            fit["heldout_residual_before"] = relative_residual(held, None)
+            fit["heldout_residual_after"] = relative_residual(held, transform)
+        fold_into(decoder_layers(model)[position].mlp.down_proj, transform)
+        return fit
+
+
+def _width(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tied weight counted once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
