@@ -113,10 +113,22 @@ def check_override_keys(argv: list[str], conf_dir: Path) -> None:
     suggestion. One line and exit status 2 instead (`run.py` calls this first)."""
 
     for arg in argv:
-        problem = override_key_problem(arg, argv, conf_dir)
+        problem = unquoted_non_ascii(arg) or override_key_problem(arg, argv, conf_dir)
         if problem:
             print(f"ERROR: ConfigError: {problem}", file=sys.stderr)
             raise SystemExit(2)
+
+
+def unquoted_non_ascii(arg: str) -> str | None:
+    """Hydra's override lexer takes non-ASCII characters only inside quotes; unquoted, it fails
+    with a `LexerNoViableAltException` that does not say so."""
+    key, sep, value = arg.partition("=")
+    if not sep or value.isascii() or value[:1] in "'\"" and value[-1:] == value[:1]:
+        return None
+    return (
+        f"{key}={value}: Hydra reads non-ASCII characters only inside quotes; allowed: "
+        f"{key}='{value}' (in a shell: \"{key}='{value}'\")"
+    )
 
 
 def selected_options(group: str, argv: list[str], conf_dir: Path) -> list[Path]:

@@ -151,3 +151,17 @@ def test_recorded_configs_pass_and_keep_their_hashes(data_root):
 def test_unique_tasks_keeps_the_first_order():
     assert canonical.unique_tasks(["a", "b", "a", "c", "b"]) == (["a", "b", "c"], ["a", "b"])
     assert canonical.unique_tasks("piqa") == ("piqa", [])  # not a list: check_task_list says so
+
+
+def test_an_unquoted_non_ascii_value_gets_the_quoting_hint():
+    line = canonical.unquoted_non_ascii("paths.output_root=/tmp/outé")
+    assert line.startswith("paths.output_root=/tmp/outé: Hydra reads non-ASCII characters only")
+    assert "\"paths.output_root='/tmp/outé'\"" in line
+    assert canonical.unquoted_non_ascii("paths.output_root='/tmp/outé'") is None
+    assert canonical.unquoted_non_ascii("paths.output_root=/tmp/out") is None
+    done = subprocess.run(
+        [sys.executable, "run.py", "model=tiny_llama", "paths.output_root=/tmp/outé"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "LexerNoViableAlt" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"ERROR: ConfigError: {line}"]
