@@ -12,8 +12,10 @@ e.g. the commit before issue 11, to compare:
 
 With `--before OLD_CHECKOUT` every case runs against both and the row has before/after columns
 (cases 56 on are issue 31's: paths, unknown keys, duplicate tasks, signals, a full disk, shared
-work). The full-disk cases mount a small tmpfs and the second-user cases drop root's
-CAP_DAC_OVERRIDE (setpriv), so they need root; as a user the second-user cases drop write bits.
+work; 72 on, its verified inputs). The full-disk cases mount a small tmpfs and the second-user
+cases drop root's CAP_DAC_OVERRIDE (setpriv), so they need root; as a user the second-user cases
+drop write bits. Damaged model files (a GGUF or float32 copy changed in place or truncated) need
+the real model files: `tests/test_inputs.py` covers them on small files.
 
 One `run.py` process at a time (the cases are sequential, except the two overlapping sweeps);
 OMP_NUM_THREADS=1 is set for it.
@@ -737,6 +739,69 @@ def killed_claim(ctx: Ctx):
     left = len(list((ctx.root / "claims").glob("*.json")))
     run = ctx.run("method.ratio=0.25,0.5,0.75", "eval.limit=20", multirun=True)
     return run, f"{left} claim(s) left by the kill; rerun: {survival(ctx.root, 3)}"
+
+
+# --- issue 31, verified inputs (cases 72 on): model source, amounts, bounds, data, report ---
+bad("model.name_or_path=/etc with the default model (its wheel)", "model=smollm2_135m",
+    "model.name_or_path=/etc", hint="name_or_path")  # fmt: skip
+bad("model.name_or_path=/etc model.pip_package=null: not a model folder", "model=smollm2_135m",
+    "model.name_or_path=/etc", "model.pip_package=null", "model.gguf_file=null",
+    hint="/etc")  # fmt: skip
+bad("laco method.m=4 of 4 layers", "method=laco", "method.m=4", hint="method.m")
+bad("sleb method.num_layers=5 of 4 layers", "method=sleb", "method.num_layers=5", hint="num_layers")
+bad("paths.output_root=/tmp/outé unquoted (non-ASCII)", "paths.output_root=/tmp/outé", hint="é")
+
+
+@case("method.num_layers=1 alone (the yaml sets a ratio)", hint="num_layers")
+def num_layers_alone(ctx: Ctx):
+    run = ctx.run("method.num_layers=1")
+    if run.code != 0:
+        return run, None
+    (rec,) = records(ctx.root)
+    method = json.loads(rec.read_text())["config"]["method"]
+    return (
+        run,
+        f"ran; record has ratio={method.get('ratio')}, num_layers={method.get('num_layers')}",
+    )
+
+
+def linked_mirror(ctx: Ctx, name: str, rows: int | None) -> Path:
+    """A data_root whose piqa folder is a link: to the real data, or to a 20-row copy."""
+    root, target = ctx.root / name, DATA / "baber" / "piqa"
+    if rows is not None:
+        target = ctx.root / f"{name}_piqa"
+        src = DATA / "baber" / "piqa" / "default" / "validation.jsonl"
+        (target / "default").mkdir(parents=True)
+        head = src.read_text().splitlines()[:rows]
+        (target / "default" / "validation.jsonl").write_text("\n".join(head) + "\n")
+    (root / "baber").mkdir(parents=True)
+    (root / "baber" / "piqa").symlink_to(target, target_is_directory=True)
+    return root
+
+
+@case("two mirrors whose piqa folders are links (20 rows vs full): two experiments")
+def linked_mirrors(ctx: Ctx):
+    first = ctx.run(f"data_root={linked_mirror(ctx, 'small', 20)}")
+    if first.code != 0:
+        return first, "first run failed"
+    run = ctx.run(f"data_root={linked_mirror(ctx, 'full', None)}")
+    skipped = "SKIPPED as already recorded" if "already recorded" in run.out else "computed"
+    return run, f"second mirror {skipped}; {len(records(ctx.root))} record(s)"
+
+
+@case("report over a root with a damaged record: read-only", hint="damaged")
+def report_read_only(ctx: Ctx):
+    first, rec = first_point(ctx)
+    if rec is None:
+        return first, "first run failed"
+    rec.write_text("{ not json")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mka_exp.report", str(ctx.root), "--out",
+                           str(ctx.root / "report")], cwd=ctx.repo, env=ctx.env(None, None),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    run = Run(done.returncode, time.monotonic() - start, done.stdout)
+    moved = list((ctx.root / "records").glob("*.damaged"))
+    return run, f"record {'MOVED aside' if moved or not rec.exists() else 'left in place'}"
 
 
 # --- driver -------------------------------------------------------------------------------
