@@ -24,3 +24,18 @@ def data_root() -> Path:
 def tiny() -> LoadedModel:
     """A fresh 4-layer Llama (hidden 64) with random weights; cheap enough to build per test."""
     return build_random_model("llama", num_layers=4, hidden_size=64, device="cpu")
+
+
+class ModelLoaded(Exception):
+    """Raised instead of loading the model: a check that should have failed first did not."""
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The pipeline refuses to load a model: a test that a bad setting stops the run before."""
+    from mka_exp import pipeline
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("the model was loaded before the bad setting was found")
+
+    monkeypatch.setattr(pipeline, "load_session", refuse)

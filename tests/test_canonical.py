@@ -19,18 +19,6 @@ from tests.helpers import CONF, REPO_ROOT, compose_config
 EVIDENCE = sorted((REPO_ROOT / "docs" / "evidence").glob("*/records/*.json"))
 
 
-class ModelLoaded(Exception):
-    pass
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise ModelLoaded("the model was loaded before the unknown key was found")
-
-    monkeypatch.setattr(pipeline, "load_session", refuse)
-
-
 def error_of(tmp_path, data_root, *overrides: str) -> list[str]:
     cfg = compose_config(["method=mka", "eval.tasks=[piqa]", *overrides], tmp_path, data_root)
     with pytest.raises(ConfigError) as err:

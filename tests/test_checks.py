@@ -17,18 +17,6 @@ from mka_exp.models import train_tokenizer
 from tests.helpers import CONF, compose_config
 
 
-class ModelLoaded(Exception):
-    """Raised instead of loading the model: a check that should have failed first did not."""
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise ModelLoaded("the model was loaded before the bad setting was found")
-
-    monkeypatch.setattr(pipeline, "load_session", refuse)
-
-
 def first_line_of(tmp_path: Path, data_root: Path, overrides: list[str]) -> str:
     """The run's error (it must be a user error, raised before the model loads)."""
     cfg = compose_config(

@@ -373,21 +373,29 @@ os.replace = _replace
 """
 
 
-def test_a_full_disk_stops_a_sweep_with_its_summary(tmp_path, data_root):
-    """The second job of three finds the disk full: it is recorded as failed, the sweep stops
-    there (the third would fail the same way) with its summary, exit 1, no traceback."""
+def sweep_with_site(
+    tmp_path: Path, data_root: Path, site_code: str, ratios: str, out: Path
+) -> subprocess.CompletedProcess:
+    """A tiny `-m` sweep over `ratios` into `out`, with `site_code` as its sitecustomize (a fault
+    planted in the process); stdout and stderr together."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE_FULL_DISK)
-    out = tmp_path / "out"
+    (site / "sitecustomize.py").write_text(site_code)
     args = [
         sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none",
-        "method=reverse_prune", "method.ratio=0.25,0.5,0.75", "eval.tasks=[piqa]", "eval.limit=2",
+        "method=reverse_prune", f"method.ratio={ratios}", "eval.tasks=[piqa]", "eval.limit=2",
         "calib.max_length=32", f"data_root={data_root}", f"paths.output_root={out}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+
+
+def test_a_full_disk_stops_a_sweep_with_its_summary(tmp_path, data_root):
+    """The second job of three finds the disk full: it is recorded as failed, the sweep stops
+    there (the third would fail the same way) with its summary, exit 1, no traceback."""
+    out = tmp_path / "out"
+    done = sweep_with_site(tmp_path, data_root, SITE_FULL_DISK, "0.25,0.5,0.75", out)
     assert done.returncode == 1, done.stdout[-3000:]
     assert "Traceback" not in done.stdout
     assert "sweep stopped at job 1: the disk is full (DiskFull: no space left on device " in (
@@ -566,18 +574,8 @@ shutil.disk_usage = _usage
 def test_a_disk_that_fills_between_jobs_stops_the_sweep_with_its_summary(tmp_path, data_root):
     """The first job finishes, the disk is then full: the sweep stops before Hydra writes the
     next job's directory (which would fail with a traceback), with one summary, exit 1."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE_DISK_FILLS)
     out = tmp_path / "out"
-    args = [
-        sys.executable, "run.py", "-m", "model=tiny_llama", "logger=none",
-        "method=reverse_prune", "method.ratio=0.25,0.5", "eval.tasks=[piqa]", "eval.limit=2",
-        "calib.max_length=32", f"data_root={data_root}", f"paths.output_root={out}",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    done = sweep_with_site(tmp_path, data_root, SITE_DISK_FILLS, "0.25,0.5", out)
     assert done.returncode == 1, done.stdout[-3000:]
     assert "Traceback" not in done.stdout
     assert (f"sweep stopped at job 0: the disk is full (paths.records_dir='{out}': only 0.02 MB "

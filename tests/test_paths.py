@@ -31,18 +31,6 @@ def writes_anything() -> bool:
 ROOT_USER = writes_anything()
 
 
-class ModelLoaded(Exception):
-    pass
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise ModelLoaded("the model was loaded before the bad path was found")
-
-    monkeypatch.setattr(pipeline, "load_session", refuse)
-
-
 def error_of(tmp_path: Path, data_root: Path, *overrides: str) -> str:
     cfg = compose_config(["method=reverse_prune", "eval.tasks=[piqa]", *overrides], tmp_path,
                          data_root)  # fmt: skip
