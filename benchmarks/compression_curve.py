@@ -56,7 +56,7 @@ def model_overrides(model: str, gguf: bool) -> list[str]:
 
 
 def load_for_eval(model: str, gguf: bool):
-    from mka_exp.models import build_random_model, load_pretrained
+    from mka_exp.models.loading import build_random_model, load_pretrained
 
     if model == "tiny_llama":
         return build_random_model(name="tiny_llama", device="cpu")
@@ -89,7 +89,7 @@ import json, time
 t0 = time.perf_counter()
 import torch, transformers, lm_eval.evaluator, hydra, mka_exp.pipeline
 t1 = time.perf_counter()
-from mka_exp.evaluation import known_tasks
+from mka_exp.evaluation.harness import known_tasks
 known_tasks()
 print(json.dumps({"imports": t1 - t0, "task_index": time.perf_counter() - t1}))
 """
@@ -113,7 +113,7 @@ def records(root: Path) -> list[dict]:
 
 def evaluations_alone(args, counts: list[int]) -> list[float]:
     """evaluate() on copies of the dense model with the last k layers removed; seconds each."""
-    from mka_exp.evaluation import evaluate, known_tasks
+    from mka_exp.evaluation.harness import evaluate, known_tasks
     from mka_exp.layers import num_layers, remove_layers
 
     lm = load_for_eval(args.model, args.gguf)

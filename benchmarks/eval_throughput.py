@@ -3,7 +3,7 @@
     python benchmarks/eval_throughput.py [--random-model] [--tasks piqa hellaswag] [--limit 20]
                                          [--batch-size 16] [--repeats 1] [--threads 0] [--profile]
 
-(a) lm-eval: `mka_exp.evaluation.evaluate(model, tokenizer, tasks, limit, batch_size)`, timed as
+(a) lm-eval: `mka_exp.evaluation.harness.evaluate(model, tokenizer, tasks, limit, batch_size)`, timed as
     a whole (task building from the offline mirror, tokenization, batching, forward passes,
     log-softmax, scoring, metric aggregation). lm-eval's task index (~10 s, built once per
     process) and one untimed warm-up call (it also builds the tasks, which later calls with the
@@ -58,7 +58,9 @@ class Recorder:
         self.batches: list[torch.Tensor] = []
         self.scored_tokens = 0
         self.forward_s = 0.0
-        self.build_s = 0.0  # inside mka_exp.evaluation.load_tasks (lm-eval builds the tasks)
+        self.build_s = (
+            0.0  # inside mka_exp.evaluation.harness.load_tasks (lm-eval builds the tasks)
+        )
         self._start = 0.0
         self.handles = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -81,10 +83,10 @@ class Recorder:
 @contextlib.contextmanager
 def instrument(recorder: Recorder):
     """Wrap lm-eval's `pad_and_concat` (HFLM builds each batch with it) to count unpadded rows,
-    and `mka_exp.evaluation.load_tasks` to time task building."""
+    and `mka_exp.evaluation.harness.load_tasks` to time task building."""
     import lm_eval.models.huggingface as hf
 
-    import mka_exp.evaluation as ev
+    import mka_exp.evaluation.harness as ev
 
     pad_and_concat, load_tasks = hf.pad_and_concat, ev.load_tasks
 
@@ -108,7 +110,7 @@ def instrument(recorder: Recorder):
 
 def run_lm_eval(model, tokenizer, args, profile: bool = False, share_prefix: bool = False):
     """One timed evaluate() call with recording; returns (seconds, recorder, metrics, stats)."""
-    from mka_exp.evaluation import evaluate
+    from mka_exp.evaluation.harness import evaluate
 
     recorder = Recorder(model)
     profiler = cProfile.Profile() if profile else None
@@ -171,8 +173,8 @@ def way(name: str):
     """Make `evaluate(share_prefix=...)` build the LM of one of WAYS; record its requests."""
     import lm_eval.models.huggingface as hf
 
-    import mka_exp.prefix_cache as pc
-    from mka_exp.shared_prefix import SharedPrefixHFLM
+    import mka_exp.evaluation.prefix_cache as pc
+    from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM
 
     seen: list = []
     cls = {"plain HFLM": hf.HFLM, "shared contexts": SharedPrefixHFLM}.get(name, pc.PrefixCacheHFLM)
@@ -205,8 +207,8 @@ def way(name: str):
 
 def unpadded_tokens(name: str, seen: list) -> int:
     """Tokens each way runs without its padding, from the requests it got."""
-    from mka_exp.prefix_cache import build_tree, tree_tokens
-    from mka_exp.shared_prefix import group_by_prefix
+    from mka_exp.evaluation.prefix_cache import build_tree, tree_tokens
+    from mka_exp.evaluation.shared_prefix import group_by_prefix
 
     total = 0
     for lm, reqs in seen:
@@ -223,7 +225,7 @@ def unpadded_tokens(name: str, seen: list) -> int:
 
 def request_counts(seen: list) -> tuple[int, int, int]:
     """(requests, tokens requested, bound: tokens of the fully split radix tree)."""
-    from mka_exp.prefix_cache import build_tree, requested_tokens, tree_tokens
+    from mka_exp.evaluation.prefix_cache import build_tree, requested_tokens, tree_tokens
 
     n = asked = bound = 0
     for lm, reqs in seen:
@@ -245,7 +247,7 @@ def load_named(name: str):
 
 
 def compare_prefix_cache(args) -> None:
-    from mka_exp.evaluation import evaluate
+    from mka_exp.evaluation.harness import evaluate
 
     for model_name, mmlu_limit in zip(args.models, args.mmlu_limits, strict=True):
         lm = load_named(model_name)
@@ -360,7 +362,7 @@ def main() -> None:
         compare_prefix_cache(args)
         return
 
-    from mka_exp.evaluation import evaluate, known_tasks
+    from mka_exp.evaluation.harness import evaluate, known_tasks
 
     lm = load_model(args.random_model)
     model, tokenizer = lm.model, lm.tokenizer

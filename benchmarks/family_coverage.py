@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mka_exp import pipeline, saving  # noqa: E402
+from mka_exp import pipeline  # noqa: E402
+from mka_exp.models import saving  # noqa: E402
 
 ALG1 = "method=mka method.pairing=most_similar method.lam=paper method.scope=all"
 CUT = "method.ratio=null method.num_layers=2"

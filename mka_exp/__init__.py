@@ -2,5 +2,5 @@
 
 # The config's run directories use ${unique:}; registering it here means every way of composing
 # the config (run.py, Hydra's compose API in a notebook or a test) resolves it, not only runs
-# that happened to import mka_exp.sweep first.
-from mka_exp import sweep as _sweep  # noqa: F401  (registers the resolver)
+# that happened to import mka_exp.sweep.callbacks first.
+from mka_exp.sweep import callbacks as _sweep  # noqa: F401  (registers the resolver)

@@ -23,7 +23,7 @@ from typing import Any
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
 # Groups without a `_target_` whose settings are a function's parameters (the pipeline passes
 # them as plain arguments), and the arguments the pipeline passes itself.
-READERS = {"eval": "mka_exp.evaluation.evaluate"}
+READERS = {"eval": "mka_exp.evaluation.harness.evaluate"}
 PASSED = {"eval": {"model", "tokenizer"}, "calib": {"tokenizer"}}
 
 

@@ -147,7 +147,7 @@ def check_eval_data(
     if not tasks:
         return
     from mka_exp.data import offline_datasets
-    from mka_exp.evaluation import (
+    from mka_exp.evaluation.harness import (
         built_tasks,
         quiet_lm_eval,
         resolve_fewshot,
@@ -299,7 +299,7 @@ def check_device(device: Any) -> None:
 
 def check_model_source(model: dict[str, Any]) -> None:
     """A pretrained model's source: one of path or wheel, and a local path is a model."""
-    from mka_exp.models import check_source
+    from mka_exp.models.loading import check_source
 
     if str(model.get("_target_")).endswith(".load_pretrained"):
         check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
@@ -342,7 +342,7 @@ def model_layers(model: dict[str, Any]) -> int | None:
     """The layer count a model config will load, read without its weights (None: unknown)."""
     import inspect
 
-    from mka_exp import models
+    from mka_exp.models import loading as models
 
     target = str(model.get("_target_"))
     if target.endswith(".build_random_model"):

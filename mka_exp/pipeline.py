@@ -29,15 +29,17 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mka_exp import claims, results, sweep
-from mka_exp.evaluation import evaluate_with_samples
+from mka_exp.evaluation.harness import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
-from mka_exp.models import check_finite
+from mka_exp.models.loading import check_finite
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.repair.none import NoRepair
-from mka_exp.samples import write_samples
+from mka_exp.results import claims
+from mka_exp.results import records as results
+from mka_exp.results.samples import write_samples
+from mka_exp.sweep import callbacks as sweep
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, Run
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Entry point behind `@hydra.main`: one line and exit code 2 on bad input. In a multirun a
     failed job is reported (its error line and overrides) and the sweep goes on; the sweep exits
-    1 at its end with a summary (`mka_exp.sweep.FailureSummary`). A full disk stops a curve (and
+    1 at its end with a summary (`mka_exp.sweep.callbacks.FailureSummary`). A full disk stops a curve (and
     a sweep, with its summary): exit 1. SIGTERM (Slurm's time limit, preemption, scancel) and
     SIGINT abandon the point being computed: one line, exit 128 + the signal (143, 130)."""
     with stop_on_signals():
@@ -216,8 +218,8 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp import canonical, checks
     from mka_exp.calibration import check_against_eval
     from mka_exp.data import check_data_root
-    from mka_exp.evaluation import check_sample_seed
-    from mka_exp.models import DTYPES
+    from mka_exp.evaluation.harness import check_sample_seed
+    from mka_exp.models.loading import DTYPES
     from mka_exp.tracking import WANDB_MODES
 
     checks.check_missing(OmegaConf.missing_keys(cfg))
@@ -336,7 +338,7 @@ def resume_points(
     cfg: DictConfig, configs: list[DictConfig], points: list[Point], records_dir: Path
 ) -> list[dict[str, Any]]:
     """The records of the points, computing those not recorded yet (see `run_points`). A point
-    another run has claimed is skipped and waited for at the end (`mka_exp/claims.py`), or at the
+    another run has claimed is skipped and waited for at the end (`mka_exp/results/claims.py`), or at the
     sweep's end for a job of the basic launcher (None in its place); one whose claim is abandoned
     meanwhile is computed here after all (the model is loaded again)."""
     done = recorded_points(cfg, points, records_dir)
@@ -637,7 +639,7 @@ def measure_point(
     }
     if point.cfg.save:
         with watch.stage("save"):
-            from mka_exp.saving import save_compressed
+            from mka_exp.models.saving import save_compressed
 
             model_dir = point.output_dir / "model"
             record["bytes_on_disk"] = save_compressed(target, session.tokenizer, model_dir)
@@ -660,7 +662,7 @@ def save_artifacts(
     merged pairs (MKA's `merges`) marked."""
     import numpy as np
 
-    from mka_exp.plots import merge_marks, similarity_heatmap
+    from mka_exp.results.plots import merge_marks, similarity_heatmap
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, matrix in artifacts.items():

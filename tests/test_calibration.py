@@ -15,8 +15,8 @@ from mka_exp.calibration import (
     tokenize,
 )
 from mka_exp.data import MMLU_SUBJECTS, load_split
-from mka_exp.models import train_tokenizer
-from mka_exp.results import config_hash
+from mka_exp.models.loading import train_tokenizer
+from mka_exp.results.records import config_hash
 from tests.helpers import CONF, compose_config
 
 

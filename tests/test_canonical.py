@@ -12,8 +12,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from mka_exp import canonical, pipeline, results
+from mka_exp import canonical, pipeline
 from mka_exp.checks import ConfigError
+from mka_exp.results import records as results
 from tests.helpers import CONF, REPO_ROOT, compose_config
 
 EVIDENCE = sorted((REPO_ROOT / "docs" / "evidence").glob("*/records/*.json"))
@@ -64,7 +65,7 @@ def test_a_new_parameter_of_a_component_is_readable_at_once(monkeypatch):
     def evaluate(model, tokenizer, tasks, limit=None, sample_seed=None):
         return {}
 
-    monkeypatch.setattr("mka_exp.evaluation.evaluate", evaluate)
+    monkeypatch.setattr("mka_exp.evaluation.harness.evaluate", evaluate)
     config = {"eval": {"tasks": ["piqa"], "limit": 2, "sample_seed": 3}}
     canonical.check_known_keys(config, CONF)  # no error
     with pytest.raises(ConfigError, match="eval.batch_size=8: evaluate has no setting"):

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mka_exp import pipeline
-from mka_exp.results import load_record, read_table
+from mka_exp.results.records import load_record, read_table
 from tests.helpers import REPO_ROOT, compose_config
 
 SHRINK = ["eval.tasks=[piqa]", "eval.limit=6"]
@@ -124,7 +124,7 @@ def test_skipped_run_copies_its_record_into_its_run_dir(tmp_path, data_root):
 
 def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
     """The date/time prefix stays; a random suffix (drawn once per config) keeps them apart."""
-    import mka_exp.sweep  # noqa: F401  (what Hydra imports for hydra.callbacks: ${unique:})
+    import mka_exp.sweep.callbacks  # noqa: F401  (what Hydra imports for hydra.callbacks: ${unique:})
 
     def frozen(pattern: str) -> str:  # both runs start in the same second
         return datetime.datetime(2026, 1, 2, 3, 4, 5).strftime(pattern)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mka_exp.data import MMLU_SUBJECTS
-from mka_exp.evaluation import (
+from mka_exp.evaluation.harness import (
     check_limit,
     check_sample_seed,
     draw_examples,
@@ -150,7 +150,7 @@ def test_flatten_results():
 def test_tasks_are_built_once_and_prompt_alike(tiny, data_root, monkeypatch):
     """A second call reuses the built tasks (no data read) and sends the very same prompts,
     few-shot examples included, as the first."""
-    import mka_exp.evaluation as evaluation
+    import mka_exp.evaluation.harness as evaluation
 
     monkeypatch.setattr(evaluation, "BUILT_TASKS", {})
     builds = []
@@ -202,7 +202,7 @@ def test_bad_sample_seed_stops_before_the_model_loads(tmp_path, data_root, monke
 @pytest.fixture
 def piqa_mmlu(data_root):
     from mka_exp.data import offline_datasets
-    from mka_exp.evaluation import built_tasks
+    from mka_exp.evaluation.harness import built_tasks
 
     with offline_datasets(data_root):
         return built_tasks(["piqa", "mmlu"], {}, 1234, data_root)
@@ -229,8 +229,8 @@ def test_seeded_runs_evaluate_the_drawn_examples(tiny, data_root, piqa_mmlu):
     of the document at its doc_id (lm-eval mapped the draw back correctly)."""
     from lm_eval.utils import handle_non_serializable, hash_string
 
-    from mka_exp import samples
-    from mka_exp.evaluation import evaluate_with_samples
+    from mka_exp.evaluation.harness import evaluate_with_samples
+    from mka_exp.results import samples
 
     kwargs = dict(tasks=["piqa", "mmlu_anatomy"], limit=4, data_root=data_root, sample_seed=11)
     (flat, one), (_, two) = (
@@ -258,7 +258,7 @@ def test_sample_seed_null_keeps_every_committed_evidence_hash(data_root):
     """The key arrived after the evidence: null must leave each record's hash its own key."""
     from pathlib import Path
 
-    from mka_exp.results import config_hash
+    from mka_exp.results.records import config_hash
 
     paths = sorted(Path(__file__).parents[1].glob("docs/evidence/*/records/*.json"))
     assert paths

@@ -15,7 +15,7 @@ from mka_exp.activations import capture_hidden_states
 from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, merge_layers, remove_layers
 from mka_exp.methods.mka import MKA
-from mka_exp.models import build_random_model, load_pretrained
+from mka_exp.models.loading import build_random_model, load_pretrained
 
 pytestmark = [
     pytest.mark.gpu,
@@ -149,7 +149,7 @@ def piqa_root() -> Path | None:
 
 
 def test_lm_eval_on_cuda_shared_prefix_equals_hflm():
-    from mka_exp.evaluation import evaluate
+    from mka_exp.evaluation.harness import evaluate
 
     root = piqa_root()
     if root is None:

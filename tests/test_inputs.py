@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mka_exp import models, pipeline, results
-from mka_exp.models import NonFiniteWeights, check_finite
+from mka_exp import pipeline
+from mka_exp.models import loading as models
+from mka_exp.models.loading import NonFiniteWeights, check_finite
+from mka_exp.results import records as results
 from tests.helpers import REPO_ROOT, compose_config
 
 EVIDENCE = sorted(REPO_ROOT.glob("docs/evidence/*/records/*.json"))
@@ -436,7 +438,7 @@ def test_a_link_cycle_ends(tmp_path):
 def test_the_shared_mirror_keeps_its_fingerprint(data_root, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="mka_exp.results")
+    caplog.set_level(logging.INFO, logger="mka_exp.results.records")
     results.say_covered.cache_clear()
     assert results.data_fingerprint(str(data_root)) == rglob_fingerprint(data_root)
     assert f"data_root={data_root}: fingerprint" in caplog.text

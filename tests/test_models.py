@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mka_exp import models
-from mka_exp.models import package_name
+from mka_exp.models import loading as models
+from mka_exp.models.loading import package_name
 from tests.helpers import CONF
 
 

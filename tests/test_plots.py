@@ -8,7 +8,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.patches import Rectangle
 
 from mka_exp.pipeline import save_artifacts
-from mka_exp.plots import heatmap_figure, merge_marks, similarity_heatmap
+from mka_exp.results.plots import heatmap_figure, merge_marks, similarity_heatmap
 
 
 def matrix(n: int = 6, seed: int = 0) -> np.ndarray:

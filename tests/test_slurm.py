@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mka_exp.squeue_fallback import GONE, SqueueFallbackWatcher
+from mka_exp.sweep.squeue_fallback import GONE, SqueueFallbackWatcher
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (0.25, 0.5, 0.75)
@@ -182,7 +182,7 @@ def test_squeue_fallback_gives_states_and_ends_jobs_that_left_the_queue(
     jobs = ["7_0", "7_1", "7_2", "7_3", "5_0"]
     for job in jobs:
         watcher.register_job(job)
-    with caplog.at_level("INFO", logger="mka_exp.squeue_fallback"):
+    with caplog.at_level("INFO", logger="mka_exp.sweep.squeue_fallback"):
         watcher.update()
         watcher.update()
     states = {job: watcher.get_state(job, mode="cache") for job in jobs}
@@ -214,4 +214,6 @@ def test_slurm_gpus_come_from_the_environment(monkeypatch, env, gpus):
     """A CPU partition asks for no GPU with MKA_EXP_SLURM_GPUS_PER_NODE=null."""
     hydra = slurm_launcher(monkeypatch, env)
     assert hydra.launcher.gpus_per_node == gpus
-    assert hydra.callbacks.squeue_fallback._target_ == "mka_exp.squeue_fallback.SqueueFallback"
+    assert (
+        hydra.callbacks.squeue_fallback._target_ == "mka_exp.sweep.squeue_fallback.SqueueFallback"
+    )

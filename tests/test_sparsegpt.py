@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
 from mka_exp.methods.sparsegpt import SparseGPT
-from mka_exp.models import build_random_model
+from mka_exp.models.loading import build_random_model
+from mka_exp.models.saving import save_compressed
 from mka_exp.quantizers.accounting import zero_fraction
-from mka_exp.saving import save_compressed
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [

@@ -3,7 +3,7 @@
 Each class takes plain arguments (bits, group size, ...), builds an llm-compressor recipe, and
 quantizes the model in place on the calibration set. The model afterwards carries
 compressed-tensors quantization schemes: its forward pass fake-quantizes (so lm-eval sees the
-quantized model), and `mka_exp.saving.save_compressed` writes a packed compressed-tensors
+quantized model), and `mka_exp.models.saving.save_compressed` writes a packed compressed-tensors
 checkpoint that `AutoModelForCausalLM.from_pretrained` reloads.
 
 **SmoothQuant** (Xiao et al., 2022, https://arxiv.org/abs/2211.10438). Activations of LLMs have a

@@ -13,7 +13,7 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
   method and variant (Fig. 2)
 - `heatmaps/*.png`  every `similarity_*.npy` found under the outputs dir (Fig. 3)
 - `report.md`  an index of all of the above
-- from an outputs dir, per-example records (`mka_exp.samples`) give `accuracy_intervals.csv`
+- from an outputs dir, per-example records (`mka_exp.results.samples`) give `accuracy_intervals.csv`
   (95 % interval on every accuracy), `paired_differences.csv` (each compressed run minus the
   baseline: `--baseline METHOD`, default the best pruning run at the same layer count, chosen by
   cross-fitting; Newcombe or bootstrap interval, McNemar exact p, MDE),

@@ -33,7 +33,7 @@ from mka_exp.report.loading import (
     run_label,
 )
 from mka_exp.report.sensitivity import ID_COLUMNS, calibration_sensitivity, one_answer_runs
-from mka_exp.results import NON_RESULT_KEYS, without_keys
+from mka_exp.results.records import NON_RESULT_KEYS, without_keys
 
 PRUNING_METHODS = registry.of_family("pruning")  # the default baseline: the best of these
 MERGING_METHODS = registry.of_family("merging")  # what "does merging beat pruning?" compares

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from mka_exp import samples as samples_mod
 from mka_exp.report import stats
 from mka_exp.report.analysis import PRUNING_METHODS, Boot, Stats, compute_stats
 from mka_exp.report.declared import load_declaration
@@ -31,6 +30,7 @@ from mka_exp.report.tables import (
     with_intervals,
     write_tables,
 )
+from mka_exp.results import samples as samples_mod
 
 
 @dataclass

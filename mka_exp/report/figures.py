@@ -14,9 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mka_exp.methods import registry
-from mka_exp.plots import similarity_heatmap
 from mka_exp.report.analysis import CHANCE
 from mka_exp.report.loading import TASKS
+from mka_exp.results.plots import similarity_heatmap
 
 # ---------------------------------------------------------------- figures
 

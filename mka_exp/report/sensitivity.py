@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mka_exp.report.loading import column_order
-from mka_exp.results import config_hash, without_keys
+from mka_exp.results.records import config_hash, without_keys
 
 CALIB_SEED = "calib.seed"
 ID_COLUMNS = ["config_hash", "model", "quantizer", "method", "variant", "layers_before"]

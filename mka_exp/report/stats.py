@@ -2,7 +2,7 @@
 
 At 200 examples one accuracy has a standard error of about 0.035, so a table of point estimates
 cannot say whether two methods differ. This module gives, from the 0/1 outcomes of
-`mka_exp.samples`:
+`mka_exp.results.samples`:
 
 - `wilson`: a 95 % Wilson score interval for one accuracy (scipy's `binomtest(...).proportion_ci`).
 - `macro_interval`: for a macro average over subjects (MMLU as the paper reports it), a percentile

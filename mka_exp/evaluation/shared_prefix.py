@@ -14,7 +14,7 @@ left truncation, the scored positions and the `(sum log p, is_greedy)` answers a
 `tests/test_shared_prefix.py` checks the answers against `HFLM` itself. Only decoder-only models
 are handled here; anything else (and `loglikelihood_rolling`'s windows) takes lm-eval's path.
 
-`eval.share_prefix=true` now builds `mka_exp.prefix_cache.PrefixCacheHFLM`, which subclasses this
+`eval.share_prefix=true` now builds `mka_exp.evaluation.prefix_cache.PrefixCacheHFLM`, which subclasses this
 and also shares prefixes between contexts (few-shot examples); this class stays as its base and
 as the "shared contexts" baseline of `benchmarks/eval_throughput.py --prefix-cache`.
 """

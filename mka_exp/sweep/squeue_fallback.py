@@ -15,7 +15,7 @@ which source is used. Import cost: submitit only, no torch.
     hydra:
       callbacks:
         squeue_fallback:
-          _target_: mka_exp.squeue_fallback.SqueueFallback
+          _target_: mka_exp.sweep.squeue_fallback.SqueueFallback
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mka_exp import results
+from mka_exp.results import records as results
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mka_exp import results
+from mka_exp.results import records as results
 
 COLUMNS = ("task", "subtask", "doc_id", "doc_hash", "prompt_hash", "target", "pred")
 COLUMNS += ("acc", "acc_norm", "filter", "choice_ll", "choice_len")

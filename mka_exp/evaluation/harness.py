@@ -53,7 +53,9 @@ MACRO_METRICS = ("acc", "acc_norm")
 CPU_AUTO_BATCH_SIZE = 8
 BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
 MAX_BUILT_TASKS = 4
-PREFIX_CACHE_TOKENS = 16384  # defaults of mka_exp.prefix_cache (imported lazily: it loads lm-eval)
+PREFIX_CACHE_TOKENS = (
+    16384  # defaults of mka_exp.evaluation.prefix_cache (imported lazily: it loads lm-eval)
+)
 PREFIX_MIN_SHARED = 16
 # lm-eval warns about these on every call with an in-memory model, which is what we intend.
 EXPECTED_WARNINGS = (
@@ -97,8 +99,8 @@ def evaluate_with_samples(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], **kwargs: Any
 ) -> tuple[dict[str, float], Any]:
     """`evaluate` (same keyword arguments) plus lm-eval's per-example outcomes, as the rows of
-    `mka_exp.samples` (a DataFrame; empty when there are no tasks)."""
-    from mka_exp.samples import from_lm_eval
+    `mka_exp.results.samples` (a DataFrame; empty when there are no tasks)."""
+    from mka_exp.results.samples import from_lm_eval
 
     flat, results, names, task_dict = scored(
         model, tokenizer, tasks, **{**kwargs, "log_samples": True}
@@ -129,7 +131,7 @@ def scored(
     tasks (lm-eval's `TaskManager.load` dict)."""
     if not tasks:
         return {}, {}, {}, {}
-    from mka_exp.prefix_cache import check_options as check_prefix_cache
+    from mka_exp.evaluation.prefix_cache import check_options as check_prefix_cache
 
     start = time.perf_counter()
     check_limit(limit)
@@ -182,7 +184,7 @@ def lm_eval_run(
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
-    from mka_exp.prefix_cache import PrefixCacheHFLM
+    from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
 
     limit = check_limit(limit)
     check_sample_seed(sample_seed, limit)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from mka_exp.checks import check_positive
-from mka_exp.shared_prefix import Request, SharedPrefixHFLM, group_by_prefix
+from mka_exp.evaluation.shared_prefix import Request, SharedPrefixHFLM, group_by_prefix
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ logs which jobs failed and why, and exits with status 1. It reads files rather t
 so it works the same with the basic launcher and the submitit (local, Slurm) launchers, whose
 jobs run in other processes.
 
-Sweeps that share an output root share work (`mka_exp/claims.py`): a job of the basic launcher
+Sweeps that share an output root share work (`mka_exp/results/claims.py`): a job of the basic launcher
 whose points other runs are computing is deferred (`deferred.json` in its directory) and run by
 `FailureSummary` at the sweep's end, after the other jobs; it then waits for those points, or
 computes them if their claims were abandoned.
@@ -26,7 +26,7 @@ Example (conf/config.yaml)::
     hydra:
       callbacks:
         failures:
-          _target_: mka_exp.sweep.FailureSummary
+          _target_: mka_exp.sweep.callbacks.FailureSummary
       run:
         dir: ${paths.output_root}/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}-${unique:}
 """
@@ -73,7 +73,7 @@ def stop_sweep_on_full_disk_in_hydra() -> None:
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not in_multirun():
                 raise
-            from mka_exp.results import free_space
+            from mka_exp.results.records import free_space
 
             path = Path(output_dir) / filename
             stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
