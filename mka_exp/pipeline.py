@@ -29,6 +29,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mka_exp import job
 from mka_exp.evaluation.harness import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -39,7 +40,6 @@ from mka_exp.repair.none import NoRepair
 from mka_exp.results import claims
 from mka_exp.results import records as results
 from mka_exp.results.samples import write_samples
-from mka_exp.sweep import callbacks as sweep
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ def failed(cfg: DictConfig, err: Exception) -> None:
     full = isinstance(err, results.DiskFull)
     expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
     if full:
-        sweep.quiet_log_file_errors()
-    line = sweep.error_line(err)
-    if sweep.in_multirun():
-        sweep.job_failed(Path(cfg.paths.output_dir), line, err, expected)
+        job.quiet_log_file_errors()
+    line = job.error_line(err)
+    if job.in_multirun():
+        job.job_failed(Path(cfg.paths.output_dir), line, err, expected)
         if full:  # every later job would fail the same way (or die in Hydra's own writes)
-            sweep.stop_sweep(f"the disk is full ({line})")
+            job.stop_sweep(f"the disk is full ({line})")
         return None
     if not expected:
         raise err
@@ -190,7 +190,7 @@ def settle_amount(cfg: DictConfig) -> None:
     method = cfg.method
     if method.get("num_layers") is None or method.get("ratio") is None:
         return
-    given = {o.lstrip("+~").split("=", 1)[0] for o in sweep.job_overrides()}
+    given = {o.lstrip("+~").split("=", 1)[0] for o in job.job_overrides()}
     if {"method.ratio", "method.num_layers"} <= given or cfg.get("curve"):
         what = f"curve={list(cfg.curve)}" if cfg.get("curve") else f"method.ratio={method.ratio}"
         raise ValueError(
@@ -352,9 +352,11 @@ def resume_points(
             compute_guarded(cfg, configs, points, done, held if share else None)
         waiting = [p for p in points if not done[p.key]]
         labels = {p.key: p.label for p in points}
-        if waiting and sweep.defers():  # the sweep's other jobs first (`sweep.finish_deferred`)
+        if (
+            waiting and job.defers()
+        ):  # the sweep's other jobs first (`sweep/callbacks.finish_deferred`)
             config = OmegaConf.to_container(cfg, resolve=True)
-            sweep.defer(Path(cfg.paths.output_dir), config, [labels[p.key] for p in waiting])
+            job.defer(Path(cfg.paths.output_dir), config, [labels[p.key] for p in waiting])
             return [done[p.key] for p in points]
         held.wait_for([p.key for p in waiting], labels)
     for point in waiting:
@@ -378,7 +380,7 @@ def compute_guarded(
     except Exception as err:  # each unfinished point is marked; the next resume retries it
         others = set(held.busy(p.key for p in points)) if held else set()
         unfinished = [p for p in points if not done[p.key] and p.key not in finished | others]
-        mark_failed(records_dir, unfinished, sweep.error_line(err))
+        mark_failed(records_dir, unfinished, job.error_line(err))
         if isinstance(err, results.DiskFull):
             raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
                                    "space, then run the same command again (finished points "
