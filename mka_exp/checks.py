@@ -22,10 +22,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mka_exp.data import MMLU_SUBJECTS, check_data_root, mirror_dir, read_jsonl
-
-LOCAL_TEXT = (".jsonl", ".json", ".txt")  # calib.path suffixes read as local files
-MMLU_SPLITS = ("dev", "validation", "test")
 MISSING_HINTS = {
     "calib.path": "a hub dataset id (calib.path=wikitext calib.name=wikitext-2-raw-v1) "
     "or a local .jsonl/.txt file",
@@ -368,73 +364,3 @@ def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any])
         layers_to_remove(total, ratio, count)
     if hasattr(method, "check_m"):  # LaCo: m layers merged into one per step
         method.check_m(total)
-
-
-# --- calibration ----------------------------------------------------------------------------
-
-
-def check_calibration(builder: str, settings: dict[str, Any]) -> None:
-    """The settings of calibration builder `builder` (a `mka_exp.calibration` function name),
-    with that function's defaults for keys not given; other builders check themselves."""
-    import inspect
-
-    from mka_exp import calibration
-
-    check = CALIBRATION_CHECKS.get(builder)
-    if check is None:
-        return
-    defaults = inspect.signature(getattr(calibration, builder)).parameters
-    given = {name: settings.get(name, defaults[name].default) for name in defaults}
-    check(**{name: given[name] for name in inspect.signature(check).parameters})
-
-
-def check_mmlu_prompts(
-    split: Any, per_subject: Any, max_length: Any, batch_size: Any, data_root: str | None
-) -> None:
-    """`calibration.mmlu_prompts`' settings, and the mirror's MMLU files when reading one."""
-    if split not in MMLU_SPLITS:
-        raise ValueError(f"calib.split={split!r}: allowed {', '.join(MMLU_SPLITS)}")
-    gather(
-        lambda: check_positive("calib.per_subject", per_subject),
-        lambda: check_positive("calib.max_length", max_length),
-        lambda: check_positive("calib.batch_size", batch_size),
-    )
-    root = check_data_root(data_root)
-    if root is not None:
-        for subject in MMLU_SUBJECTS:
-            file = mirror_dir(root, "cais/mmlu", subject) / f"{split}.jsonl"
-            if not file.exists():
-                raise FileNotFoundError(f"calib.split={split!r}: the mirror lacks {file}")
-            read_jsonl(file)
-
-
-def check_text_dataset(
-    path: Any,
-    field: Any,
-    num_samples: Any,
-    max_length: Any,
-    batch_size: Any,
-) -> None:
-    """`calibration.text_dataset`'s settings; a local file must exist, parse and have `field`."""
-    gather(
-        lambda: check_positive("calib.num_samples", num_samples),
-        lambda: check_positive("calib.max_length", max_length),
-        lambda: check_positive("calib.batch_size", batch_size),
-    )
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"calib.path={path!r}: allowed {MISSING_HINTS['calib.path']}")
-    local = Path(path).expanduser()
-    if local.suffix not in LOCAL_TEXT:
-        return  # a hub dataset (or its mirror), read by `data.load_split`
-    if not local.is_file():
-        raise FileNotFoundError(f"calib.path={path!r}: no such file")
-    if local.suffix != ".txt":
-        for number, row in enumerate(read_jsonl(local), 1):
-            if not isinstance(row, dict) or field not in row:
-                raise ValueError(
-                    f"calib.field={field!r}: row {number} of {local} has no such field "
-                    f"(fields: {', '.join(row) if isinstance(row, dict) else type(row).__name__})"
-                )
-
-
-CALIBRATION_CHECKS = {"mmlu_prompts": check_mmlu_prompts, "text_dataset": check_text_dataset}

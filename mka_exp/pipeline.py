@@ -216,7 +216,7 @@ def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
     setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
     from mka_exp import canonical, checks
-    from mka_exp.calibration import check_against_eval
+    from mka_exp.calibration import check_against_eval, check_calibration
     from mka_exp.data import check_data_root
     from mka_exp.evaluation.harness import check_sample_seed
     from mka_exp.models.loading import DTYPES
@@ -237,7 +237,7 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
         lambda: check_cache_dir(method.get("cache")),
         lambda: check_data_root(c.get("data_root")),
-        lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
+        lambda: check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
         lambda: checks.check_model_source(model),
         lambda: check_against_eval(calib, ev),
         lambda: checks.check_device(model.get("device", "auto")),
