@@ -15,11 +15,8 @@ whose points other runs are computing is deferred (`deferred.json` in its direct
 `FailureSummary` at the sweep's end, after the other jobs; it then waits for those points, or
 computes them if their claims were abandoned.
 
-Importing this module registers the `${unique:}` resolver used in `hydra.run.dir` and
-`hydra.sweep.dir`: six random hex digits, drawn once per config (cached, and copied with the
-config to submitit jobs), after the date and time, so runs started in the same second get
-directories of their own. Hydra imports the module when it instantiates the callback, before
-it resolves the run directory.
+The `${unique:}` resolver of the run directories is `mka_exp/resolvers.py` (registered when
+`mka_exp` is imported).
 
 Example (conf/config.yaml)::
 
@@ -36,7 +33,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,10 +51,6 @@ from mka_exp.job import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def unique_suffix() -> str:
-    return secrets.token_hex(3)
 
 
 def stop_sweep_on_full_disk_in_hydra() -> None:
@@ -88,8 +80,6 @@ def stop_sweep_on_full_disk_in_hydra() -> None:
 
 stop_sweep_on_full_disk_in_hydra()
 
-if not OmegaConf.has_resolver("unique"):
-    OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True)
 
 
 class OutputRootCheck(Callback):
