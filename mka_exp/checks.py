@@ -178,11 +178,6 @@ def lacks_shots(task: Any) -> bool:
 # --- logger, paths --------------------------------------------------------------------------
 
 
-def check_logger_mode(mode: str | None, allowed: tuple[str, ...]) -> None:
-    if mode is not None and mode not in allowed:
-        raise ValueError(f"logger.mode={mode!r}: allowed {', '.join(allowed)}")
-
-
 def check_writable_dir(key: str, path: str) -> None:
     """`path` is, or can be made, a directory this process writes into (nothing is created)."""
     target = Path(path).expanduser().absolute()

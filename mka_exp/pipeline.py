@@ -11,14 +11,8 @@ finished either way is never computed again (resume), and the records are interc
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import resource
-import signal
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +33,9 @@ from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_cou
 from mka_exp.repair.none import NoRepair
 from mka_exp.results import claims
 from mka_exp.results import records as results
+from mka_exp.results.artifacts import print_summary, record_images, save_artifacts
 from mka_exp.results.samples import write_samples
+from mka_exp.runtime import Interrupted, Stopwatch, peak_memory, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -80,46 +76,6 @@ def failed(cfg: DictConfig, err: Exception) -> None:
     raise SystemExit(1 if full else 2) from None
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt: no `except Exception`
-    on its way marks the abandoned point as failed."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.progress = "no point of this run was recorded"
-
-    def line(self) -> str:
-        return (
-            f"{self}: stopped; the point being computed was abandoned, nothing of it recorded; "
-            f"{self.progress}. Resume: run the same command again (finished points are skipped)"
-        )
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT raise `Interrupted` in the main thread; a second one while stopping is
-    ignored, so the stop stays one line."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
 def progress(points: list[Point], records_dir: Path) -> str:
     """Which points are recorded and which are not, read from the records on disk."""
     done = [p for p in points if results.record_path(records_dir, p.key).exists()]
@@ -130,29 +86,6 @@ def progress(points: list[Point], records_dir: Path) -> str:
         return head + (f" ({points[0].key})" if done else "")
     return head + (f": {labels(done)}" if done else "") + (f"; not done: {labels(todo)}" if todo
                                                             else "")  # fmt: skip
-
-
-class Stopwatch:
-    """Seconds per pipeline stage (the latest run of each stage)."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        log.info("stage %s ...", name)
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
-        log.info("stage %s done in %.1f s", name, self.timings[name])
-
-
-def peak_memory() -> dict[str, int]:
-    """Peak process RSS, and peak CUDA memory when a GPU was used."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
-    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    return {"peak_memory_bytes": gpu or rss, "peak_rss_bytes": rss, "peak_gpu_bytes": gpu}
 
 
 def method_name(cfg: DictConfig) -> str:
@@ -220,7 +153,7 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp.data import check_data_root
     from mka_exp.evaluation.harness import check_sample_seed
     from mka_exp.models.loading import DTYPES
-    from mka_exp.tracking import WANDB_MODES
+    from mka_exp.tracking import WANDB_MODES, check_logger_mode
 
     checks.check_missing(OmegaConf.missing_keys(cfg))
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -232,7 +165,7 @@ def check_config(cfg: DictConfig) -> None:
         lambda: check_sample_seed(ev.get("sample_seed"), ev["limit"]),
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
         lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
-        lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
+        lambda: check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
         lambda: checks.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
         lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
         lambda: check_cache_dir(method.get("cache")),
@@ -655,39 +588,3 @@ def measure_point(
     record.update(metrics=metrics, timings=dict(watch.timings), **peak_memory())
     record.update(config_hash=point.key, config=point.config, code_version=results.code_version())
     return record
-
-
-def save_artifacts(
-    artifacts: dict[str, Any], output_dir: Path, merges: list[dict] | None = None
-) -> None:
-    """Each matrix a method left behind, as .npy and as a heatmap PNG (paper Fig. 3), with the
-    merged pairs (MKA's `merges`) marked."""
-    import numpy as np
-
-    from mka_exp.results.plots import merge_marks, similarity_heatmap
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name, matrix in artifacts.items():
-        array = np.asarray(matrix)
-        np.save(output_dir / f"{name}.npy", array)
-        marks = merge_marks(name, array, merges)
-        similarity_heatmap(array, output_dir / f"{name}.png", name.replace("_", " "), **marks)
-
-
-def record_images(output_dir: Path) -> dict[str, Path]:
-    return {path.stem: path for path in sorted(output_dir.glob("*.png"))}
-
-
-def print_summary(record: dict[str, Any]) -> None:
-    """The run's results as a small table on stdout."""
-    import pandas as pd
-
-    metrics = {k: v for k, v in record.get("metrics", {}).items() if "stderr" not in k}
-    head = {
-        "model": record["model"],
-        "method": record["method"],
-        "layers": f"{record['layers_before']}→{record['layers_after']}",
-        "params": f"{record['params_before']:,}→{record['params_after']:,}",
-        **{k: round(v, 4) for k, v in metrics.items() if not k.startswith("mmlu_")},
-    }
-    print(pd.DataFrame([head]).to_string(index=False))

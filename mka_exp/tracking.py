@@ -137,3 +137,8 @@ class WandbTracker(NoTracker):
         if self.run is not None:
             self.guarded("finish", self.run.finish)
         self.run = None
+
+
+def check_logger_mode(mode: str | None, allowed: tuple[str, ...]) -> None:
+    if mode is not None and mode not in allowed:
+        raise ValueError(f"logger.mode={mode!r}: allowed {', '.join(allowed)}")

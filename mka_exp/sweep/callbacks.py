@@ -81,7 +81,6 @@ def stop_sweep_on_full_disk_in_hydra() -> None:
 stop_sweep_on_full_disk_in_hydra()
 
 
-
 class OutputRootCheck(Callback):
     """`paths.output_root` and the folder Hydra makes the run (or sweep) directory in, checked
     before Hydra creates it: that happens before the job starts, so the pipeline's checks come
