@@ -23,9 +23,10 @@ accepted: their config fields were checked against transformers' modeling code.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -318,3 +319,65 @@ def merge_layers(model: nn.Module, keep: int, drop: int, lam: float, scope: str 
         raise ValueError(f"keep and drop are both {keep}; a layer cannot merge with itself")
     merge_params(layers[keep], layers[drop], lam, scope)
     remove_layers(model, [drop])
+
+
+# ------------------------------------------------------------------- temporary swaps and hooks
+
+
+class _Skipped(nn.Module):
+    """Stands in for a decoder layer: hands its input on unchanged."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        if hasattr(layer, "attention_type"):  # read by some families' forward
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator[None]:
+    """Temporarily put `replacements[p]` at current position p (None: skip the layer there).
+
+    Positions, and so the config's per-layer lists, stay as they are; the originals come back
+    afterwards, even on error.
+    """
+    layers = decoder_layers(model)
+    saved = {position: layers[position] for position in replacements}
+    try:
+        for position, module in replacements.items():
+            layers[position] = module if module is not None else _Skipped(saved[position])
+        yield
+    finally:
+        for position, module in saved.items():
+            layers[position] = module
+
+
+def with_hidden_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A layer's forward-pre-hook arguments with `hidden` in place of its hidden-states input."""
+    old = args[0] if args else kwargs["hidden_states"]
+    hidden = hidden.to(old.device, old.dtype)
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+@contextlib.contextmanager
+def hooks_removed_after(handles: list) -> Iterator[None]:
+    """Remove the forward hooks in `handles` when the block ends, even on error."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _trimmed(batch: dict, device) -> dict:
+    used = batch["attention_mask"].bool().any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return {name: tensor[:, :width].to(device) for name, tensor in batch.items()}
+
+
+def final_hidden_states(model, batch: dict) -> torch.Tensor:
+    """The decoder stack's output after the final norm, [b, T, D] (what the LM head reads)."""
+    out = model.base_model(**batch, use_cache=False)
+    return out.last_hidden_state

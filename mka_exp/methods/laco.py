@@ -57,14 +57,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import _mergeable, decoder_layers, num_layers, remove_layers
+from mka_exp.layers import (
+    _mergeable,
+    _trimmed,
+    decoder_layers,
+    final_hidden_states,
+    num_layers,
+    remove_layers,
+    swapped_layers,
+)
 from mka_exp.methods.base import (
     LayerMethod,
     LayerTracker,
     check_amount,
     check_counts,
 )
-from mka_exp.methods.sleb import _trimmed, final_hidden_states, swapped_layers
 
 log = logging.getLogger(__name__)
 

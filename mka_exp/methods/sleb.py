@@ -40,7 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mka_exp.activations import activation_key, load_cache, save_cache
-from mka_exp.layers import decoder_layers, num_layers, remove_layers
+from mka_exp.layers import (
+    _Skipped,
+    _trimmed,
+    decoder_layers,
+    final_hidden_states,
+    hooks_removed_after,
+    num_layers,
+    remove_layers,
+    swapped_layers,
+    with_hidden_input,
+)
 from mka_exp.methods.base import LayerMethod, LayerTracker, check_amount, check_counts
 
 log = logging.getLogger(__name__)
@@ -48,55 +58,8 @@ log = logging.getLogger(__name__)
 LOGIT_CHUNK = 2048  # tokens per LM-head call: full [batch, T, vocab] logits would dominate memory
 
 
-class _Skipped(nn.Module):
-    """Stands in for a decoder layer: hands its input on unchanged."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        if hasattr(layer, "attention_type"):  # read by some families' forward
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator[None]:
-    """Temporarily put `replacements[p]` at current position p (None: skip the layer there).
-
-    Positions, and so the config's per-layer lists, stay as they are; the originals come back
-    afterwards, even on error.
-    """
-    layers = decoder_layers(model)
-    saved = {position: layers[position] for position in replacements}
-    try:
-        for position, module in replacements.items():
-            layers[position] = module if module is not None else _Skipped(saved[position])
-        yield
-    finally:
-        for position, module in saved.items():
-            layers[position] = module
-
-
-def with_hidden_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """A layer's forward-pre-hook arguments with `hidden` in place of its hidden-states input."""
-    old = args[0] if args else kwargs["hidden_states"]
-    hidden = hidden.to(old.device, old.dtype)
-    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early (what follows is not needed)."""
-
-
-@contextlib.contextmanager
-def hooks_removed_after(handles: list) -> Iterator[None]:
-    """Remove the forward hooks in `handles` when the block ends, even on error."""
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _feeding(module: nn.Module, inputs: list[torch.Tensor] | None) -> list:
@@ -107,18 +70,6 @@ def _feeding(module: nn.Module, inputs: list[torch.Tensor] | None) -> list:
     queue = iter(inputs)
     hook = lambda module, args, kwargs: with_hidden_input(args, kwargs, next(queue))  # noqa: E731
     return [module.register_forward_pre_hook(hook, with_kwargs=True)]
-
-
-def _trimmed(batch: dict, device) -> dict:
-    used = batch["attention_mask"].bool().any(dim=0).nonzero()
-    width = int(used.max()) + 1 if len(used) else 1
-    return {name: tensor[:, :width].to(device) for name, tensor in batch.items()}
-
-
-def final_hidden_states(model, batch: dict) -> torch.Tensor:
-    """The decoder stack's output after the final norm, [b, T, D] (what the LM head reads)."""
-    out = model.base_model(**batch, use_cache=False)
-    return out.last_hidden_state
 
 
 def calibration_nll(model, calib, batch_size: int | None = None) -> float:

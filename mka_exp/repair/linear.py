@@ -64,8 +64,13 @@ from torch import nn
 
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import decoder_layers, num_layers
-from mka_exp.methods.sleb import hooks_removed_after, swapped_layers, with_hidden_input
+from mka_exp.layers import (
+    decoder_layers,
+    hooks_removed_after,
+    num_layers,
+    swapped_layers,
+    with_hidden_input,
+)
 
 POSITIONS = ("all", "skip_first", "last")
 # ridge=auto: α = scale · tr(MᵀM) / D, the scale chosen per fit by the held-out residual.
