@@ -41,14 +41,14 @@ from torch import nn
 
 from mka_exp.activations import activation_key, load_cache, save_cache
 from mka_exp.layers import (
-    _Skipped,
-    _trimmed,
+    SkippedLayer,
     decoder_layers,
     final_hidden_states,
     hooks_removed_after,
     num_layers,
     remove_layers,
     swapped_layers,
+    trimmed_batch,
     with_hidden_input,
 )
 from mka_exp.methods.base import LayerMethod, LayerTracker, check_amount, check_counts
@@ -82,7 +82,7 @@ def calibration_nll(model, calib, batch_size: int | None = None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in calib.batches(batch_size):
-            batch = _trimmed(batch, device)
+            batch = trimmed_batch(batch, device)
             hidden = final_hidden_states(model, batch)
             mask = batch["attention_mask"].bool()
             valid = mask[:, 1:] & mask[:, :-1]
@@ -114,14 +114,14 @@ def layer_outputs(model, calib, position: int, inputs, batch_size) -> list[torch
     with hooks_removed_after(handles), swapped_layers(model, below), torch.no_grad():
         for batch in calib.batches(batch_size):
             with contextlib.suppress(_Stop):
-                final_hidden_states(model, _trimmed(batch, device))
+                final_hidden_states(model, trimmed_batch(batch, device))
     return outputs
 
 
 def perplexity_without(model, calib, position: int, inputs, batch_size) -> float:
     """Calibration perplexity with layer `position` removed, running only the layers above it:
     those below stand aside and the stand-in for `position` hands on `inputs` (what entered it)."""
-    stand_in = _Skipped(decoder_layers(model)[position])
+    stand_in = SkippedLayer(decoder_layers(model)[position])
     skipped = {**dict.fromkeys(range(position)), position: stand_in}
     with hooks_removed_after(_feeding(stand_in, inputs)), swapped_layers(model, skipped):
         return math.exp(calibration_nll(model, calib, batch_size))
