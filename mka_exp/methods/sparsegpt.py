@@ -113,7 +113,7 @@ class SparseGPT:
 
     def compress(self, model: torch.nn.Module, calib: CalibrationSet | None) -> dict[str, Any]:
         """Prune in place on the calibration prompts; return achieved sparsity stats."""
-        from mka_exp.quantizers.llmcompressor import run_oneshot
+        from mka_exp.shims.llmcompressor import run_oneshot
 
         if calib is None:
             raise ValueError("sparsegpt needs calibration data (calib=None given)")
