@@ -67,21 +67,12 @@ from typing import Any, ClassVar
 import torch
 
 from mka_exp.calibration import CalibrationSet
-from mka_exp.shims.llmcompressor import run_oneshot
+from mka_exp.shims.llmcompressor import matched_modules, run_oneshot
 
 log = logging.getLogger(__name__)
 
 AUTO_GROUP_SIZES = (128, 64, 32, 16, 8)
 SCHEME_RE = re.compile(r"^W(\d+)A(\d+)(_ASYM)?$")
-
-
-def quantized_linears(
-    model: torch.nn.Module, targets: Sequence[str], ignore: Sequence[str]
-) -> dict[str, torch.nn.Module]:
-    """The modules llm-compressor will quantize: matched by its own target/ignore rules."""
-    from compressed_tensors.utils import match_named_modules
-
-    return dict(match_named_modules(model, list(targets), list(ignore)))
 
 
 def check_group_size(group_size: Any) -> None:
@@ -105,7 +96,7 @@ def resolve_group_size(
 
     None or -1 means per-channel scales. An explicit size must divide every quantized width.
     """
-    modules = quantized_linears(model, targets, ignore)
+    modules = matched_modules(model, targets, ignore)
     if not modules:
         raise ValueError(f"no module matches quant targets={list(targets)} (ignore={list(ignore)})")
     widths = {name: int(m.weight.shape[-1]) for name, m in modules.items()}
@@ -223,7 +214,7 @@ class LLMCompressorQuantizer:
         group_size = None
         if self.grouped:
             group_size = resolve_group_size(model, self.group_size, self.targets, self.ignore)
-        modules = quantized_linears(model, self.targets, self.ignore)
+        modules = matched_modules(model, self.targets, self.ignore)
         start = time.perf_counter()
         run_oneshot(
             model,

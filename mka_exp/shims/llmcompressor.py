@@ -1,5 +1,11 @@
-"""llm-compressor's `oneshot` on an in-memory model: the adapter that SparseGPT and the quantizers
-share, with the workarounds it needs kept apart from their logic.
+"""llm-compressor's `oneshot` on an in-memory model: the adapter that SparseGPT
+(`mka_exp.methods.sparsegpt`) and the quantizers (`mka_exp.quantizers.llmcompressor`) share, so
+that neither stage imports the other, with the workarounds it needs kept apart from their logic.
+
+`run_oneshot` feeds the calibration prompts one unpadded row at a time and leaves the model a
+plain module on its device; `matched_modules` is llm-compressor's own target/ignore matching (what
+a recipe will touch, for the stats). Imports torch, llm-compressor and compressed-tensors only
+(those two lazily: they are slow to import and only needed for a run).
 
 **Two llm-compressor 0.14 quirks handled here** (both only for in-memory models on CPU):
 `oneshot` re-reads the config from `model.config.name_or_path`, which a model built from a config
@@ -12,13 +18,30 @@ without an accelerator we make it a no-op for the duration of the call.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from mka_exp.calibration import CalibrationSet
+
+class PromptRows(Protocol):
+    """What the runner reads of a calibration set (`mka_exp.calibration.CalibrationSet`, a floor
+    above the shims): padded token rows and their masks, one per prompt."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+
+def matched_modules(
+    model: torch.nn.Module, targets: Sequence[str], ignore: Sequence[str]
+) -> dict[str, torch.nn.Module]:
+    """The modules a modifier will change, by llm-compressor's own target/ignore matching."""
+    from compressed_tensors.utils import match_named_modules
+
+    return dict(match_named_modules(model, list(targets), list(ignore)))
 
 
 @contextmanager
@@ -64,7 +87,7 @@ def no_pinning_without_accelerator() -> Iterator[None]:
 
 
 def calibration_loader(
-    calib: CalibrationSet, num_samples: int | None = None, max_seq_length: int | None = None
+    calib: PromptRows, num_samples: int | None = None, max_seq_length: int | None = None
 ):
     """The first `num_samples` prompts, one per batch, unpadded (and cut to `max_seq_length`).
 
@@ -93,7 +116,7 @@ def run_oneshot(
     model: torch.nn.Module,
     tokenizer: Any,
     recipe: list,
-    calib: CalibrationSet | None,
+    calib: PromptRows | None,
     num_calibration_samples: int | None = None,
     max_seq_length: int | None = None,
 ) -> None:
