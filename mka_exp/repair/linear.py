@@ -21,7 +21,7 @@ removed before the first kept layer have no `down_proj` in front of them and sta
 (recorded).
 
 The fits stream: memory is bounded by the D × D normal equations (MᵀM, Mᵀ(L − Y), float64) and one
-batch of activations, not by the token count. `prepare` keeps a copy of the dense model (taken
+batch of activations, not by the token count (their solution and the ridge choice: `fit.py`). `prepare` keeps a copy of the dense model (taken
 before the method runs); each fit runs, batch by batch, the dense copy up to the end of its span
 (the target L) and the compressed model up to the fitted layer (M, Y). The layers in front of
 the first changed one are the same in both models, so the compressed pass starts there, fed the
