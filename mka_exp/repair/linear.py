@@ -63,6 +63,7 @@ from torch import nn
 
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
+from mka_exp.contracts import LayerMethod
 from mka_exp.layers import (
     decoder_layers,
     hooks_removed_after,
@@ -324,9 +325,8 @@ class LinearRepair:
         return {"name": "linear", **{name: getattr(self, name) for name in names}}
 
     def check_method(self, method) -> None:
-        """Only layer methods remove layers to compensate for (not none, not sparsegpt)."""
-        from mka_exp.methods.base import LayerMethod
-
+        """Only layer methods remove layers to compensate for (not none, not sparsegpt). Told by
+        their contract, not their base class: a repair never imports a method module."""
         if not isinstance(method, LayerMethod):
             name = type(method).__module__.rsplit(".", 1)[-1]
             raise ValueError(
