@@ -17,6 +17,7 @@ from mka_exp.layers import (
     merge_params,
     num_layers,
     remove_layers,
+    swapped_layers,
 )
 
 S, F = "sliding_attention", "full_attention"
@@ -384,3 +385,11 @@ def test_unsupported_architecture_is_named() -> None:
         assert isinstance(info.value, ValueError)
     assert len(model.transformer.h) == 2
     assert set(FAMILIES) <= set(SUPPORTED_MODEL_TYPES)
+
+
+def test_swapped_layers_restore_the_originals_even_on_error(tiny):
+    layers = list(decoder_layers(tiny.model))
+    with pytest.raises(RuntimeError, match="boom"), swapped_layers(tiny.model, {1: None}):
+        assert decoder_layers(tiny.model)[1] is not layers[1]
+        raise RuntimeError("boom")
+    assert list(decoder_layers(tiny.model)) == layers
