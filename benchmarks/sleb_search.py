@@ -35,12 +35,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from activation_capture import calibration, load_model, set_threads  # noqa: E402
 
-from mka_exp.layers import decoder_layers, num_layers  # noqa: E402
-from mka_exp.methods.sleb import (  # noqa: E402
-    calibration_nll,
-    removal_perplexities,
-    swapped_layers,
-)
+from mka_exp.layers import decoder_layers, num_layers, swapped_layers  # noqa: E402
+from mka_exp.methods.sleb import calibration_nll, removal_perplexities  # noqa: E402
 
 
 def full_pass(model, calib, batch_size) -> list[float]:

@@ -19,13 +19,22 @@ Merging (``merge_layers``) writes into the real parameters (the paper's public c
 
 Indices always refer to the layers' current positions. Only ``SUPPORTED_MODEL_TYPES`` are
 accepted: their config fields were checked against transformers' modeling code.
+
+The last section holds the temporary machinery that scoring and repair share: layers swapped out
+for the length of a block (``swapped_layers``), forward pre-hooks that feed a layer another
+hidden state (``with_hidden_input``, ``hooks_removed_after``), and the final hidden states of a
+trimmed calibration batch. It lives here, below the stages, so that no method or repair imports
+another's module to borrow it.
+
+Floor 1: imports torch only, never a stage (methods, repair, quantizers, evaluation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -255,8 +264,12 @@ def _is_linear_weight(module: nn.Module, name: str, tensor: torch.Tensor) -> boo
     return isinstance(owner, nn.Linear) or (isinstance(tensor, nn.Parameter) and tensor.ndim >= 2)
 
 
-def _mergeable(module: nn.Module, scope: str) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of ``module`` in ``scope``, the live tensors, each once."""
+def mergeable_tensors(module: nn.Module, scope: str) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of ``module`` in ``scope``, the live tensors, each once.
+
+    Public because merges other than ``merge_params``'s convex blend (LaCo's RDSC sum) must blend
+    the very same tensors: one definition of what "the layer's weights in scope" means.
+    """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in module.state_dict(keep_vars=True).items():
@@ -270,7 +283,7 @@ def _mergeable(module: nn.Module, scope: str) -> dict[str, torch.Tensor]:
 
 def _merge_pairs(a: nn.Module, b: nn.Module, scope: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Matching (a, b) tensors, all checked before any is changed."""
-    mine, theirs = _mergeable(a, scope), _mergeable(b, scope)
+    mine, theirs = mergeable_tensors(a, scope), mergeable_tensors(b, scope)
     if mine.keys() != theirs.keys():
         differ = sorted(mine.keys() ^ theirs.keys())
         raise ValueError(f"modules have different parameters, cannot merge: {differ[:5]}")
@@ -318,3 +331,71 @@ def merge_layers(model: nn.Module, keep: int, drop: int, lam: float, scope: str 
         raise ValueError(f"keep and drop are both {keep}; a layer cannot merge with itself")
     merge_params(layers[keep], layers[drop], lam, scope)
     remove_layers(model, [drop])
+
+
+# ------------------------------------------------------------------- temporary swaps and hooks
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a decoder layer: hands its input on unchanged.
+
+    Keeps the layer's ``attention_type``, so that families which read it in ``forward`` (Gemma,
+    Qwen with sliding layers) build the same masks as with the layer in place.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        if hasattr(layer, "attention_type"):  # read by some families' forward
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator[None]:
+    """Temporarily put `replacements[p]` at current position p (None: skip the layer there).
+
+    Positions, and so the config's per-layer lists, stay as they are; the originals come back
+    afterwards, even on error.
+    """
+    layers = decoder_layers(model)
+    saved = {position: layers[position] for position in replacements}
+    try:
+        for position, module in replacements.items():
+            layers[position] = module if module is not None else SkippedLayer(saved[position])
+        yield
+    finally:
+        for position, module in saved.items():
+            layers[position] = module
+
+
+def with_hidden_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A layer's forward-pre-hook arguments with `hidden` in place of its hidden-states input."""
+    old = args[0] if args else kwargs["hidden_states"]
+    hidden = hidden.to(old.device, old.dtype)
+    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+
+@contextlib.contextmanager
+def hooks_removed_after(handles: list) -> Iterator[None]:
+    """Remove the forward hooks in `handles` when the block ends, even on error."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def trimmed_batch(batch: dict, device) -> dict:
+    """`batch` cut to its longest prompt (trailing columns that are pad in every row dropped)
+    and moved to `device`: padding the whole calibration set to one width costs forward time."""
+    used = batch["attention_mask"].bool().any(dim=0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return {name: tensor[:, :width].to(device) for name, tensor in batch.items()}
+
+
+def final_hidden_states(model, batch: dict) -> torch.Tensor:
+    """The decoder stack's output after the final norm, [b, T, D] (what the LM head reads)."""
+    out = model.base_model(**batch, use_cache=False)
+    return out.last_hidden_state

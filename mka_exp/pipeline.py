@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mka_exp import job
+from mka_exp.contracts import Quantizer
 from mka_exp.evaluation.harness import evaluate_with_samples
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -226,7 +227,7 @@ class Session:
     calib: Any
     layers_before: int
     params_before: int
-    quantizer: Any
+    quantizer: Quantizer
     eval_kwargs: dict
 
 

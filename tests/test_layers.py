@@ -13,10 +13,15 @@ from mka_exp.layers import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
     decoder_layers,
+    final_hidden_states,
+    hooks_removed_after,
     merge_layers,
     merge_params,
     num_layers,
     remove_layers,
+    swapped_layers,
+    trimmed_batch,
+    with_hidden_input,
 )
 
 S, F = "sliding_attention", "full_attention"
@@ -384,3 +389,45 @@ def test_unsupported_architecture_is_named() -> None:
         assert isinstance(info.value, ValueError)
     assert len(model.transformer.h) == 2
     assert set(FAMILIES) <= set(SUPPORTED_MODEL_TYPES)
+
+
+def test_swapped_layers_restore_the_originals_even_on_error(tiny):
+    layers = list(decoder_layers(tiny.model))
+    with pytest.raises(RuntimeError, match="boom"), swapped_layers(tiny.model, {1: None}):
+        assert decoder_layers(tiny.model)[1] is not layers[1]
+        raise RuntimeError("boom")
+    assert list(decoder_layers(tiny.model)) == layers
+
+
+def test_with_hidden_input_replaces_the_positional_or_keyword_hidden_states() -> None:
+    old, new = torch.zeros(1, 2, 3, dtype=torch.float16), torch.ones(1, 2, 3)
+    args, kwargs = with_hidden_input((old, "mask"), {"cache": None}, new)
+    assert args[1:] == ("mask",) and kwargs == {"cache": None}
+    assert args[0].dtype == torch.float16 and bool((args[0] == 1).all())  # the layer's dtype
+    args, kwargs = with_hidden_input((), {"hidden_states": old, "cache": None}, new)
+    assert args == () and kwargs["cache"] is None and bool((kwargs["hidden_states"] == 1).all())
+
+
+def test_hooks_removed_after_even_on_error(llama) -> None:
+    layer, calls = decoder_layers(llama)[0], []
+    handle = layer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(RuntimeError, match="boom"), hooks_removed_after([handle]):
+        raise RuntimeError("boom")
+    llama(input_ids=torch.tensor([[3, 4, 5]]))
+    assert calls == []
+
+
+def test_trimmed_batch_drops_the_columns_that_are_pad_in_every_row() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    batch = {"input_ids": torch.arange(8).view(2, 4), "attention_mask": mask}
+    trimmed = trimmed_batch(batch, "cpu")
+    assert trimmed["input_ids"].tolist() == [[0, 1, 2], [4, 5, 6]]
+    assert trimmed["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_final_hidden_states_are_what_the_lm_head_reads(llama) -> None:
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        hidden = final_hidden_states(llama, {"input_ids": ids})
+        logits = llama(input_ids=ids).logits
+    torch.testing.assert_close(llama.get_output_embeddings()(hidden), logits)

@@ -18,16 +18,14 @@ from mka_exp.methods.mka import MKA
 from mka_exp.methods.reverse_prune import ReversePrune
 from mka_exp.models.loading import build_random_model
 from mka_exp.models.saving import save_compressed
-from mka_exp.repair.linear import (
+from mka_exp.repair.fit import (
     RIDGE_SCALES,
-    LinearRepair,
     NormalEquations,
-    fit_positions,
     fold_into,
     relative_residual,
-    repair_plan,
     solve_map,
 )
+from mka_exp.repair.linear import LinearRepair, fit_positions, repair_plan
 from mka_exp.repair.none import NoRepair
 from mka_exp.results.records import config_hash
 from tests.helpers import REPO_ROOT, compose_config

@@ -57,14 +57,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import _mergeable, decoder_layers, num_layers, remove_layers
+from mka_exp.layers import (
+    decoder_layers,
+    final_hidden_states,
+    mergeable_tensors,
+    num_layers,
+    remove_layers,
+    swapped_layers,
+    trimmed_batch,
+)
 from mka_exp.methods.base import (
     LayerMethod,
     LayerTracker,
     check_amount,
     check_counts,
 )
-from mka_exp.methods.sleb import _trimmed, final_hidden_states, swapped_layers
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +79,8 @@ log = logging.getLogger(__name__)
 def rdsc_merge(first: nn.Module, others: list[nn.Module]) -> nn.Module:
     """A copy of `first` with θ = θ_first + Σ (θ_other − θ_first) on its Linear weights."""
     merged = copy.deepcopy(first)
-    mine = _mergeable(merged, "linear")
-    theirs = [_mergeable(other, "linear") for other in others]
+    mine = mergeable_tensors(merged, "linear")
+    theirs = [mergeable_tensors(other, "linear") for other in others]
     with torch.no_grad():
         for name, tensor in mine.items():
             base = tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
@@ -100,7 +107,7 @@ def final_states(model, calib, batch_size: int | None) -> torch.Tensor:
     rows = []
     with torch.no_grad():
         for batch in calib.batches(batch_size):
-            batch = _trimmed(batch, device)
+            batch = trimmed_batch(batch, device)
             hidden = final_hidden_states(model, batch)
             rows.append(hidden[batch["attention_mask"].bool()].float())
     return torch.cat(rows)

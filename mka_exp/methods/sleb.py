@@ -40,7 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mka_exp.activations import activation_key, load_cache, save_cache
-from mka_exp.layers import decoder_layers, num_layers, remove_layers
+from mka_exp.layers import (
+    SkippedLayer,
+    decoder_layers,
+    final_hidden_states,
+    hooks_removed_after,
+    num_layers,
+    remove_layers,
+    swapped_layers,
+    trimmed_batch,
+    with_hidden_input,
+)
 from mka_exp.methods.base import LayerMethod, LayerTracker, check_amount, check_counts
 
 log = logging.getLogger(__name__)
@@ -48,55 +58,8 @@ log = logging.getLogger(__name__)
 LOGIT_CHUNK = 2048  # tokens per LM-head call: full [batch, T, vocab] logits would dominate memory
 
 
-class _Skipped(nn.Module):
-    """Stands in for a decoder layer: hands its input on unchanged."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        if hasattr(layer, "attention_type"):  # read by some families' forward
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator[None]:
-    """Temporarily put `replacements[p]` at current position p (None: skip the layer there).
-
-    Positions, and so the config's per-layer lists, stay as they are; the originals come back
-    afterwards, even on error.
-    """
-    layers = decoder_layers(model)
-    saved = {position: layers[position] for position in replacements}
-    try:
-        for position, module in replacements.items():
-            layers[position] = module if module is not None else _Skipped(saved[position])
-        yield
-    finally:
-        for position, module in saved.items():
-            layers[position] = module
-
-
-def with_hidden_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """A layer's forward-pre-hook arguments with `hidden` in place of its hidden-states input."""
-    old = args[0] if args else kwargs["hidden_states"]
-    hidden = hidden.to(old.device, old.dtype)
-    return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early (what follows is not needed)."""
-
-
-@contextlib.contextmanager
-def hooks_removed_after(handles: list) -> Iterator[None]:
-    """Remove the forward hooks in `handles` when the block ends, even on error."""
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _feeding(module: nn.Module, inputs: list[torch.Tensor] | None) -> list:
@@ -109,18 +72,6 @@ def _feeding(module: nn.Module, inputs: list[torch.Tensor] | None) -> list:
     return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
-def _trimmed(batch: dict, device) -> dict:
-    used = batch["attention_mask"].bool().any(dim=0).nonzero()
-    width = int(used.max()) + 1 if len(used) else 1
-    return {name: tensor[:, :width].to(device) for name, tensor in batch.items()}
-
-
-def final_hidden_states(model, batch: dict) -> torch.Tensor:
-    """The decoder stack's output after the final norm, [b, T, D] (what the LM head reads)."""
-    out = model.base_model(**batch, use_cache=False)
-    return out.last_hidden_state
-
-
 def calibration_nll(model, calib, batch_size: int | None = None) -> float:
     """Mean next-token negative log-likelihood over the calibration set's non-pad tokens."""
     device = model.get_input_embeddings().weight.device
@@ -131,7 +82,7 @@ def calibration_nll(model, calib, batch_size: int | None = None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in calib.batches(batch_size):
-            batch = _trimmed(batch, device)
+            batch = trimmed_batch(batch, device)
             hidden = final_hidden_states(model, batch)
             mask = batch["attention_mask"].bool()
             valid = mask[:, 1:] & mask[:, :-1]
@@ -163,14 +114,14 @@ def layer_outputs(model, calib, position: int, inputs, batch_size) -> list[torch
     with hooks_removed_after(handles), swapped_layers(model, below), torch.no_grad():
         for batch in calib.batches(batch_size):
             with contextlib.suppress(_Stop):
-                final_hidden_states(model, _trimmed(batch, device))
+                final_hidden_states(model, trimmed_batch(batch, device))
     return outputs
 
 
 def perplexity_without(model, calib, position: int, inputs, batch_size) -> float:
     """Calibration perplexity with layer `position` removed, running only the layers above it:
     those below stand aside and the stand-in for `position` hands on `inputs` (what entered it)."""
-    stand_in = _Skipped(decoder_layers(model)[position])
+    stand_in = SkippedLayer(decoder_layers(model)[position])
     skipped = {**dict.fromkeys(range(position)), position: stand_in}
     with hooks_removed_after(_feeding(stand_in, inputs)), swapped_layers(model, skipped):
         return math.exp(calibration_nll(model, calib, batch_size))

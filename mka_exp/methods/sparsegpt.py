@@ -7,7 +7,8 @@ weights to drop by the OBS saliency w² / [H⁻¹]²_jj (H = XXᵀ from calibrat
 and updates the remaining weights of each row with the inverse Hessian to compensate the error.
 The same machinery gives semi-structured N:M masks (2:4 keeps 2 of every 4 consecutive input
 weights, which sparse tensor cores accelerate). Here it runs through llm-compressor's
-`SparseGPTModifier` and `oneshot` on the calibration set, decoder layer by decoder layer. Layers
+`SparseGPTModifier` and `oneshot` (through `mka_exp.shims.llmcompressor`, the runner the
+quantizers use too) on the calibration set, decoder layer by decoder layer. Layers
 stay in place, so the paper's layer-based compression ratio does not apply; the run record has
 `zero_fraction` and this method's achieved sparsity instead.
 
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from mka_exp.calibration import CalibrationSet
+from mka_exp.shims.llmcompressor import matched_modules, run_oneshot
 
 
 def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
@@ -41,15 +43,6 @@ def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
             "(unstructured) or 'N:M' with 0 < N < M, e.g. '2:4'"
         )
     return n, m
-
-
-def pruned_linears(
-    model: torch.nn.Module, targets: Sequence[str], ignore: Sequence[str]
-) -> dict[str, torch.nn.Module]:
-    """The Linear modules SparseGPT prunes, by llm-compressor's own target/ignore matching."""
-    from compressed_tensors.utils import match_named_modules
-
-    return dict(match_named_modules(model, list(targets), list(ignore)))
 
 
 def sparsity_of(modules: dict[str, torch.nn.Module]) -> dict[str, float]:
@@ -113,11 +106,9 @@ class SparseGPT:
 
     def compress(self, model: torch.nn.Module, calib: CalibrationSet | None) -> dict[str, Any]:
         """Prune in place on the calibration prompts; return achieved sparsity stats."""
-        from mka_exp.quantizers.llmcompressor import run_oneshot
-
         if calib is None:
             raise ValueError("sparsegpt needs calibration data (calib=None given)")
-        modules = pruned_linears(model, self.targets, self.ignore)
+        modules = matched_modules(model, self.targets, self.ignore)
         if not modules:
             raise ValueError(f"no module matches method.targets={self.targets}")
         start = time.perf_counter()

@@ -4,7 +4,10 @@ A quantizer is instantiated by Hydra from `conf/quant/<name>.yaml` and has
 `quantize(model, tokenizer, calib) -> (model, stats)` plus `bits` (weight bits, 16 for none) for
 the paper's compression ratio. llm-compressor ones (SmoothQuant, GPTQ, AWQ, RTN) live in
 `mka_exp.quantizers.llmcompressor`, bitsandbytes ones (int8, nf4) in `mka_exp.quantizers.bnb`;
-those modules import their libraries lazily.
+those modules import their libraries lazily. The contract is `Quantizer` in `mka_exp.contracts`;
+running llm-compressor (shared with SparseGPT) is `mka_exp.shims.llmcompressor`.
+
+Floor 3, a stage: imports the floors below (calibration, shims), never another stage.
 """
 
 from __future__ import annotations

@@ -52,41 +52,27 @@ GPTQ and AWQ improve on. Example `conf/quant/rtn.yaml`::
 largest of 128, 64, 32, 16, 8 dividing all of them (per-channel scales if none does) and reports
 it in the stats; an explicit group size that does not divide raises ValueError.
 
-**Two llm-compressor 0.14 quirks handled here** (both only for in-memory models on CPU):
-`oneshot` re-reads the config from `model.config.name_or_path`, which a model built from a config
-or loaded from a GGUF does not have — we point it at a temporary copy of the live config; and
-AWQ pins its cached activations in page-locked memory, which torch refuses without an
-accelerator ("Cannot access accelerator device") — pinning only speeds host-to-device copies, so
-without an accelerator we make it a no-op for the duration of the call.
+The run itself (`run_oneshot`, shared with `mka_exp.methods.sparsegpt`) and the two
+llm-compressor 0.14 workarounds it needs live in `mka_exp.shims.llmcompressor`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from mka_exp.calibration import CalibrationSet
+from mka_exp.shims.llmcompressor import matched_modules, run_oneshot
 
 log = logging.getLogger(__name__)
 
 AUTO_GROUP_SIZES = (128, 64, 32, 16, 8)
 SCHEME_RE = re.compile(r"^W(\d+)A(\d+)(_ASYM)?$")
-
-
-def quantized_linears(
-    model: torch.nn.Module, targets: Sequence[str], ignore: Sequence[str]
-) -> dict[str, torch.nn.Module]:
-    """The modules llm-compressor will quantize: matched by its own target/ignore rules."""
-    from compressed_tensors.utils import match_named_modules
-
-    return dict(match_named_modules(model, list(targets), list(ignore)))
 
 
 def check_group_size(group_size: Any) -> None:
@@ -110,7 +96,7 @@ def resolve_group_size(
 
     None or -1 means per-channel scales. An explicit size must divide every quantized width.
     """
-    modules = quantized_linears(model, targets, ignore)
+    modules = matched_modules(model, targets, ignore)
     if not modules:
         raise ValueError(f"no module matches quant targets={list(targets)} (ignore={list(ignore)})")
     widths = {name: int(m.weight.shape[-1]) for name, m in modules.items()}
@@ -142,101 +128,6 @@ def parse_scheme(scheme: str) -> tuple[int, int, bool]:
     if not match:
         raise ValueError(f"quant.scheme={scheme!r} is not a scheme name like W4A16 or W4A16_ASYM")
     return int(match.group(1)), int(match.group(2)), match.group(3) is None
-
-
-@contextmanager
-def config_on_disk(model: torch.nn.Module) -> Iterator[None]:
-    """Point `config.name_or_path` at a temporary copy of the live config during `oneshot`.
-
-    llm-compressor 0.14's `Oneshot.validate_model` reloads the config from `name_or_path` to
-    check for an existing quantization config; a model built from a config has none ('') and
-    a GGUF-loaded one points at a folder without config.json. The copy is the live config, so
-    the check still sees the model's real quantization state.
-    """
-    config = model.config
-    original = config.name_or_path
-    with tempfile.TemporaryDirectory(prefix="mka_oneshot_config_") as tmp:
-        config.save_pretrained(tmp)
-        config.name_or_path = tmp
-        try:
-            yield
-        finally:
-            config.name_or_path = original
-
-
-@contextmanager
-def no_pinning_without_accelerator() -> Iterator[None]:
-    """Make llm-compressor's `IntermediatesCache.pin_memory` a no-op when there is no accelerator.
-
-    AWQ pins its cached layer inputs before the grid search (`_apply_smoothing`), and
-    `Tensor.pin_memory()` raises "Cannot access accelerator device when none is available" on a
-    CPU-only machine. Pinned memory only speeds host-to-device copies, of which there are none
-    here, so skipping it changes nothing else. With an accelerator this does nothing.
-    """
-    if torch.accelerator.is_available():
-        yield
-        return
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    original = IntermediatesCache.pin_memory
-    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
-    try:
-        yield
-    finally:
-        IntermediatesCache.pin_memory = original
-
-
-def calibration_loader(
-    calib: CalibrationSet, num_samples: int | None = None, max_seq_length: int | None = None
-):
-    """The first `num_samples` prompts, one per batch, unpadded (and cut to `max_seq_length`).
-
-    Batches of one neither pad (pad tokens would enter the Hessians of GPTQ / SparseGPT) nor
-    truncate (llm-compressor's default collator cuts a batch to its shortest row).
-    """
-    from torch.utils.data import DataLoader
-
-    n = len(calib) if num_samples is None else min(num_samples, len(calib))
-    batches = []
-    for ids, mask in zip(calib.input_ids[:n], calib.attention_mask[:n], strict=True):
-        row = ids[mask.bool()][:max_seq_length].unsqueeze(0)
-        batches.append({"input_ids": row, "attention_mask": torch.ones_like(row)})
-    return DataLoader(batches, batch_size=None)  # items are already batches
-
-
-class PretokenizedData:
-    """Stands in for `oneshot`'s processor when the caller has no tokenizer.
-
-    `oneshot` insists on a processor whenever calibration data is given, but with a ready
-    DataLoader it never uses it (it would only tokenize a text dataset or save beside the model).
-    """
-
-
-def run_oneshot(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    recipe: list,
-    calib: CalibrationSet | None,
-    num_calibration_samples: int | None = None,
-    max_seq_length: int | None = None,
-) -> None:
-    """llm-compressor's `oneshot` on the in-memory model (in place), calibration rows in order."""
-    from llmcompressor import oneshot
-
-    kwargs: dict[str, Any] = {}
-    if calib is not None:
-        kwargs["dataset"] = calibration_loader(calib, num_calibration_samples, max_seq_length)
-        kwargs["processor"] = tokenizer if tokenizer is not None else PretokenizedData()
-    from compressed_tensors.offload import OffloadCache
-    from compressed_tensors.offload.dispatch import remove_dispatch
-
-    was_offloaded = any(isinstance(m._parameters, OffloadCache) for m in model.modules())
-    with config_on_disk(model), no_pinning_without_accelerator():
-        oneshot(model=model, recipe=recipe, **kwargs)
-    if not was_offloaded:
-        # The sequential pipeline wraps every module in compressed-tensors offloading (onload
-        # on each forward); undo it so the model is a plain module on its device again.
-        remove_dispatch(model)
 
 
 class LLMCompressorQuantizer:
@@ -323,7 +214,7 @@ class LLMCompressorQuantizer:
         group_size = None
         if self.grouped:
             group_size = resolve_group_size(model, self.group_size, self.targets, self.ignore)
-        modules = quantized_linears(model, self.targets, self.ignore)
+        modules = matched_modules(model, self.targets, self.ignore)
         start = time.perf_counter()
         run_oneshot(
             model,

@@ -21,7 +21,7 @@ removed before the first kept layer have no `down_proj` in front of them and sta
 (recorded).
 
 The fits stream: memory is bounded by the D × D normal equations (MᵀM, Mᵀ(L − Y), float64) and one
-batch of activations, not by the token count. `prepare` keeps a copy of the dense model (taken
+batch of activations, not by the token count (their solution and the ridge choice: `fit.py`). `prepare` keeps a copy of the dense model (taken
 before the method runs); each fit runs, batch by batch, the dense copy up to the end of its span
 (the target L) and the compressed model up to the fitted layer (M, Y). The layers in front of
 the first changed one are the same in both models, so the compressed pass starts there, fed the
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -64,12 +63,24 @@ from torch import nn
 
 from mka_exp.activations import last_token_index, select_token_positions
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import decoder_layers, num_layers
-from mka_exp.methods.sleb import hooks_removed_after, swapped_layers, with_hidden_input
+from mka_exp.contracts import LayerMethod
+from mka_exp.layers import (
+    decoder_layers,
+    hooks_removed_after,
+    num_layers,
+    swapped_layers,
+    with_hidden_input,
+)
+from mka_exp.repair.fit import (
+    RIDGE_SCALES,
+    NormalEquations,
+    choose_ridge,
+    fold_into,
+    relative_residual,
+    solve_map,
+)
 
 POSITIONS = ("all", "skip_first", "last")
-# ridge=auto: α = scale · tr(MᵀM) / D, the scale chosen per fit by the held-out residual.
-RIDGE_SCALES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class _StopForward(Exception):
@@ -183,22 +194,6 @@ def compressed_pass(model, batch: dict, cursor: int, fed, position: int) -> tupl
 # --------------------------------------------------------------------------- the fit
 
 
-@dataclass
-class NormalEquations:
-    """MᵀM, Mᵀ(L − Y) and ‖L − Y‖² accumulated in float64."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    target_sq: float
-    tokens: int
-
-    def add(self, mlp: torch.Tensor, wanted: torch.Tensor) -> None:
-        self.gram += mlp.T @ mlp
-        self.cross += mlp.T @ wanted
-        self.target_sq += float((wanted * wanted).sum())
-        self.tokens += len(mlp)
-
-
 def normal_equations(
     model, dense: nn.Module, calib, picks, position: int, end: int, cursor: int, batch_size
 ) -> NormalEquations:
@@ -221,61 +216,6 @@ def normal_equations(
                 eq = NormalEquations(zeros, zeros.clone(), 0.0, 0)
             eq.add(m, wanted - residual_in)  # L − Y
     return eq
-
-
-def solve_map(eq: NormalEquations, ridge: float, diagonal: bool) -> torch.Tensor:
-    """T = (MᵀM + αI)⁻¹ Mᵀ(L − Y), or its diagonal-only version, in float64."""
-    gram, cross = eq.gram, eq.cross
-    if diagonal:
-        denom = torch.diagonal(gram) + ridge
-        scale = torch.where(denom > 0, torch.diagonal(cross) / denom.clamp_min(1e-300), 1.0)
-        return torch.diag(scale)
-    system = gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        return torch.cholesky_solve(cross, factor)
-    # Singular MᵀM (dead channels, too few tokens): the minimum-norm least-squares solution.
-    return torch.linalg.pinv(system, hermitian=True) @ cross
-
-
-def relative_residual(eq: NormalEquations, transform: torch.Tensor | None) -> float:
-    """‖M T − (L − Y)‖ / ‖L − Y‖ from the accumulated sums (T = identity when None)."""
-    if transform is None:
-        fit = torch.trace(eq.gram) - 2 * torch.trace(eq.cross)
-    else:
-        fit = (transform * (eq.gram @ transform)).sum() - 2 * (transform * eq.cross).sum()
-    squared = max(float(fit) + eq.target_sq, 0.0)
-    return math.sqrt(squared / eq.target_sq) if eq.target_sq > 0 else 0.0
-
-
-def ridge_of(eq: NormalEquations, scale: float) -> float:
-    """α = scale · tr(MᵀM) / D: a ridge on the scale of the fit's own sums."""
-    return scale * float(torch.trace(eq.gram)) / len(eq.gram)
-
-
-def choose_ridge(
-    eq: NormalEquations, heldout: NormalEquations, diagonal: bool, scales=RIDGE_SCALES
-) -> tuple:
-    """(α, T, grid): the point of `scales` whose map has the lowest held-out residual."""
-    grid, best = [], None
-    for scale in scales:
-        ridge = ridge_of(eq, scale)
-        transform = solve_map(eq, ridge, diagonal)
-        residual = relative_residual(heldout, transform)
-        grid.append({"scale": scale, "ridge": ridge, "heldout_residual": residual})
-        if best is None or residual < best[0]:
-            best = (residual, ridge, transform)
-    return best[1], best[2], grid
-
-
-def fold_into(linear: nn.Linear, transform: torch.Tensor) -> None:
-    """W ← Tᵀ W (and b ← Tᵀ b): the Linear's output row y becomes y T."""
-    with torch.no_grad():
-        weight = linear.weight
-        left = transform.T.to(weight.device, torch.float64)
-        weight.copy_((left @ weight.double()).to(weight.dtype))
-        if linear.bias is not None:
-            linear.bias.copy_((left @ linear.bias.double()).to(linear.bias.dtype))
 
 
 # --------------------------------------------------------------------------- which layers
@@ -385,9 +325,8 @@ class LinearRepair:
         return {"name": "linear", **{name: getattr(self, name) for name in names}}
 
     def check_method(self, method) -> None:
-        """Only layer methods remove layers to compensate for (not none, not sparsegpt)."""
-        from mka_exp.methods.base import LayerMethod
-
+        """Only layer methods remove layers to compensate for (not none, not sparsegpt). Told by
+        their contract, not their base class: a repair never imports a method module."""
         if not isinstance(method, LayerMethod):
             name = type(method).__module__.rsplit(".", 1)[-1]
             raise ValueError(
