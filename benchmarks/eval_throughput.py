@@ -207,8 +207,7 @@ def way(name: str):
 
 def unpadded_tokens(name: str, seen: list) -> int:
     """Tokens each way runs without its padding, from the requests it got."""
-    from mka_exp.evaluation.prefix_cache import build_tree, tree_tokens
-    from mka_exp.evaluation.shared_prefix import group_by_prefix
+    from mka_exp.evaluation.prefix_tree import build_tree, group_by_prefix, tree_tokens
 
     total = 0
     for lm, reqs in seen:
@@ -225,7 +224,7 @@ def unpadded_tokens(name: str, seen: list) -> int:
 
 def request_counts(seen: list) -> tuple[int, int, int]:
     """(requests, tokens requested, bound: tokens of the fully split radix tree)."""
-    from mka_exp.evaluation.prefix_cache import build_tree, requested_tokens, tree_tokens
+    from mka_exp.evaluation.prefix_tree import build_tree, requested_tokens, tree_tokens
 
     n = asked = bound = 0
     for lm, reqs in seen:

@@ -218,6 +218,7 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp import canonical, checks
     from mka_exp.calibration import check_against_eval
     from mka_exp.data import check_data_root
+    from mka_exp.evaluation.checks import check_eval
     from mka_exp.evaluation.harness import check_sample_seed
     from mka_exp.models.loading import DTYPES
     from mka_exp.tracking import WANDB_MODES
@@ -228,7 +229,7 @@ def check_config(cfg: DictConfig) -> None:
     checks.gather(
         lambda: canonical.check_known_keys(c, CONF_DIR),
         lambda: checks.check_seed(c.get("seed")),
-        lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
+        lambda: check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
         lambda: check_sample_seed(ev.get("sample_seed"), ev["limit"]),
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
         lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
@@ -501,7 +502,7 @@ def check_layer_bounds(method, configs: list[DictConfig], model_cfg: DictConfig)
 def check_tasks(eval_kwargs: dict) -> None:
     """Unknown task names (with close matches), few-shot names and a bad line in a benchmark file
     fail before the model loads: the tasks are built (read) now and reused by the evaluation."""
-    from mka_exp.checks import check_eval_data
+    from mka_exp.evaluation.checks import check_eval_data
 
     check_eval_data(eval_kwargs["tasks"], eval_kwargs["num_fewshot"], eval_kwargs["data_root"])
 

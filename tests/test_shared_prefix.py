@@ -7,7 +7,8 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from mka_exp.evaluation.harness import evaluate
-from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM, chunk_groups, group_by_prefix
+from mka_exp.evaluation.prefix_tree import group_by_prefix
+from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM, chunk_groups
 from mka_exp.models.loading import build_random_model
 
 

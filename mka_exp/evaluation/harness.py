@@ -100,7 +100,7 @@ def evaluate_with_samples(
 ) -> tuple[dict[str, float], Any]:
     """`evaluate` (same keyword arguments) plus lm-eval's per-example outcomes, as the rows of
     `mka_exp.results.samples` (a DataFrame; empty when there are no tasks)."""
-    from mka_exp.results.samples import from_lm_eval
+    from mka_exp.evaluation.rows import from_lm_eval
 
     flat, results, names, task_dict = scored(
         model, tokenizer, tasks, **{**kwargs, "log_samples": True}

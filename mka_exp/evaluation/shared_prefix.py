@@ -22,7 +22,6 @@ as the "shared contexts" baseline of `benchmarks/eval_throughput.py --prefix-cac
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-Request = tuple[tuple[str, str] | None, list[int], list[int]]
+from mka_exp.evaluation.prefix_tree import Request, group_by_prefix
 
 
 class SharedPrefixHFLM(HFLM):
@@ -147,21 +146,6 @@ def chunk_groups(
         chunks[-1].append(prefix)
         count += len(groups[prefix])
     return chunks
-
-
-def group_by_prefix(requests: list[Request], max_length: int) -> dict[tuple[int, ...], list[int]]:
-    """Request indices grouped by the tokens the model sees before the continuation, after
-    lm-eval's left truncation of `context + continuation` to `max_length + 1` tokens."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, (_, context, continuation) in enumerate(requests):
-        if not context or not continuation or len(continuation) > max_length:
-            raise ValueError(
-                f"loglikelihood request {i}: context ({len(context)} tokens) and continuation "
-                f"({len(continuation)}) must be non-empty, continuation <= {max_length} tokens"
-            )
-        whole = (context + continuation)[-(max_length + 1) :]
-        groups[tuple(whole[: len(whole) - len(continuation)])].append(i)
-    return groups
 
 
 def answer(logits: torch.Tensor, cont: list[int], dtype: Any) -> tuple[float, bool]:
