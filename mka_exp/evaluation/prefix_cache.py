@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers import DynamicCache
 
 from mka_exp.checks import check_positive
 from mka_exp.evaluation.prefix_tree import Node, Request, build_tree, requested_tokens
-from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_options(cache_tokens: Any, min_shared: Any) -> None:
     check_positive("eval.prefix_min_shared", min_shared)
 
 
-class PrefixCacheHFLM(SharedPrefixHFLM):
+class PrefixCacheHFLM(HFLM):
     """HFLM whose loglikelihood runs every shared prefix of its requests once."""
 
     def __init__(
@@ -84,9 +84,7 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
     ) -> list[tuple[float, bool]]:
         head = self.model.get_output_embeddings() if self.backend == "causal" else None
         if head is None or any(req[0] is None for req in requests):
-            return super(SharedPrefixHFLM, self)._loglikelihood_tokens(
-                requests, disable_tqdm, override_bs
-            )
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         root, where = build_tree(requests, self.max_length, self.min_shared)
         run = Run(self, requests, self.rows_per_batch(requests, override_bs))
         run.bar = tqdm(
@@ -106,7 +104,7 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
                 len(todo),
                 self.cache_tokens,
             )
-            plain = super(SharedPrefixHFLM, self)._loglikelihood_tokens(
+            plain = super()._loglikelihood_tokens(
                 [requests[i] for i in todo], disable_tqdm, override_bs
             )
             answers.update(zip(todo, plain, strict=True))
@@ -119,6 +117,20 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
             fallback_requests=len(run.fallback),
         )
         return [answers[i] for i in range(len(requests))]
+
+    def rows_per_batch(self, requests: list[Request], override_bs: int | None) -> int:
+        """Rows per forward: the batch size, or lm-eval's out-of-memory search for "auto" on the
+        longest request (a full forward of it needs more than a node's row on its cache)."""
+        size = override_bs or self.batch_size
+        if str(size).startswith("auto"):
+            longest = max(requests, key=lambda req: len(req[1]) + len(req[2]))
+            return int(self._detect_batch_size([longest]))
+        return int(size)
+
+    @property
+    def pad_id(self) -> int:
+        """Filler for padded slots: masked on the left, after every real token on the right."""
+        return self.tokenizer.pad_token_id or 0
 
 
 class Run:
