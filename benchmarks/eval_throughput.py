@@ -3,7 +3,7 @@
     python benchmarks/eval_throughput.py [--random-model] [--tasks piqa hellaswag] [--limit 20]
                                          [--batch-size 16] [--repeats 1] [--threads 0] [--profile]
 
-(a) lm-eval: `mka_exp.evaluation.harness.evaluate(model, tokenizer, tasks, limit, batch_size)`, timed as
+(a) lm-eval: `mka_exp.evaluation.hf.evaluate(model, tokenizer, tasks, limit=, batch_size=)`, timed as
     a whole (task building from the offline mirror, tokenization, batching, forward passes,
     log-softmax, scoring, metric aggregation). lm-eval's task index (~10 s, built once per
     process) and one untimed warm-up call (it also builds the tasks, which later calls with the
@@ -110,7 +110,7 @@ def instrument(recorder: Recorder):
 
 def run_lm_eval(model, tokenizer, args, profile: bool = False, share_prefix: bool = False):
     """One timed evaluate() call with recording; returns (seconds, recorder, metrics, stats)."""
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
 
     recorder = Recorder(model)
     profiler = cProfile.Profile() if profile else None
@@ -123,8 +123,8 @@ def run_lm_eval(model, tokenizer, args, profile: bool = False, share_prefix: boo
                 model,
                 tokenizer,
                 args.tasks,
-                args.limit,
-                args.batch_size,
+                limit=args.limit,
+                batch_size=args.batch_size,
                 data_root=DATA_ROOT,
                 share_prefix=share_prefix,
             )
@@ -234,7 +234,7 @@ def load_named(name: str):
 
 
 def compare_prefix_cache(args) -> None:
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
 
     for model_name, mmlu_limit in zip(args.models, args.mmlu_limits, strict=True):
         lm = load_named(model_name)
@@ -253,7 +253,7 @@ def compare_prefix_cache(args) -> None:
             if not limit:  # --zero-shot-limit 0: MMLU only
                 continue
             kwargs = dict(num_fewshot=shots, data_root=DATA_ROOT, batch_size=args.batch_size)
-            evaluate(lm.model, lm.tokenizer, tasks, 1, **kwargs)  # builds the tasks, untimed
+            evaluate(lm.model, lm.tokenizer, tasks, limit=1, **kwargs)  # builds the tasks, untimed
             rows, metrics = [], {}
             for name in ways:
                 recorder = Recorder(lm.model)
@@ -263,7 +263,7 @@ def compare_prefix_cache(args) -> None:
                         lm.model,
                         lm.tokenizer,
                         tasks,
-                        limit,
+                        limit=limit,
                         share_prefix=name != "plain HFLM",
                         **kwargs,
                     )
@@ -348,7 +348,8 @@ def main() -> None:
         compare_prefix_cache(args)
         return
 
-    from mka_exp.evaluation.harness import evaluate, known_tasks
+    from mka_exp.evaluation.harness import known_tasks
+    from mka_exp.evaluation.hf import evaluate
 
     lm = load_model(args.random_model)
     model, tokenizer = lm.model, lm.tokenizer
@@ -356,7 +357,7 @@ def main() -> None:
     known_tasks()
     index_s = time.perf_counter() - start
     start = time.perf_counter()
-    evaluate(model, tokenizer, args.tasks, 2, args.batch_size, data_root=DATA_ROOT)
+    evaluate(model, tokenizer, args.tasks, limit=2, batch_size=args.batch_size, data_root=DATA_ROOT)
     warmup_s = time.perf_counter() - start
 
     lm_times, raw_times, forward_times, build_times, shared_times = [], [], [], [], []

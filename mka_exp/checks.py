@@ -49,7 +49,8 @@ def gather(*checks: Callable[[], Any]) -> None:
         except ConfigError as err:
             problems += err.problems
         except InstantiationException as err:  # a constructor's own check, through Hydra
-            problems.append(str(err.__cause__ or err))
+            cause = err.__cause__
+            problems += cause.problems if isinstance(cause, ConfigError) else [str(cause or err)]
         except (ValueError, OSError) as err:
             problems.append(str(err))
     if problems:

@@ -149,7 +149,7 @@ def piqa_root() -> Path | None:
 
 
 def test_lm_eval_on_cuda_shared_prefix_equals_hflm():
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
 
     root = piqa_root()
     if root is None:

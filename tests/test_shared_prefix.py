@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mka_exp.evaluation.harness import evaluate
+from mka_exp.evaluation.hf import evaluate
 from mka_exp.evaluation.prefix_tree import group_by_prefix
 
 

@@ -10,15 +10,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from mka_exp.checks import gather, is_int, is_number
+from mka_exp.checks import check_positive, gather, is_int, is_number
 
 
-def check_limit(limit: Any) -> None:
+def check_limit(limit: Any) -> int | float | None:
+    """The limit as lm-eval should get it: lm-eval reads a float < 1 as a fraction and anything
+    else as a count, so 1.0 (all) becomes None rather than "1 example"."""
     if limit is None:
-        return
+        return None
     allowed = "an int > 0 (examples per task), a float in (0, 1] (a fraction) or null (all)"
     if not is_number(limit) or not limit > 0 or (isinstance(limit, float) and limit > 1):
         raise ValueError(f"eval.limit={limit!r}: allowed {allowed}")
+    return None if limit == 1.0 and isinstance(limit, float) else limit
+
+
+def check_sample_seed(sample_seed: Any, limit: Any) -> None:
+    """A seed is an int >= 0 and draws `limit` examples, so it needs `limit` as a count."""
+    if sample_seed is None:
+        return
+    if not is_int(sample_seed) or sample_seed < 0:
+        raise ValueError(
+            f"eval.sample_seed={sample_seed!r}: allowed an int >= 0 (a seeded draw of eval.limit "
+            "examples per task) or null (the first eval.limit examples)"
+        )
+    if not is_int(limit):
+        raise ValueError(
+            f"eval.sample_seed={sample_seed} draws eval.limit examples per task, but "
+            f"eval.limit={limit!r}; allowed: an int eval.limit (examples per task) or "
+            "sample_seed=null"
+        )
+
+
+def check_prefix_cache(cache_tokens: Any, min_shared: Any) -> None:
+    """The prefix cache's bounds (`prefix_cache.PrefixCacheHFLM`), both reported."""
+    gather(
+        lambda: check_positive("eval.prefix_cache_tokens", cache_tokens),
+        lambda: check_positive("eval.prefix_min_shared", min_shared),
+    )
 
 
 def check_batch_size(batch_size: Any) -> None:
@@ -50,15 +78,6 @@ def check_fewshot(num_fewshot: Any) -> None:
     for task, shots in num_fewshot.items():
         if not is_int(shots) or shots < 0:
             raise ValueError(f"eval.num_fewshot.{task}={shots!r}: allowed an integer >= 0")
-
-
-def check_eval(tasks: Any, limit: Any, batch_size: Any, num_fewshot: Any) -> None:
-    gather(
-        lambda: check_task_list(tasks),
-        lambda: check_limit(limit),
-        lambda: check_batch_size(batch_size),
-        lambda: check_fewshot(num_fewshot),
-    )
 
 
 def check_eval_data(

@@ -45,20 +45,19 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from mka_exp.checks import check_positive
-from mka_exp.evaluation.prefix_tree import Node, Request, build_tree, requested_tokens
+from mka_exp.evaluation.checks import check_prefix_cache
+from mka_exp.evaluation.prefix_tree import (
+    DEFAULT_CACHE_TOKENS,
+    DEFAULT_MIN_SHARED,
+    Node,
+    Request,
+    build_tree,
+    requested_tokens,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_TOKENS = 16384
-DEFAULT_MIN_SHARED = 16
 MAX_PADDING = 0.2
-
-
-def check_options(cache_tokens: Any, min_shared: Any) -> None:
-    """One line for the first bad value, before any model work."""
-    check_positive("eval.prefix_cache_tokens", cache_tokens)
-    check_positive("eval.prefix_min_shared", min_shared)
 
 
 class PrefixCacheHFLM(HFLM):
@@ -71,7 +70,7 @@ class PrefixCacheHFLM(HFLM):
         min_shared: int = DEFAULT_MIN_SHARED,
         **kwargs: Any,
     ) -> None:
-        check_options(cache_tokens, min_shared)
+        check_prefix_cache(cache_tokens, min_shared)
         super().__init__(*args, **kwargs)
         self.cache_tokens, self.min_shared = cache_tokens, min_shared
         self.stats: Counter[str] = Counter()  # summed over calls; see _loglikelihood_tokens

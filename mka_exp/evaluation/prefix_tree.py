@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+DEFAULT_CACHE_TOKENS = 16384  # KV tokens kept at once, and token slots of one forward
+DEFAULT_MIN_SHARED = 16  # shorter shared runs are recomputed, not split off
+
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
 
