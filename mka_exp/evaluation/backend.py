@@ -1,5 +1,5 @@
 """What every lm-eval backend shares: its settings, their checks, and the run from an lm-eval LM
-to our flat metrics and per-example rows. A backend (`hf.HFEvaluation`, `vllm.VLLMEvaluation`)
+to our flat metrics and per-example rows. A backend (`hf.HFEvaluation`, the one in `vllm.py`)
 adds its own settings and says how the in-memory model becomes an lm-eval LM (`lm`).
 
 Why a base class: the tasks, the example draw, the shots, the data root and the results are the
