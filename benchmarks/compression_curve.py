@@ -113,7 +113,8 @@ def records(root: Path) -> list[dict]:
 
 def evaluations_alone(args, counts: list[int]) -> list[float]:
     """evaluate() on copies of the dense model with the last k layers removed; seconds each."""
-    from mka_exp.evaluation.harness import evaluate, known_tasks
+    from mka_exp.evaluation.harness import known_tasks
+    from mka_exp.evaluation.hf import evaluate
     from mka_exp.layers import num_layers, remove_layers
 
     lm = load_for_eval(args.model, args.gguf)
@@ -124,7 +125,14 @@ def evaluations_alone(args, counts: list[int]) -> list[float]:
         model = copy.deepcopy(lm.model)
         remove_layers(model, range(total - k, total))
         start = time.perf_counter()
-        evaluate(model, lm.tokenizer, args.tasks, args.limit, args.batch_size, data_root=DATA_ROOT)
+        evaluate(
+            model,
+            lm.tokenizer,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            data_root=DATA_ROOT,
+        )
         seconds.append(time.perf_counter() - start)
         del model
     return seconds

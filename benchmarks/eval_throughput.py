@@ -3,7 +3,7 @@
     python benchmarks/eval_throughput.py [--random-model] [--tasks piqa hellaswag] [--limit 20]
                                          [--batch-size 16] [--repeats 1] [--threads 0] [--profile]
 
-(a) lm-eval: `mka_exp.evaluation.harness.evaluate(model, tokenizer, tasks, limit, batch_size)`, timed as
+(a) lm-eval: `mka_exp.evaluation.hf.evaluate(model, tokenizer, tasks, limit=, batch_size=)`, timed as
     a whole (task building from the offline mirror, tokenization, batching, forward passes,
     log-softmax, scoring, metric aggregation). lm-eval's task index (~10 s, built once per
     process) and one untimed warm-up call (it also builds the tasks, which later calls with the
@@ -12,17 +12,17 @@
     clones `input_ids`); the same tensors are then replayed through `model(input_ids)` under
     `torch.no_grad()` exactly as lm-eval's `HFLM._model_call` calls it. Same model, same batch
     size, same token sequences, same padding.
-(c) `evaluate(..., share_prefix=True)`, the default: `SharedPrefixHFLM` runs each multiple-choice
-    context once; same requests and metrics, fewer tokens through the model. (a) and (b) use
+(c) `evaluate(..., share_prefix=True)`, the default: `PrefixCacheHFLM` runs each shared token
+    prefix once; same requests and metrics, fewer tokens through the model. (a) and (b) use
     lm-eval's plain HFLM (`share_prefix=False`).
 
 `--prefix-cache`: a different comparison, in one run, per model (`--models`): MMLU 5-shot on
 all 57 subjects (`--mmlu-limits`: questions per subject, one per model) and the paper's four 0-shot
-tasks (`--zero-shot-limit`), each evaluated three ways: (1) plain `HFLM` (`share_prefix=False`),
-(2) today's shared contexts (`SharedPrefixHFLM`: each context once), (3) the prefix cache
-(`PrefixCacheHFLM`, the default: each shared token prefix once). Per way: wall and CPU seconds
-(`time.process_time`), forwards and tokens through the model (input ids with padding, and without
-padding: HFLM's unpadded rows, distinct contexts + continuation tails, the cache's tree), against
+tasks (`--zero-shot-limit`), each evaluated two ways: (1) plain `HFLM` (`share_prefix=False`),
+(2) the prefix cache (`PrefixCacheHFLM`, the default: each shared token prefix once; the
+"shared contexts" way of earlier runs, its superseded base class, is gone). Per way: wall and CPU
+seconds (`time.process_time`), forwards and tokens through the model (input ids with padding, and without
+padding: HFLM's unpadded rows, the cache's tree), against
 the tokens requested (one sequence per request, as HFLM without its logits cache) and the bound
 (the radix tree with every shared run split off, `prefix_min_shared=1`); metrics compared exactly.
 Tasks are built once per workload before the timed calls (an untimed `limit=1` evaluation).
@@ -110,7 +110,7 @@ def instrument(recorder: Recorder):
 
 def run_lm_eval(model, tokenizer, args, profile: bool = False, share_prefix: bool = False):
     """One timed evaluate() call with recording; returns (seconds, recorder, metrics, stats)."""
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
 
     recorder = Recorder(model)
     profiler = cProfile.Profile() if profile else None
@@ -123,8 +123,8 @@ def run_lm_eval(model, tokenizer, args, profile: bool = False, share_prefix: boo
                 model,
                 tokenizer,
                 args.tasks,
-                args.limit,
-                args.batch_size,
+                limit=args.limit,
+                batch_size=args.batch_size,
                 data_root=DATA_ROOT,
                 share_prefix=share_prefix,
             )
@@ -146,7 +146,7 @@ def run_raw(model, batches: list[torch.Tensor]) -> float:
 
 
 def pytest_approx(metrics: dict[str, float]):
-    """Equality up to float noise (the shared-context path sums log-probs in another order)."""
+    """Equality up to float noise (the prefix cache sums log-probs in another order)."""
     import pytest
 
     return pytest.approx(metrics, abs=1e-9)
@@ -164,7 +164,7 @@ def profile_text(profiler: cProfile.Profile, top: int) -> str:
     return "\n\n".join(parts)
 
 
-WAYS = ("plain HFLM", "shared contexts", "prefix cache")
+WAYS = ("plain HFLM", "prefix cache")
 ZERO_SHOT = ["piqa", "hellaswag", "race", "boolq"]
 
 
@@ -174,10 +174,9 @@ def way(name: str):
     import lm_eval.models.huggingface as hf
 
     import mka_exp.evaluation.prefix_cache as pc
-    from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM
 
     seen: list = []
-    cls = {"plain HFLM": hf.HFLM, "shared contexts": SharedPrefixHFLM}.get(name, pc.PrefixCacheHFLM)
+    cls = hf.HFLM if name == "plain HFLM" else pc.PrefixCacheHFLM
     inner = cls._loglikelihood_tokens
     depth = [0]
 
@@ -190,34 +189,22 @@ def way(name: str):
         finally:
             depth[0] -= 1
 
-    original = pc.PrefixCacheHFLM
-
-    def today(*args, cache_tokens=None, min_shared=None, **kwargs):
-        return SharedPrefixHFLM(*args, **kwargs)
-
     cls._loglikelihood_tokens = recording
-    if name == "shared contexts":
-        pc.PrefixCacheHFLM = today
     try:
         yield seen
     finally:
         cls._loglikelihood_tokens = inner
-        pc.PrefixCacheHFLM = original
 
 
 def unpadded_tokens(name: str, seen: list) -> int:
     """Tokens each way runs without its padding, from the requests it got."""
-    from mka_exp.evaluation.prefix_cache import build_tree, tree_tokens
-    from mka_exp.evaluation.shared_prefix import group_by_prefix
+    from mka_exp.evaluation.prefix_tree import build_tree, tree_tokens
 
     total = 0
     for lm, reqs in seen:
         if name == "plain HFLM":  # one row per context+continuation[:-1] (its logits cache)
             rows = {tuple((c + t)[-(lm.max_length + 1) :][:-1]) for _, c, t in reqs}
             total += sum(map(len, rows))
-        elif name == "shared contexts":
-            groups = group_by_prefix(reqs, lm.max_length)
-            total += sum(map(len, groups)) + sum(len(t) - 1 for _, _, t in reqs)
         else:
             total += tree_tokens(build_tree(reqs, lm.max_length, lm.min_shared)[0])
     return total
@@ -225,7 +212,7 @@ def unpadded_tokens(name: str, seen: list) -> int:
 
 def request_counts(seen: list) -> tuple[int, int, int]:
     """(requests, tokens requested, bound: tokens of the fully split radix tree)."""
-    from mka_exp.evaluation.prefix_cache import build_tree, requested_tokens, tree_tokens
+    from mka_exp.evaluation.prefix_tree import build_tree, requested_tokens, tree_tokens
 
     n = asked = bound = 0
     for lm, reqs in seen:
@@ -247,7 +234,7 @@ def load_named(name: str):
 
 
 def compare_prefix_cache(args) -> None:
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
 
     for model_name, mmlu_limit in zip(args.models, args.mmlu_limits, strict=True):
         lm = load_named(model_name)
@@ -266,7 +253,7 @@ def compare_prefix_cache(args) -> None:
             if not limit:  # --zero-shot-limit 0: MMLU only
                 continue
             kwargs = dict(num_fewshot=shots, data_root=DATA_ROOT, batch_size=args.batch_size)
-            evaluate(lm.model, lm.tokenizer, tasks, 1, **kwargs)  # builds the tasks, untimed
+            evaluate(lm.model, lm.tokenizer, tasks, limit=1, **kwargs)  # builds the tasks, untimed
             rows, metrics = [], {}
             for name in ways:
                 recorder = Recorder(lm.model)
@@ -276,7 +263,7 @@ def compare_prefix_cache(args) -> None:
                         lm.model,
                         lm.tokenizer,
                         tasks,
-                        limit,
+                        limit=limit,
                         share_prefix=name != "plain HFLM",
                         **kwargs,
                     )
@@ -293,7 +280,7 @@ def compare_prefix_cache(args) -> None:
 
 def mmlu_ways(short: list[str]) -> tuple[str, ...]:
     """The WAYS named by `--mmlu-ways` (plain HFLM always, first: it is the baseline)."""
-    names = {"hflm": WAYS[0], "shared": WAYS[1], "prefix": WAYS[2]}
+    names = {"hflm": WAYS[0], "prefix": WAYS[1]}
     return (WAYS[0], *(names[w] for w in short if w != "hflm"))
 
 
@@ -351,10 +338,9 @@ def main() -> None:
     parser.add_argument(
         "--mmlu-ways",
         nargs="+",
-        choices=["hflm", "shared", "prefix"],
-        default=["hflm", "shared", "prefix"],
-        help="ways timed on MMLU (plain HFLM always); shared contexts gain nothing on MMLU's "
-        "one-letter answers (HFLM runs each context once), so `hflm prefix` saves a third",
+        choices=["hflm", "prefix"],
+        default=["hflm", "prefix"],
+        help="ways timed on MMLU (plain HFLM always)",
     )
     args = parser.parse_args()
     set_threads(args.threads)
@@ -362,7 +348,8 @@ def main() -> None:
         compare_prefix_cache(args)
         return
 
-    from mka_exp.evaluation.harness import evaluate, known_tasks
+    from mka_exp.evaluation.harness import known_tasks
+    from mka_exp.evaluation.hf import evaluate
 
     lm = load_model(args.random_model)
     model, tokenizer = lm.model, lm.tokenizer
@@ -370,7 +357,7 @@ def main() -> None:
     known_tasks()
     index_s = time.perf_counter() - start
     start = time.perf_counter()
-    evaluate(model, tokenizer, args.tasks, 2, args.batch_size, data_root=DATA_ROOT)
+    evaluate(model, tokenizer, args.tasks, limit=2, batch_size=args.batch_size, data_root=DATA_ROOT)
     warmup_s = time.perf_counter() - start
 
     lm_times, raw_times, forward_times, build_times, shared_times = [], [], [], [], []
@@ -409,7 +396,7 @@ def main() -> None:
     print(f"{'(b) raw forward, same batches':<34}{raw_s:>9.2f}{scored / raw_s:>10.1f}")
     print(f"ratio (a)/(b) tokens/s: {raw_s / lm_s:.1%} of raw (goal >= 70%)")
     print(f"  without task building: {raw_s / (lm_s - build_s):.1%} of raw")
-    print(f"{'(c) evaluate(), shared contexts':<34}{shared_s:>9.2f}{scored / shared_s:>10.1f}")
+    print(f"{'(c) evaluate(), prefix cache':<34}{shared_s:>9.2f}{scored / shared_s:>10.1f}")
     print(
         f"ratio (c)/(a): {lm_s / shared_s:.2f}x faster than lm-eval's HFLM, "
         f"{raw_s / shared_s:.1%} of (b)'s raw tokens/s (same requests scored); "

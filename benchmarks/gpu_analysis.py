@@ -368,15 +368,16 @@ def throughput(lm, args) -> dict:
         return figures
     from eval_throughput import Recorder, instrument
 
-    from mka_exp.evaluation.harness import evaluate, known_tasks
+    from mka_exp.evaluation.harness import known_tasks
+    from mka_exp.evaluation.hf import evaluate
 
     def run_eval(limit: int, share_prefix: bool):
         return evaluate(
             model,
             tokenizer,
             ["piqa"],
-            limit,
-            args.eval_batch,
+            limit=limit,
+            batch_size=args.eval_batch,
             data_root=args.data_root,
             share_prefix=share_prefix,
         )

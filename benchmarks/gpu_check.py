@@ -367,7 +367,8 @@ def quantize_worker(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from mka_exp.calibration import tokenize
-    from mka_exp.evaluation.harness import evaluate, known_tasks
+    from mka_exp.evaluation.harness import known_tasks
+    from mka_exp.evaluation.hf import evaluate
     from mka_exp.models.loading import build_random_model
 
     device = args.device
@@ -416,7 +417,12 @@ def quantize_worker(args: argparse.Namespace) -> int:
             cosine = float(torch.nn.functional.cosine_similarity(logits, dense_logits, dim=0))
             start = time.perf_counter()
             metrics = evaluate(
-                model, lm.tokenizer, ["piqa"], args.limit, 8, data_root=args.data_root
+                model,
+                lm.tokenizer,
+                ["piqa"],
+                limit=args.limit,
+                batch_size=8,
+                data_root=args.data_root,
             )
             sync()
             down = model.model.layers[0].mlp.down_proj

@@ -21,10 +21,10 @@ from typing import Any
 
 # Keys Hydra's `instantiate` reads itself, beside the target's parameters.
 HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
-# Groups without a `_target_` whose settings are a function's parameters (the pipeline passes
-# them as plain arguments), and the arguments the pipeline passes itself.
-READERS = {"eval": "mka_exp.evaluation.harness.evaluate"}
-PASSED = {"eval": {"model", "tokenizer"}, "calib": {"tokenizer"}}
+# Who reads a group's node when it has no `_target_`: eval's default backend (recorded configs
+# from before eval had a `_target_`); and the arguments the pipeline passes itself.
+READERS = {"eval": "mka_exp.evaluation.hf.HFEvaluation"}
+PASSED = {"calib": {"tokenizer"}}
 
 
 def yaml_keys(path: Path) -> dict[str, Any]:

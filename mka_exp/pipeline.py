@@ -24,8 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mka_exp import job
-from mka_exp.contracts import Quantizer
-from mka_exp.evaluation.harness import evaluate_with_samples
+from mka_exp.contracts import EvaluationBackend, Quantizer
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
 from mka_exp.models.loading import check_finite
@@ -148,11 +147,11 @@ def canonicalise(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
-    setting, all at once (`mka_exp/checks.py`). The benchmark files are read in `check_tasks`."""
+    setting, all at once (`mka_exp/checks.py`). The benchmark files are read by the evaluation backend's
+    `check_data` in `compute_points`."""
     from mka_exp import canonical, checks
     from mka_exp.calibration import check_against_eval, check_calibration
     from mka_exp.data import check_data_root
-    from mka_exp.evaluation.harness import check_sample_seed
     from mka_exp.models.loading import DTYPES
     from mka_exp.tracking import WANDB_MODES, check_logger_mode
 
@@ -162,10 +161,7 @@ def check_config(cfg: DictConfig) -> None:
     checks.gather(
         lambda: canonical.check_known_keys(c, CONF_DIR),
         lambda: checks.check_seed(c.get("seed")),
-        lambda: checks.check_eval(ev["tasks"], ev["limit"], ev["batch_size"], ev["num_fewshot"]),
-        lambda: check_sample_seed(ev.get("sample_seed"), ev["limit"]),
-        lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
-        lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
+        lambda: check_evaluation(cfg.eval),
         lambda: check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
         lambda: checks.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
         lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
@@ -179,6 +175,16 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
         lambda: check_curve_methods(cfg, c.get("curve")),
     )
+
+
+def check_evaluation(eval_cfg: DictConfig) -> None:
+    """The evaluation backend checks its settings as Hydra builds it. A key it does not take
+    (a TypeError) is left to `canonical.check_known_keys`, whose line names the closest key."""
+    try:
+        instantiate(eval_cfg)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, TypeError):
+            raise
 
 
 def check_cache_dir(cache: Any) -> None:
@@ -228,7 +234,7 @@ class Session:
     layers_before: int
     params_before: int
     quantizer: Quantizer
-    eval_kwargs: dict
+    evaluation: EvaluationBackend
 
 
 @dataclass
@@ -368,11 +374,11 @@ def compute_points(
     method = instantiate(configs[0].method)  # bad values fail before the model loads
     repair = instantiate(cfg.repair) if "repair" in cfg else NoRepair()
     repair.check_method(method)
-    quantizer, eval_kwargs = instantiate(cfg.quant), OmegaConf.to_container(cfg.eval, resolve=True)
-    check_tasks(eval_kwargs)
+    quantizer, evaluation = instantiate(cfg.quant), instantiate(cfg.eval)
+    evaluation.check_data()  # task names and benchmark files, before the model loads
     check_layer_bounds(method, configs, cfg.model)
     watch = Stopwatch()
-    session = load_session(cfg, watch, quantizer, eval_kwargs)
+    session = load_session(cfg, watch, quantizer, evaluation)
     dense = prepare_repair(repair, session, watch)
     for index, (stats, model) in enumerate(walk(method, session, configs, watch)):
         point = points[index]
@@ -434,15 +440,7 @@ def check_layer_bounds(method, configs: list[DictConfig], model_cfg: DictConfig)
     check(method, amounts, OmegaConf.to_container(model_cfg, resolve=True))
 
 
-def check_tasks(eval_kwargs: dict) -> None:
-    """Unknown task names (with close matches), few-shot names and a bad line in a benchmark file
-    fail before the model loads: the tasks are built (read) now and reused by the evaluation."""
-    from mka_exp.checks import check_eval_data
-
-    check_eval_data(eval_kwargs["tasks"], eval_kwargs["num_fewshot"], eval_kwargs["data_root"])
-
-
-def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, eval_kwargs: dict) -> Session:
+def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, evaluation) -> Session:
     with watch.stage("load"):
         loaded = instantiate(cfg.model)
         check_finite(loaded.model, "load")
@@ -457,7 +455,7 @@ def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, eval_kwargs: dict
         num_layers(model),
         parameter_count(model),
         quantizer,
-        eval_kwargs,
+        evaluation,
     )
 
 
@@ -580,9 +578,9 @@ def measure_point(
             model_dir = point.output_dir / "model"
             record["bytes_on_disk"] = save_compressed(target, session.tokenizer, model_dir)
     with watch.stage("evaluate"):
-        kwargs, metrics = session.eval_kwargs, {}
-        if kwargs["tasks"]:
-            metrics, rows = evaluate_with_samples(target, session.tokenizer, **kwargs)
+        metrics = {}
+        if session.evaluation.tasks:
+            metrics, rows = session.evaluation.evaluate(target, session.tokenizer)
             # lm-eval's per-example outcomes beside the record: the report's paired tests.
             records_dir = Path(point.cfg.paths.records_dir)
             record["samples"] = write_samples(records_dir, point.key, rows)

@@ -54,7 +54,7 @@ def test_every_unknown_key_is_listed_at_once(no_model, tmp_path, data_root):
     lines = error_of(tmp_path, data_root, "+eval.limt=3", "+calib.seed2=1", "+repair.ridg=1")
     by_key = {line.split("=")[0]: line for line in lines}
     assert sorted(by_key) == ["calib.seed2", "eval.limt", "repair.ridg"]
-    assert by_key["eval.limt"].startswith("eval.limt=3: evaluate has no setting 'limt'")
+    assert by_key["eval.limt"].startswith("eval.limt=3: HFEvaluation has no setting 'limt'")
     assert by_key["eval.limt"].endswith("did you mean eval.limit?")
     assert by_key["repair.ridg"].startswith("repair.ridg=1: NoRepair has no setting 'ridg'")
 
@@ -62,13 +62,13 @@ def test_every_unknown_key_is_listed_at_once(no_model, tmp_path, data_root):
 def test_a_new_parameter_of_a_component_is_readable_at_once(monkeypatch):
     """Keys are derived from signatures: a parameter another change adds needs no list here."""
 
-    def evaluate(model, tokenizer, tasks, limit=None, sample_seed=None):
+    def evaluation(tasks, limit=None, sample_seed=None):
         return {}
 
-    monkeypatch.setattr("mka_exp.evaluation.harness.evaluate", evaluate)
+    monkeypatch.setattr("mka_exp.evaluation.hf.HFEvaluation", evaluation)
     config = {"eval": {"tasks": ["piqa"], "limit": 2, "sample_seed": 3}}
     canonical.check_known_keys(config, CONF)  # no error
-    with pytest.raises(ConfigError, match="eval.batch_size=8: evaluate has no setting"):
+    with pytest.raises(ConfigError, match="eval.batch_size=8: HFEvaluation has no setting"):
         canonical.check_known_keys({"eval": {**config["eval"], "batch_size": 8}}, CONF)
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mka_exp import checks, pipeline
+from mka_exp import pipeline
 from mka_exp.calibration import text_dataset
 from mka_exp.data import read_jsonl
+from mka_exp.evaluation import checks as eval_checks
 from mka_exp.models.loading import train_tokenizer
 from tests.helpers import CONF, compose_config
 
@@ -196,21 +197,21 @@ def test_fewshot_from_an_empty_split_is_found_before_the_model_loads(no_model, t
 
 @pytest.mark.parametrize("good", [1, 16, "auto", "auto:4"])
 def test_batch_size_accepts(good):
-    checks.check_batch_size(good)
+    eval_checks.check_batch_size(good)
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "big", "auto:x", None])
 def test_batch_size_rejects(bad):
     with pytest.raises(ValueError, match=r"^eval\.batch_size="):
-        checks.check_batch_size(bad)
+        eval_checks.check_batch_size(bad)
 
 
 @pytest.mark.parametrize("good", [None, 1, 50, 0.5, 1.0])
 def test_limit_accepts(good):
-    checks.check_limit(good)
+    eval_checks.check_limit(good)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "abc", True, 0.0])
 def test_limit_rejects(bad):
     with pytest.raises(ValueError, match=r"^eval\.limit="):
-        checks.check_limit(bad)
+        eval_checks.check_limit(bad)

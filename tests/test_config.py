@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 
 import pytest
@@ -38,6 +39,10 @@ def test_option_composes_and_builds(group, option, tmp_path, data_root, tiny):
             node.field = "goal"
         built = instantiate(node, tokenizer=tiny.tokenizer)
         assert len(built) > 0 and built.input_ids.shape[0] == len(built)
+        return
+    if option == "vllm" and importlib.util.find_spec("vllm") is None:
+        with pytest.raises(Exception, match="pip install vllm"):
+            instantiate(node)
         return
     if option.startswith("bnb_") and not torch.cuda.is_available():
         with pytest.raises(Exception, match="bitsandbytes needs a CUDA GPU"):

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from mka_exp.data import MMLU_SUBJECTS
-from mka_exp.evaluation.harness import (
-    check_limit,
-    check_sample_seed,
-    draw_examples,
-    evaluate,
-    flatten_results,
-    run_lm_eval,
-)
+from mka_exp.evaluation.checks import check_limit, check_sample_seed
+from mka_exp.evaluation.harness import draw_examples, flatten_results
+from mka_exp.evaluation.hf import HFEvaluation, evaluate
 
 PIQA = "baber/piqa/default/validation.jsonl"
 
@@ -79,7 +74,8 @@ def test_data_comes_from_the_given_root(tiny, data_root, tmp_path):
 
 
 def test_fraction_limit(tiny, data_root):
-    raw = run_lm_eval(tiny.model, tiny.tokenizer, ["piqa"], limit=0.002, data_root=data_root)
+    backend = HFEvaluation(tasks=["piqa"], limit=0.002, data_root=data_root)
+    raw = backend.run(tiny.model, tiny.tokenizer)[1]
     assert raw["n-samples"]["piqa"]["effective"] == math.ceil(1838 * 0.002)
 
 
@@ -156,8 +152,9 @@ def test_tasks_are_built_once_and_prompt_alike(tiny, data_root, monkeypatch):
     builds = []
     load = evaluation.load_tasks
     monkeypatch.setattr(evaluation, "load_tasks", lambda *a: builds.append(a) or load(*a))
-    kwargs = dict(limit=3, num_fewshot={"mmlu_anatomy": 2}, data_root=data_root, log_samples=True)
-    runs = [run_lm_eval(tiny.model, tiny.tokenizer, ["mmlu_anatomy"], **kwargs) for _ in "ab"]
+    kwargs = dict(limit=3, num_fewshot={"mmlu_anatomy": 2}, data_root=data_root)
+    backend = HFEvaluation(tasks=["mmlu_anatomy"], **kwargs)
+    runs = [backend.run(tiny.model, tiny.tokenizer, log_samples=True)[1] for _ in "ab"]
     assert len(builds) == 1
     prompts = [[s["arguments"] for s in run["samples"]["mmlu_anatomy"]] for run in runs]
     assert prompts[0] == prompts[1] and len(prompts[0]) == 3
@@ -229,12 +226,11 @@ def test_seeded_runs_evaluate_the_drawn_examples(tiny, data_root, piqa_mmlu):
     of the document at its doc_id (lm-eval mapped the draw back correctly)."""
     from lm_eval.utils import handle_non_serializable, hash_string
 
-    from mka_exp.evaluation.harness import evaluate_with_samples
     from mka_exp.results import samples
 
     kwargs = dict(tasks=["piqa", "mmlu_anatomy"], limit=4, data_root=data_root, sample_seed=11)
     (flat, one), (_, two) = (
-        evaluate_with_samples(tiny.model, tiny.tokenizer, **kwargs) for _ in "ab"
+        HFEvaluation(**kwargs).evaluate(tiny.model, tiny.tokenizer) for _ in "ab"
     )
     cols = ["subtask", "doc_id", "doc_hash", "prompt_hash", "target", "choice_ll"]
     assert one[cols].equals(two[cols])
@@ -247,7 +243,7 @@ def test_seeded_runs_evaluate_the_drawn_examples(tiny, data_root, piqa_mmlu):
         text = json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
         assert row["doc_hash"] == hash_string(text)[:16]
     assert samples.aggregate(one)["piqa/acc"] == pytest.approx(flat["piqa/acc"], abs=1e-12)
-    first = evaluate_with_samples(tiny.model, tiny.tokenizer, **{**kwargs, "sample_seed": None})[1]
+    first = HFEvaluation(**{**kwargs, "sample_seed": None}).evaluate(tiny.model, tiny.tokenizer)[1]
     assert first[first["subtask"] == "piqa"]["doc_id"].tolist() == [0, 1, 2, 3]
     assert samples.examples_digest({"piqa": draw["piqa"]}) != samples.examples_digest(
         {"piqa": [0, 1, 2, 3]}

@@ -7,8 +7,10 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mka_exp.evaluation.harness import evaluate
-from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM, build_tree, check_options, tree_tokens
+from mka_exp.evaluation.checks import check_prefix_cache
+from mka_exp.evaluation.hf import evaluate
+from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
+from mka_exp.evaluation.prefix_tree import build_tree, tree_tokens
 from mka_exp.models.loading import LoadedModel, build_random_model, train_tokenizer
 
 HEADER = list(range(5, 10))  # 5 tokens shared by both "subjects": below min_shared, recomputed
@@ -191,7 +193,7 @@ def test_small_cap_falls_back_to_same_answers(tiny, cap):
 )
 def test_bad_options_one_line(cap, shared, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        check_options(cap, shared)
+        check_prefix_cache(cap, shared)
 
 
 def test_evaluate_equal_to_plain_hflm(tiny, data_root):

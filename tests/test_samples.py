@@ -133,9 +133,9 @@ def test_a_record_without_samples_reads_as_none(tmp_path):
 
 @pytest.fixture(scope="module")
 def logged(data_root):
-    """piqa + hellaswag (5 each) on a tiny model through `evaluate_with_samples`, with the raw
+    """piqa + hellaswag (5 each) on a tiny model through the backend's `evaluate`, with the raw
     samples lm-eval logged in that same evaluation."""
-    from mka_exp.evaluation import harness as evaluation
+    from mka_exp.evaluation.hf import HFEvaluation
     from mka_exp.models.loading import build_random_model
 
     tiny = build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
@@ -145,13 +145,10 @@ def logged(data_root):
         raw["results"], task_dict = run(*args, **kwargs)
         return raw["results"], task_dict
 
-    run, evaluation.lm_eval_run = evaluation.lm_eval_run, spy
-    try:
-        _, frame = evaluation.evaluate_with_samples(
-            tiny.model, tiny.tokenizer, ["piqa", "hellaswag"], limit=5, data_root=data_root
-        )
-    finally:
-        evaluation.lm_eval_run = run
+    backend = HFEvaluation(tasks=["piqa", "hellaswag"], limit=5, data_root=data_root)
+    run = backend.lm_eval_run
+    backend.lm_eval_run = spy
+    _, frame = backend.evaluate(tiny.model, tiny.tokenizer)
     by_key = {(t, s["doc_id"]): s for t, rows in raw["results"]["samples"].items() for s in rows}
     return frame, by_key
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mka_exp import pipeline
-from mka_exp.evaluation.harness import evaluate
+from mka_exp.evaluation.hf import evaluate
 from tests.helpers import compose_config
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_every_layer_method_on_smollm2(method, smollm2, data_root, tmp_path):
     from hydra.utils import instantiate
 
     from mka_exp.calibration import mmlu_prompts
-    from mka_exp.evaluation.harness import evaluate
+    from mka_exp.evaluation.hf import evaluate
     from mka_exp.layers import num_layers
 
     cfg = compose_config(

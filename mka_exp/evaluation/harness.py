@@ -1,8 +1,7 @@
-"""Score an in-memory model with lm-evaluation-harness's own tasks (prompts, splits, metrics).
+"""lm-evaluation-harness's own tasks (prompts, splits, metrics) for any backend: resolving and
+building tasks, drawing examples, flattening results (`backend.LMEvalBackend` runs them).
 
 Why this shape:
-- The model is wrapped with `HFLM(pretrained=model)`, never saved and reloaded, so a sweep can
-  evaluate after every compression step of one loaded model.
 - Tasks are built by lm-eval's `TaskManager` inside `offline_datasets(data_root)`, so the same
   task YAMLs read the offline mirror instead of the hub; only where the data comes from changes.
 - Few-shot counts are per task (the paper's MMLU is 5-shot, the rest 0-shot), which lm-eval's
@@ -15,7 +14,7 @@ Why this shape:
   for a group (MMLU) both lm-eval's size-weighted score and the macro average over its
   subtasks (`mmlu/acc_macro`, as the paper's script averaged per subject).
 
-Nothing here reads Hydra config.
+Nothing here reads Hydra config or knows which engine scores the requests.
 """
 
 from __future__ import annotations
@@ -27,17 +26,14 @@ import logging
 import math
 import random
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mka_exp.choices import did_you_mean
-from mka_exp.data import check_data_root, offline_datasets
 
 log = logging.getLogger(__name__)
 
@@ -50,203 +46,13 @@ TASK_ALIASES: dict[str, str] = {
     "boolq": "boolq",  # SuperGLUE BoolQ
 }
 MACRO_METRICS = ("acc", "acc_norm")
-CPU_AUTO_BATCH_SIZE = 8
 BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
 MAX_BUILT_TASKS = 4
-PREFIX_CACHE_TOKENS = (
-    16384  # defaults of mka_exp.evaluation.prefix_cache (imported lazily: it loads lm-eval)
-)
-PREFIX_MIN_SHARED = 16
 # lm-eval warns about these on every call with an in-memory model, which is what we intend.
 EXPECTED_WARNINGS = (
     "`pretrained` model kwarg is not of type `str`",
     "Passed an already-initialized model through `pretrained`",
 )
-
-
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: list[str],
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    num_fewshot: dict[str, int] | None = None,
-    data_root: str | None = None,
-    seed: int = 1234,
-    log_samples: bool = False,
-    share_prefix: bool = True,
-    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-    prefix_min_shared: int = PREFIX_MIN_SHARED,
-    sample_seed: int | None = None,
-) -> dict[str, float]:
-    """Run lm-eval `tasks` on the model as it is in memory; return `{"<task>/<metric>": value}`.
-
-    `limit`: int = examples per task (per subtask of a group), float in (0, 1] = fraction,
-    None = all. `sample_seed`: None = the first `limit` examples of each task; an int = a seeded
-    draw of `limit` of them per task (`draw_examples`), the same for the same seed.
-    `num_fewshot`: per-task shots; tasks not named use their lm-eval default (0 for ours).
-    `data_root`: offline mirror to read instead of the hub. `log_samples` keeps per-example
-    records in lm-eval's raw output (see `run_lm_eval`); the flat dict has none.
-    `share_prefix` runs every token prefix the requests share once (`PrefixCacheHFLM`, same
-    scores); `prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split.
-    """
-    args = (limit, batch_size, num_fewshot, data_root, seed, log_samples, share_prefix)
-    args += (prefix_cache_tokens, prefix_min_shared, sample_seed)
-    return scored(model, tokenizer, tasks, *args)[0]
-
-
-def evaluate_with_samples(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], **kwargs: Any
-) -> tuple[dict[str, float], Any]:
-    """`evaluate` (same keyword arguments) plus lm-eval's per-example outcomes, as the rows of
-    `mka_exp.results.samples` (a DataFrame; empty when there are no tasks)."""
-    from mka_exp.results.samples import from_lm_eval
-
-    flat, results, names, task_dict = scored(
-        model, tokenizer, tasks, **{**kwargs, "log_samples": True}
-    )
-    subtasks = results.get("group_subtasks", {})
-    owners = {leaf: ours for lm, ours in names.items() for leaf in leaf_tasks(lm, subtasks)}
-    # each leaf's `doc_to_choice`: lm-eval's acc_norm divides by the lengths of its strings
-    choices = {name: task.doc_to_choice for name, task in task_dict.get("tasks", {}).items()}
-    return flat, from_lm_eval(results, owners, choices)
-
-
-def scored(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: list[str],
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    num_fewshot: dict[str, int] | None = None,
-    data_root: str | None = None,
-    seed: int = 1234,
-    log_samples: bool = False,
-    share_prefix: bool = True,
-    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-    prefix_min_shared: int = PREFIX_MIN_SHARED,
-    sample_seed: int | None = None,
-) -> tuple[dict[str, float], dict[str, Any], dict[str, str], dict[str, Any]]:
-    """`evaluate`'s flat metrics, lm-eval's raw results, the resolved task names and the built
-    tasks (lm-eval's `TaskManager.load` dict)."""
-    if not tasks:
-        return {}, {}, {}, {}
-    from mka_exp.evaluation.prefix_cache import check_options as check_prefix_cache
-
-    start = time.perf_counter()
-    check_limit(limit)
-    check_sample_seed(sample_seed, limit)
-    check_data_root(data_root)  # these before the slow task index, so bad values fail at once
-    check_prefix_cache(prefix_cache_tokens, prefix_min_shared)
-    names = resolve_tasks(tasks)
-    results, task_dict = lm_eval_run(
-        model,
-        tokenizer,
-        list(names),
-        limit,
-        batch_size,
-        num_fewshot,
-        data_root,
-        seed,
-        log_samples,
-        share_prefix,
-        prefix_cache_tokens,
-        prefix_min_shared,
-        sample_seed,
-    )
-    flat = flatten_results(results, names)
-    log_summary(flat, names, results, time.perf_counter() - start)
-    return flat, results, names, task_dict
-
-
-def run_lm_eval(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """lm-eval's raw results dict for lm-eval task names (`results`, `group_subtasks`, ...);
-    the arguments of `lm_eval_run`."""
-    return lm_eval_run(*args, **kwargs)[0]
-
-
-def lm_eval_run(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    lm_tasks: list[str],
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    num_fewshot: dict[str, int] | None = None,
-    data_root: str | None = None,
-    seed: int = 1234,
-    log_samples: bool = False,
-    share_prefix: bool = True,
-    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
-    prefix_min_shared: int = PREFIX_MIN_SHARED,
-    sample_seed: int | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """lm-eval's raw results for lm-eval task names, and the built tasks it evaluated."""
-    from lm_eval import evaluator
-    from lm_eval.models.huggingface import HFLM
-
-    from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
-
-    limit = check_limit(limit)
-    check_sample_seed(sample_seed, limit)
-    check_data_root(data_root)
-    shots = resolve_fewshot(num_fewshot or {}, lm_tasks)
-    seed_everything(seed)
-    with quiet_lm_eval(), offline_datasets(data_root):
-        # In-memory model: HFLM keeps model.device and takes max_length from the config.
-        batch_size = resolve_batch_size(batch_size, model.device)
-        lm_kwargs = dict(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        if share_prefix:
-            cache = dict(cache_tokens=prefix_cache_tokens, min_shared=prefix_min_shared)
-            lm = PrefixCacheHFLM(**lm_kwargs, **cache)
-        else:
-            lm = HFLM(**lm_kwargs)
-        task_dict = built_tasks(lm_tasks, shots, seed, data_root)
-        draw = None if sample_seed is None else draw_examples(task_dict, limit, sample_seed)
-        try:
-            results = evaluator.evaluate(
-                lm, task_dict, limit=None if draw else limit, samples=draw, log_samples=log_samples
-            )
-            check_drawn(results, draw)
-            return results, task_dict
-        except AssertionError as err:
-            if "no documents available for sampling" in str(err):
-                raise empty_fewshot_error(shots, data_root) from err
-            raise
-
-
-def check_limit(limit: int | float | None) -> int | float | None:
-    """lm-eval reads a float < 1 as a fraction and anything else as a count (1.0 -> 1 example)."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-        raise ValueError(
-            f"eval.limit={limit!r}: use an int > 0 (examples per task), "
-            "a float in (0, 1] (fraction) or null (all)"
-        )
-    if isinstance(limit, float):
-        if limit > 1:
-            raise ValueError(
-                f"eval.limit={limit!r}: a float is a fraction in (0, 1]; "
-                "use an int for a number of examples"
-            )
-        return None if limit == 1.0 else limit
-    return limit
-
-
-def check_sample_seed(sample_seed: Any, limit: Any) -> None:
-    """A seed is an int >= 0 and draws `limit` examples, so it needs `limit` as a count."""
-    if sample_seed is None:
-        return
-    if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
-        raise ValueError(
-            f"eval.sample_seed={sample_seed!r}: use an int >= 0 (a seeded draw of eval.limit "
-            "examples per task) or null (the first eval.limit examples)"
-        )
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise ValueError(
-            f"eval.sample_seed={sample_seed} draws eval.limit examples per task, but "
-            f"eval.limit={limit!r}; use an int eval.limit (examples per task) or sample_seed=null"
-        )
 
 
 def draw_examples(task_dict: dict[str, Any], limit: int, seed: int) -> dict[str, list[int]]:
@@ -273,15 +79,6 @@ def check_drawn(results: dict[str, Any], draw: dict[str, list[int]] | None) -> N
                 f"{name}: lm-eval evaluated documents {got[:5]}... where the draw is "
                 f"{draw[name][:5]}...; nothing is recorded"
             )
-
-
-def resolve_batch_size(batch_size: int | str, device: torch.device) -> int | str:
-    """lm-eval's "auto" tries 5 forwards at batch 64 and halves on CUDA out-of-memory errors; a
-    CPU never raises one (it swaps or gets killed), so there "auto" means a fixed size."""
-    if str(batch_size).startswith("auto") and torch.device(device).type == "cpu":
-        log.info("eval batch_size=%s on CPU: using %d", batch_size, CPU_AUTO_BATCH_SIZE)
-        return CPU_AUTO_BATCH_SIZE
-    return batch_size
 
 
 @functools.cache

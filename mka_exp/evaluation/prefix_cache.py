@@ -37,157 +37,30 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from mka_exp.checks import check_positive
-from mka_exp.evaluation.shared_prefix import Request, SharedPrefixHFLM, group_by_prefix
+from mka_exp.evaluation.checks import check_prefix_cache
+from mka_exp.evaluation.prefix_tree import (
+    DEFAULT_CACHE_TOKENS,
+    DEFAULT_MIN_SHARED,
+    Node,
+    Request,
+    build_tree,
+    requested_tokens,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_TOKENS = 16384
-DEFAULT_MIN_SHARED = 16
 MAX_PADDING = 0.2
 
 
-def check_options(cache_tokens: Any, min_shared: Any) -> None:
-    """One line for the first bad value, before any model work."""
-    check_positive("eval.prefix_cache_tokens", cache_tokens)
-    check_positive("eval.prefix_min_shared", min_shared)
-
-
-@dataclass(eq=False)
-class Node:
-    """Tokens one row runs on top of its parent's path. A context node scores the first token
-    of each request ending on it (`ends`); a tail (`tail=True`) is a continuation but its last
-    token and scores the rest."""
-
-    tokens: list[int]
-    parent: Node | None = None
-    ends: list[int] = field(default_factory=list)
-    kids: list[Node] = field(default_factory=list)
-    tail: bool = False
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # this node's own positions
-
-    @property
-    def offset(self) -> int:
-        """Tokens on the path before this node."""
-        node, total = self.parent, 0
-        while node is not None:
-            total += len(node.tokens)
-            node = node.parent
-        return total
-
-    @property
-    def end(self) -> int:
-        return self.offset + len(self.tokens)
-
-    def subtree(self) -> Iterator[Node]:
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.kids)
-
-    def subtree_by(self, index: dict[int, dict[int, Node]]) -> Iterator[Node]:
-        """`subtree` while the children still live in `build_tree`'s index."""
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(index.get(id(node), {}).values())
-
-
-def build_tree(
-    requests: list[Request], max_length: int, min_shared: int
-) -> tuple[Node, dict[int, Node]]:
-    """Radix tree of the truncated contexts (root: no tokens), short shared runs pushed down,
-    tails attached; also each request's context node."""
-    root = Node([])
-    index: dict[int, dict[int, Node]] = {}  # id(node) -> its children by first token
-    where: dict[int, Node] = {}
-    for context, indices in group_by_prefix(requests, max_length).items():
-        node = insert(root, list(context), index)
-        node.ends.extend(indices)
-        where.update(dict.fromkeys(indices, node))
-    for node in list(root.subtree_by(index)):
-        node.kids = list(index.get(id(node), {}).values())
-    push_down_short(root, min_shared)
-    for node in list(root.subtree()):
-        tails: dict[tuple[int, ...], Node] = {}
-        for i in node.ends:
-            cont = requests[i][2]
-            if len(cont) > 1:
-                key = tuple(cont[:-1])
-                if key not in tails:
-                    tails[key] = Node(list(key), node, tail=True)
-                    node.kids.append(tails[key])
-                tails[key].ends.append(i)
-    return root, where
-
-
-def insert(root: Node, seq: list[int], index: dict[int, dict[int, Node]]) -> Node:
-    """The node on which `seq` ends, splitting an edge where `seq` leaves it."""
-    node, pos = root, 0
-    while pos < len(seq):
-        child = index.setdefault(id(node), {}).get(seq[pos])
-        if child is None:
-            index[id(node)][seq[pos]] = new = Node(seq[pos:], node)
-            return new
-        shared = common_length(child.tokens, seq, pos)
-        if shared < len(child.tokens):  # split the edge: the shared run becomes a node
-            mid = Node(child.tokens[:shared], node)
-            index[id(node)][seq[pos]] = mid
-            child.tokens, child.parent = child.tokens[shared:], mid
-            index[id(mid)] = {child.tokens[0]: child}
-            child = mid
-        node, pos = child, pos + shared
-    return node
-
-
-def common_length(edge: list[int], seq: list[int], pos: int) -> int:
-    n = min(len(edge), len(seq) - pos)
-    for k in range(n):
-        if edge[k] != seq[pos + k]:
-            return k
-    return n
-
-
-def push_down_short(root: Node, min_shared: int) -> None:
-    """Copy each shared run shorter than `min_shared` (no context ending on it) into its
-    children, which then hang from its parent."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        kids, node.kids = node.kids, []
-        while kids:
-            kid = kids.pop()
-            if kid.kids and not kid.ends and len(kid.tokens) < min_shared:
-                for grandkid in kid.kids:
-                    grandkid.tokens = kid.tokens + grandkid.tokens
-                    kids.append(grandkid)
-                continue
-            kid.parent = node
-            node.kids.append(kid)
-        stack.extend(node.kids)
-
-
-def tree_tokens(root: Node) -> int:
-    """Tokens the tree runs through the model (each node once, without padding)."""
-    return sum(len(node.tokens) for node in root.subtree())
-
-
-def requested_tokens(requests: list[Request], max_length: int) -> int:
-    """Tokens lm-eval's HFLM runs for these requests, one sequence each."""
-    return sum(min(len(c) + len(t), max_length + 1) - 1 for _, c, t in requests)
-
-
-class PrefixCacheHFLM(SharedPrefixHFLM):
+class PrefixCacheHFLM(HFLM):
     """HFLM whose loglikelihood runs every shared prefix of its requests once."""
 
     def __init__(
@@ -197,7 +70,7 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
         min_shared: int = DEFAULT_MIN_SHARED,
         **kwargs: Any,
     ) -> None:
-        check_options(cache_tokens, min_shared)
+        check_prefix_cache(cache_tokens, min_shared)
         super().__init__(*args, **kwargs)
         self.cache_tokens, self.min_shared = cache_tokens, min_shared
         self.stats: Counter[str] = Counter()  # summed over calls; see _loglikelihood_tokens
@@ -210,9 +83,7 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
     ) -> list[tuple[float, bool]]:
         head = self.model.get_output_embeddings() if self.backend == "causal" else None
         if head is None or any(req[0] is None for req in requests):
-            return super(SharedPrefixHFLM, self)._loglikelihood_tokens(
-                requests, disable_tqdm, override_bs
-            )
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         root, where = build_tree(requests, self.max_length, self.min_shared)
         run = Run(self, requests, self.rows_per_batch(requests, override_bs))
         run.bar = tqdm(
@@ -232,7 +103,7 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
                 len(todo),
                 self.cache_tokens,
             )
-            plain = super(SharedPrefixHFLM, self)._loglikelihood_tokens(
+            plain = super()._loglikelihood_tokens(
                 [requests[i] for i in todo], disable_tqdm, override_bs
             )
             answers.update(zip(todo, plain, strict=True))
@@ -245,6 +116,20 @@ class PrefixCacheHFLM(SharedPrefixHFLM):
             fallback_requests=len(run.fallback),
         )
         return [answers[i] for i in range(len(requests))]
+
+    def rows_per_batch(self, requests: list[Request], override_bs: int | None) -> int:
+        """Rows per forward: the batch size, or lm-eval's out-of-memory search for "auto" on the
+        longest request (a full forward of it needs more than a node's row on its cache)."""
+        size = override_bs or self.batch_size
+        if str(size).startswith("auto"):
+            longest = max(requests, key=lambda req: len(req[1]) + len(req[2]))
+            return int(self._detect_batch_size([longest]))
+        return int(size)
+
+    @property
+    def pad_id(self) -> int:
+        """Filler for padded slots: masked on the left, after every real token on the right."""
+        return self.tokenizer.pad_token_id or 0
 
 
 class Run:

@@ -75,6 +75,9 @@ TABLE = "results.csv"
 # Table columns read as text whatever they look like (an all-digit hash or git commit).
 STRING_COLUMNS = ("config_hash", "code_version", "model", "method", "quantizer")
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt")
+# conf/eval's default backend: records written before eval had a `_target_` name none, so the
+# hash leaves it out (any other backend's name is hashed: another engine, another result).
+DEFAULT_EVAL_BACKEND = "mka_exp.evaluation.hf.HFEvaluation"
 
 
 def without_keys(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
@@ -152,7 +155,9 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
         kept["calib"] = {k: v for k, v in kept["calib"].items() if k != "seed"}
     ev = kept.get("eval")
     if isinstance(ev, dict) and ev.get("sample_seed", 0) is None:  # null: the first N, as before
-        kept["eval"] = {k: v for k, v in ev.items() if k != "sample_seed"}
+        kept["eval"] = ev = {k: v for k, v in ev.items() if k != "sample_seed"}
+    if isinstance(ev, dict) and ev.get("_target_") == DEFAULT_EVAL_BACKEND:  # records before
+        kept["eval"] = {k: v for k, v in ev.items() if k != "_target_"}  # the key have none
     return kept
 
 
