@@ -299,7 +299,7 @@ def check_device(device: Any) -> None:
 
 def check_model_source(model: dict[str, Any]) -> None:
     """A pretrained model's source: one of path or wheel, and a local path is a model."""
-    from mka_exp.models.loading import check_source
+    from mka_exp.models.settings import check_source
 
     if str(model.get("_target_")).endswith(".load_pretrained"):
         check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
@@ -342,15 +342,15 @@ def model_layers(model: dict[str, Any]) -> int | None:
     """The layer count a model config will load, read without its weights (None: unknown)."""
     import inspect
 
-    from mka_exp.models import loading as models
+    from mka_exp.models import loading, toy
 
     target = str(model.get("_target_"))
     if target.endswith(".build_random_model"):
-        default = inspect.signature(models.build_random_model).parameters["num_layers"].default
+        default = inspect.signature(toy.build_random_model).parameters["num_layers"].default
         return model.get("num_layers", default)
     if target.endswith(".load_pretrained"):
-        names = inspect.signature(models.declared_layers).parameters
-        return models.declared_layers(**{k: v for k, v in model.items() if k in names})
+        names = inspect.signature(loading.declared_layers).parameters
+        return loading.declared_layers(**{k: v for k, v in model.items() if k in names})
     return None
 
 

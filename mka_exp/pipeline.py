@@ -219,7 +219,7 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp.calibration import check_against_eval
     from mka_exp.data import check_data_root
     from mka_exp.evaluation.harness import check_sample_seed
-    from mka_exp.models.loading import DTYPES
+    from mka_exp.models.settings import DTYPES
     from mka_exp.tracking import WANDB_MODES
 
     checks.check_missing(OmegaConf.missing_keys(cfg))

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from mka_exp import checks, pipeline
 from mka_exp.calibration import text_dataset
 from mka_exp.data import read_jsonl
-from mka_exp.models.loading import train_tokenizer
+from mka_exp.models.toy import train_tokenizer
 from tests.helpers import CONF, compose_config
 
 

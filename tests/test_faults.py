@@ -23,7 +23,7 @@ from mka_exp import activations, pipeline
 from mka_exp.activations import capture_hidden_states
 from mka_exp.calibration import tokenize
 from mka_exp.methods.mka import MKA
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 from mka_exp.results import claims
 from mka_exp.results import records as results
 from tests.helpers import REPO_ROOT, compose_config

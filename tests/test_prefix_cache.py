@@ -9,7 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mka_exp.evaluation.harness import evaluate
 from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM, build_tree, check_options, tree_tokens
-from mka_exp.models.loading import LoadedModel, build_random_model, train_tokenizer
+from mka_exp.models.loading import LoadedModel
+from mka_exp.models.toy import build_random_model, train_tokenizer
 
 HEADER = list(range(5, 10))  # 5 tokens shared by both "subjects": below min_shared, recomputed
 

@@ -8,7 +8,7 @@ from lm_eval.models.huggingface import HFLM
 
 from mka_exp.evaluation.harness import evaluate
 from mka_exp.evaluation.shared_prefix import SharedPrefixHFLM, chunk_groups, group_by_prefix
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 
 
 def make_lms(

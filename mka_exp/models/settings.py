@@ -1,0 +1,94 @@
+"""A model config's settings read and checked without loading anything: the device and dtype
+it asks for (resolved against this machine), where the model comes from (one source, and a local
+path that is a model), and the pins of a GGUF file.
+
+May import: torch, `checks`. Imported by the rest of `models`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from mka_exp.checks import check_device
+
+    check_device(device)  # one line (not torch's AssertionError) for a device this machine lacks
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto` is bfloat16 on GPU and float32 on CPU (CPU half-precision matmuls are slow)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"model.dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}"
+        )
+    return DTYPES[dtype]
+
+
+def pinned(size: int | None, sha256: str | None, pins: dict) -> tuple[int | None, str | None]:
+    """The GGUF's pins: `model.gguf_size`/`gguf_sha256` (hashed: older records carry them) or
+    `model.pins` (not hashed: pins refuse a wrong file, they never change a result)."""
+    unknown = set(pins) - {"size", "sha256"}
+    if unknown:
+        raise ValueError(f"model.pins: unknown key(s) {sorted(unknown)}; allowed: size, sha256")
+    for key, value, pin in (("gguf_size", size, "size"), ("gguf_sha256", sha256, "sha256")):
+        if value is not None and pins.get(pin) is not None and str(value) != str(pins[pin]):
+            raise ValueError(
+                f"model.{key}={value} and model.pins.{pin}={pins[pin]} disagree; allowed: one pin"
+            )
+    return size or pins.get("size"), sha256 or pins.get("sha256")
+
+
+def check_source(
+    name_or_path: str | None, gguf_file: str | None, pip_package: str | list | None
+) -> None:
+    """The model comes from exactly one place, and a local one is a model: checked before
+    anything is fetched or loaded. A model group that loads from a wheel refuses an explicit
+    `model.name_or_path` rather than ignore it (the record would name a model it did not load)."""
+    if pip_package and name_or_path:
+        wheel = pip_package if isinstance(pip_package, str) else f"{len(pip_package)} wheel parts"
+        raise ValueError(
+            f"model.name_or_path={name_or_path!r} and model.pip_package ({wheel}) both say where "
+            "the model comes from; allowed: one of them (to load that path add "
+            "model.pip_package=null, and model.gguf_file=<file in it> or null)"
+        )
+    if not pip_package and not name_or_path:
+        raise ValueError(
+            "model.name_or_path is required (a hub id or a local directory), or model.pip_package"
+        )
+    if name_or_path:
+        check_local_path(name_or_path, gguf_file)
+
+
+def check_local_path(name_or_path: str, gguf_file: str | None) -> None:
+    """A path-looking source that does not exist, or is no model, is a user error, not a hub
+    lookup (nor a tokenizer error from deep inside transformers)."""
+    looks_local = name_or_path.startswith(("/", ".", "~")) or os.path.exists(name_or_path)
+    if not looks_local:
+        return
+    path = Path(name_or_path).expanduser()
+    key = f"model.name_or_path={name_or_path!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{key} does not exist")
+    if path.is_file():
+        raise ValueError(
+            f"{key} is a file; allowed: a model directory, or for a GGUF its folder as "
+            f"model.name_or_path={str(path.parent)!r} and model.gguf_file={path.name!r}"
+        )
+    if gguf_file and not (path / gguf_file).is_file():
+        raise FileNotFoundError(f"model.gguf_file={gguf_file!r} not found in {path}")
+    if not gguf_file and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{key} is not a model directory (it has no config.json); allowed: a folder written "
+            "by save_pretrained, or model.gguf_file=<a .gguf in it>"
+        )
