@@ -265,52 +265,6 @@ def check_free_space(key: str, path: str) -> None:
         )
 
 
-# --- model ----------------------------------------------------------------------------------
-
-
-def check_device(device: Any) -> None:
-    """`auto`, `cpu`, or an accelerator this machine has (`cuda`, `cuda:<i>`, `mps`)."""
-    import torch
-
-    if device == "auto":
-        return
-    allowed = "auto, cpu" + (", cuda, cuda:<index>" if torch.cuda.is_available() else "")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"model.device={device!r} is not a device; allowed here: {allowed}"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"model.device={device!r}: this machine has no CUDA device "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); allowed here: {allowed}"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"model.device={device!r}: only {torch.cuda.device_count()} CUDA device(s); "
-            f"allowed: cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"model.device={device!r}: MPS is not available; allowed here: {allowed}")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"model.device={device!r}: allowed here: {allowed}")
-
-
-def check_model_source(model: dict[str, Any]) -> None:
-    """A pretrained model's source: one of path or wheel, and a local path is a model."""
-    from mka_exp.models.settings import check_source
-
-    if str(model.get("_target_")).endswith(".load_pretrained"):
-        check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
-
-
-def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
-    choices = ("auto", *allowed)
-    if dtype not in choices:
-        raise ValueError(f"model.dtype={dtype!r}: allowed {', '.join(choices)}")
-
-
 # --- method, curve --------------------------------------------------------------------------
 
 
@@ -338,26 +292,11 @@ def check_curve(curve: Any, has_ratio: bool) -> None:
         raise ValueError(f"curve={curve!r}: this method has no method.ratio to walk")
 
 
-def model_layers(model: dict[str, Any]) -> int | None:
-    """The layer count a model config will load, read without its weights (None: unknown)."""
-    import inspect
-
-    from mka_exp.models import loading, toy
-
-    target = str(model.get("_target_"))
-    if target.endswith(".build_random_model"):
-        default = inspect.signature(toy.build_random_model).parameters["num_layers"].default
-        return model.get("num_layers", default)
-    if target.endswith(".load_pretrained"):
-        names = inspect.signature(loading.declared_layers).parameters
-        return loading.declared_layers(**{k: v for k, v in model.items() if k in names})
-    return None
-
-
 def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any]) -> None:
     """A layer method's amounts (ratio, num_layers) per point, and LaCo's `m`, against the
     model's layer count read from its config or GGUF header, before the weights load."""
     from mka_exp.methods.base import LayerMethod, layers_to_remove
+    from mka_exp.models.declared import model_layers
 
     if not isinstance(method, LayerMethod):
         return

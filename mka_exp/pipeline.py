@@ -219,7 +219,7 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp.calibration import check_against_eval
     from mka_exp.data import check_data_root
     from mka_exp.evaluation.harness import check_sample_seed
-    from mka_exp.models.settings import DTYPES
+    from mka_exp.models.settings import DTYPES, check_device, check_dtype, check_model_source
     from mka_exp.tracking import WANDB_MODES
 
     checks.check_missing(OmegaConf.missing_keys(cfg))
@@ -238,10 +238,10 @@ def check_config(cfg: DictConfig) -> None:
         lambda: check_cache_dir(method.get("cache")),
         lambda: check_data_root(c.get("data_root")),
         lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
-        lambda: checks.check_model_source(model),
+        lambda: check_model_source(model),
         lambda: check_against_eval(calib, ev),
-        lambda: checks.check_device(model.get("device", "auto")),
-        lambda: checks.check_dtype(model.get("dtype", "auto"), DTYPES),
+        lambda: check_device(model.get("device", "auto")),
+        lambda: check_dtype(model.get("dtype", "auto"), DTYPES),
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
         lambda: check_curve_methods(cfg, c.get("curve")),
     )

