@@ -52,6 +52,7 @@ def resolve_device(device: str) -> str:
 
 
 def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
+    """`auto` or one of `allowed` (the dtypes the loaders know: `DTYPES`)."""
     choices = ("auto", *allowed)
     if dtype not in choices:
         raise ValueError(f"model.dtype={dtype!r}: allowed {', '.join(choices)}")
@@ -61,10 +62,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """`auto` is bfloat16 on GPU and float32 on CPU (CPU half-precision matmuls are slow)."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(
-            f"model.dtype={dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}"
-        )
+    check_dtype(dtype, DTYPES)  # the same one line as the config check
     return DTYPES[dtype]
 
 
