@@ -36,7 +36,7 @@ from mka_exp.models.loading import check_finite
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.repair.none import NoRepair
-from mka_exp.results import claims
+from mka_exp.results import claims, files, table
 from mka_exp.results import records as results
 from mka_exp.results.samples import write_samples
 from mka_exp.sweep import callbacks as sweep
@@ -64,7 +64,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 def failed(cfg: DictConfig, err: Exception) -> None:
     """Report a run's error: one line (a traceback too for a bug), or a sweep job's failure."""
-    full = isinstance(err, results.DiskFull)
+    full = isinstance(err, files.DiskFull)
     expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
     if full:
         sweep.quiet_log_file_errors()
@@ -379,8 +379,8 @@ def compute_guarded(
         others = set(held.busy(p.key for p in points)) if held else set()
         unfinished = [p for p in points if not done[p.key] and p.key not in finished | others]
         mark_failed(records_dir, unfinished, sweep.error_line(err))
-        if isinstance(err, results.DiskFull):
-            raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
+        if isinstance(err, files.DiskFull):
+            raise files.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
                                    "space, then run the same command again (finished points "
                                    "are skipped)") from None  # fmt: skip
         raise
@@ -407,10 +407,10 @@ def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> 
                      "records: %s", len(old), ", ".join(old))  # fmt: skip
         return dict.fromkeys((p.key for p in points), None)
     done = {p.key: results.load_record(records_dir, p.key) for p in points}
-    results.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
+    table.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
     for point in points:
         if done[point.key]:
-            results.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
+            table.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
         elif failure := results.load_failure(records_dir, point.key):
             log.info("point %s failed before (%s); trying it again", point.key, failure["error"])
     return done
@@ -447,7 +447,7 @@ def compute_points(
             continue
         check_cut(point, stats, session.layers_before)
         check_finite(model, "compression")
-        with results.naming_full_disk(point.output_dir):
+        with files.naming_full_disk(point.output_dir):
             save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
@@ -591,15 +591,15 @@ def finish_point(
     point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
 ) -> dict:
     """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
-    with results.naming_full_disk(point.output_dir):
+    with files.naming_full_disk(point.output_dir):
         point.output_dir.mkdir(parents=True, exist_ok=True)
         tracker = shared_tracker(point.cfg.logger)
         tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
-        with results.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
+        with files.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
             record = measure_point(point, model, stats, session, watch, last)
         copy = point.output_dir / "results.json"
-        results.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
+        table.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
         results.clear_failure(Path(point.cfg.paths.records_dir), point.key)
         tracker.log_record(record, images=record_images(point.output_dir))
     finally:

@@ -73,7 +73,7 @@ def stop_sweep_on_full_disk_in_hydra() -> None:
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not in_multirun():
                 raise
-            from mka_exp.results.records import free_space
+            from mka_exp.results.files import free_space
 
             path = Path(output_dir) / filename
             stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
