@@ -233,8 +233,8 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_positive("eval.prefix_cache_tokens", ev.get("prefix_cache_tokens", 1)),
         lambda: checks.check_positive("eval.prefix_min_shared", ev.get("prefix_min_shared", 1)),
         lambda: checks.check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
-        lambda: checks.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
-        lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
+        lambda: files.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
+        lambda: files.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
         lambda: check_cache_dir(method.get("cache")),
         lambda: check_data_root(c.get("data_root")),
         lambda: checks.check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
@@ -249,10 +249,8 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_cache_dir(cache: Any) -> None:
     """The method's activation cache (a folder under the output root by default)."""
-    from mka_exp import checks
-
     if isinstance(cache, str):
-        checks.check_writable_dir("method.cache", cache)
+        files.check_writable_dir("method.cache", cache)
 
 
 def check_curve_methods(cfg: DictConfig, curve: Any) -> None:

@@ -4,7 +4,9 @@ one); a full disk or quota becomes `DiskFull` naming the path and the free space
 table share an exclusive `flock` (which works on NFS/Lustre where SQLite locking does not).
 
 Files are created with the process umask (0644 under the usual 022), so a group sharing an
-output root can read them. Imports nothing of `mka_exp`.
+output root can read them. The checks that a folder can take a run's files (writable, the
+records dir's layout, free space) live here too, and run with the other config checks before any
+model loads. Imports nothing of `mka_exp`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -110,3 +113,80 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --- checks that a folder can take a run's files (run before anything is computed) ----------
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """`path` is, or can be made, a directory this process writes into (nothing is created)."""
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"{key}={str(path)!r}: {existing} is a file, not a directory; "
+            "allowed: a directory you can write to"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={str(path)!r}: {existing} {not_writable(existing)}")
+
+
+# What a records dir holds (records.py, table.py): each entry's kind and whether this user must be able to
+# write the entry itself. The table and the records are replaced (written beside, then moved), so
+# only their folder must be writable; the lock file is opened for writing by every writer.
+RECORDS_LAYOUT = {
+    "records": ("dir", True),
+    "failures": ("dir", True),
+    "claims": ("dir", True),
+    "results.csv": ("file", False),
+    "results.csv.lock": ("file", True),
+}
+
+
+def not_writable(path: Path) -> str:
+    """Why `path` cannot be written, with its owner and mode (a shared root under umask 022)."""
+    info = path.stat()
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {info.st_uid}"
+    return (
+        f"is not writable for this user (owner {owner}, mode {info.st_mode & 0o7777:04o}); "
+        "allowed: a path you can write to (on a shared root: chmod -R g+w by its owner, and umask "
+        "002 for every user)"
+    )
+
+
+def check_records_dir(key: str, path: str) -> None:
+    """The records dir and what it holds are what they should be (dir vs file) and writable."""
+    check_writable_dir(key, path)
+    root = Path(path).expanduser().absolute()
+    for name, (kind, write) in RECORDS_LAYOUT.items():
+        entry = root / name
+        if not entry.exists() and not entry.is_symlink():
+            continue
+        if entry.is_dir() != (kind == "dir"):
+            other = "directory" if entry.is_dir() else "file"
+            raise ValueError(
+                f"{key}={str(path)!r}: {entry} is a {other}, not a {kind}; "
+                f"allowed: a records dir whose {name} is a {kind} (move the {other} away)"
+            )
+        mode = os.W_OK | (os.X_OK if kind == "dir" else 0)
+        if write and not os.access(entry, mode):
+            raise ValueError(f"{key}={str(path)!r}: {entry} {not_writable(entry)}")
+    check_free_space(key, path)
+
+
+MIN_FREE_BYTES = 10 * 2**20  # a point's record, per-example file, figures and temporaries
+
+
+def check_free_space(key: str, path: str) -> None:
+    """Room for a point's files: a run on a full disk would compute everything, then fail."""
+    target = Path(path).expanduser().absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"{key}={str(path)!r}: only {free / 2**20:.2f} MB free on {existing}; allowed: a file "
+            f"system with at least {MIN_FREE_BYTES // 2**20} MB free (free some space first)"
+        )
