@@ -76,7 +76,8 @@ RANDOM_SHAPE = {
 
 def smollm2_dir() -> Path:
     """A safetensors copy of SmolLM2-135M-Instruct (dequantized GGUF), made once."""
-    from mka_exp.models.loading import cache_dir, load_pretrained
+    from mka_exp.models.loading import load_pretrained
+    from mka_exp.models.seals import cache_dir
 
     target = cache_dir() / "bench" / "smollm2_135m_safetensors"
     if (target / "config.json").exists():
@@ -93,7 +94,8 @@ def smollm2_dir() -> Path:
 
 def load_model(random_model: bool, gguf: bool = False):
     """SmolLM2-135M (safetensors copy, or the GGUF with `gguf`), or a small random Llama."""
-    from mka_exp.models.loading import build_random_model, load_pretrained
+    from mka_exp.models.loading import load_pretrained
+    from mka_exp.models.toy import build_random_model
 
     if random_model:
         return build_random_model(device="cpu", **RANDOM_SHAPE)

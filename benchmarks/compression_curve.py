@@ -56,7 +56,8 @@ def model_overrides(model: str, gguf: bool) -> list[str]:
 
 
 def load_for_eval(model: str, gguf: bool):
-    from mka_exp.models.loading import build_random_model, load_pretrained
+    from mka_exp.models.loading import load_pretrained
+    from mka_exp.models.toy import build_random_model
 
     if model == "tiny_llama":
         return build_random_model(name="tiny_llama", device="cpu")

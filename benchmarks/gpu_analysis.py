@@ -7,7 +7,7 @@ shape on a GPU.
                                       [--lm-eval-limit 50] [--json FILE] [--data-root DIR]
     python benchmarks/gpu_analysis.py --device cpu --small      # smoke check without a GPU
 
-The model is config-built with random weights (`mka_exp.models.loading.build_random_model`) directly on
+The model is config-built with random weights (`mka_exp.models.toy.build_random_model`) directly on
 the device (inside `torch.device(device)`, so 7 B parameters are never initialised on the host):
 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads, bfloat16 (Llama-3-8B's shape; the
 vocabulary is the in-process toy tokenizer's, so the LM head is tiny). `--small` uses a
@@ -140,7 +140,7 @@ def random_calibration(vocab: int, prompts: int, seq_len: int, batch_size: int, 
 
 def build(args):
     """The random model, initialised on the device itself; (LoadedModel, figures)."""
-    from mka_exp.models.loading import build_random_model
+    from mka_exp.models.toy import build_random_model
 
     device = args.device
     shape = SHAPE_SMALL if args.small else SHAPE_8B

@@ -15,9 +15,7 @@ Evaluation's checks live with it (`mka_exp.evaluation.checks`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 MISSING_HINTS = {
@@ -83,133 +81,6 @@ def check_seed(seed: Any) -> None:
         raise ValueError(f"seed={seed!r}: allowed an integer >= 0")
 
 
-# --- logger, paths --------------------------------------------------------------------------
-
-
-def check_writable_dir(key: str, path: str) -> None:
-    """`path` is, or can be made, a directory this process writes into (nothing is created)."""
-    target = Path(path).expanduser().absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(
-            f"{key}={str(path)!r}: {existing} is a file, not a directory; "
-            "allowed: a directory you can write to"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={str(path)!r}: {existing} {not_writable(existing)}")
-
-
-# What a records dir holds (results.py): each entry's kind and whether this user must be able to
-# write the entry itself. The table and the records are replaced (written beside, then moved), so
-# only their folder must be writable; the lock file is opened for writing by every writer.
-RECORDS_LAYOUT = {
-    "records": ("dir", True),
-    "failures": ("dir", True),
-    "claims": ("dir", True),
-    "results.csv": ("file", False),
-    "results.csv.lock": ("file", True),
-}
-
-
-def not_writable(path: Path) -> str:
-    """Why `path` cannot be written, with its owner and mode (a shared root under umask 022)."""
-    import pwd
-
-    info = path.stat()
-    try:
-        owner = pwd.getpwuid(info.st_uid).pw_name
-    except KeyError:
-        owner = f"uid {info.st_uid}"
-    return (
-        f"is not writable for this user (owner {owner}, mode {info.st_mode & 0o7777:04o}); "
-        "allowed: a path you can write to (on a shared root: chmod -R g+w by its owner, and umask "
-        "002 for every user)"
-    )
-
-
-def check_records_dir(key: str, path: str) -> None:
-    """The records dir and what it holds are what they should be (dir vs file) and writable."""
-    check_writable_dir(key, path)
-    root = Path(path).expanduser().absolute()
-    for name, (kind, write) in RECORDS_LAYOUT.items():
-        entry = root / name
-        if not entry.exists() and not entry.is_symlink():
-            continue
-        if entry.is_dir() != (kind == "dir"):
-            other = "directory" if entry.is_dir() else "file"
-            raise ValueError(
-                f"{key}={str(path)!r}: {entry} is a {other}, not a {kind}; "
-                f"allowed: a records dir whose {name} is a {kind} (move the {other} away)"
-            )
-        mode = os.W_OK | (os.X_OK if kind == "dir" else 0)
-        if write and not os.access(entry, mode):
-            raise ValueError(f"{key}={str(path)!r}: {entry} {not_writable(entry)}")
-    check_free_space(key, path)
-
-
-MIN_FREE_BYTES = 10 * 2**20  # a point's record, per-example file, figures and temporaries
-
-
-def check_free_space(key: str, path: str) -> None:
-    """Room for a point's files: a run on a full disk would compute everything, then fail."""
-    import shutil
-
-    target = Path(path).expanduser().absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < MIN_FREE_BYTES:
-        raise ValueError(
-            f"{key}={str(path)!r}: only {free / 2**20:.2f} MB free on {existing}; allowed: a file "
-            f"system with at least {MIN_FREE_BYTES // 2**20} MB free (free some space first)"
-        )
-
-
-# --- model ----------------------------------------------------------------------------------
-
-
-def check_device(device: Any) -> None:
-    """`auto`, `cpu`, or an accelerator this machine has (`cuda`, `cuda:<i>`, `mps`)."""
-    import torch
-
-    if device == "auto":
-        return
-    allowed = "auto, cpu" + (", cuda, cuda:<index>" if torch.cuda.is_available() else "")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"model.device={device!r} is not a device; allowed here: {allowed}"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"model.device={device!r}: this machine has no CUDA device "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); allowed here: {allowed}"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"model.device={device!r}: only {torch.cuda.device_count()} CUDA device(s); "
-            f"allowed: cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"model.device={device!r}: MPS is not available; allowed here: {allowed}")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"model.device={device!r}: allowed here: {allowed}")
-
-
-def check_model_source(model: dict[str, Any]) -> None:
-    """A pretrained model's source: one of path or wheel, and a local path is a model."""
-    from mka_exp.models.loading import check_source
-
-    if str(model.get("_target_")).endswith(".load_pretrained"):
-        check_source(model.get("name_or_path"), model.get("gguf_file"), model.get("pip_package"))
-
-
-def check_dtype(dtype: Any, allowed: Iterable[str]) -> None:
-    choices = ("auto", *allowed)
-    if dtype not in choices:
-        raise ValueError(f"model.dtype={dtype!r}: allowed {', '.join(choices)}")
-
-
 # --- method, curve --------------------------------------------------------------------------
 
 
@@ -237,26 +108,11 @@ def check_curve(curve: Any, has_ratio: bool) -> None:
         raise ValueError(f"curve={curve!r}: this method has no method.ratio to walk")
 
 
-def model_layers(model: dict[str, Any]) -> int | None:
-    """The layer count a model config will load, read without its weights (None: unknown)."""
-    import inspect
-
-    from mka_exp.models import loading as models
-
-    target = str(model.get("_target_"))
-    if target.endswith(".build_random_model"):
-        default = inspect.signature(models.build_random_model).parameters["num_layers"].default
-        return model.get("num_layers", default)
-    if target.endswith(".load_pretrained"):
-        names = inspect.signature(models.declared_layers).parameters
-        return models.declared_layers(**{k: v for k, v in model.items() if k in names})
-    return None
-
-
 def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any]) -> None:
     """A layer method's amounts (ratio, num_layers) per point, and LaCo's `m`, against the
     model's layer count read from its config or GGUF header, before the weights load."""
     from mka_exp.methods.base import LayerMethod, layers_to_remove
+    from mka_exp.models.declared import model_layers
 
     if not isinstance(method, LayerMethod):
         return

@@ -31,8 +31,7 @@ from mka_exp.models.loading import check_finite
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.repair.none import NoRepair
-from mka_exp.results import claims
-from mka_exp.results import records as results
+from mka_exp.results import claims, files, records, table
 from mka_exp.results.artifacts import print_summary, record_images, save_artifacts
 from mka_exp.results.samples import write_samples
 from mka_exp.runtime import Interrupted, Stopwatch, peak_memory, stop_on_signals
@@ -60,7 +59,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 def failed(cfg: DictConfig, err: Exception) -> None:
     """Report a run's error: one line (a traceback too for a bug), or a sweep job's failure."""
-    full = isinstance(err, results.DiskFull)
+    full = isinstance(err, files.DiskFull)
     expected = full or isinstance(err, (InstantiationException, *USER_ERRORS))
     if full:
         job.quiet_log_file_errors()
@@ -78,7 +77,7 @@ def failed(cfg: DictConfig, err: Exception) -> None:
 
 def progress(points: list[Point], records_dir: Path) -> str:
     """Which points are recorded and which are not, read from the records on disk."""
-    done = [p for p in points if results.record_path(records_dir, p.key).exists()]
+    done = [p for p in points if records.record_path(records_dir, p.key).exists()]
     todo = [p for p in points if p not in done]
     labels = (lambda ps: ", ".join(p.label for p in ps)) if len(points) > 1 else None
     head = f"{len(done)} of {len(points)} point(s) recorded"
@@ -152,7 +151,7 @@ def check_config(cfg: DictConfig) -> None:
     from mka_exp import canonical, checks
     from mka_exp.calibration import check_against_eval, check_calibration
     from mka_exp.data import check_data_root
-    from mka_exp.models.loading import DTYPES
+    from mka_exp.models.settings import DTYPES, check_device, check_dtype, check_model_source
     from mka_exp.tracking import WANDB_MODES, check_logger_mode
 
     checks.check_missing(OmegaConf.missing_keys(cfg))
@@ -163,15 +162,15 @@ def check_config(cfg: DictConfig) -> None:
         lambda: checks.check_seed(c.get("seed")),
         lambda: check_evaluation(cfg.eval),
         lambda: check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
-        lambda: checks.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
-        lambda: checks.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
+        lambda: files.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
+        lambda: files.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
         lambda: check_cache_dir(method.get("cache")),
         lambda: check_data_root(c.get("data_root")),
         lambda: check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
-        lambda: checks.check_model_source(model),
+        lambda: check_model_source(model),
         lambda: check_against_eval(calib, ev),
-        lambda: checks.check_device(model.get("device", "auto")),
-        lambda: checks.check_dtype(model.get("dtype", "auto"), DTYPES),
+        lambda: check_device(model.get("device", "auto")),
+        lambda: check_dtype(model.get("dtype", "auto"), DTYPES),
         lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
         lambda: check_curve_methods(cfg, c.get("curve")),
     )
@@ -189,10 +188,8 @@ def check_evaluation(eval_cfg: DictConfig) -> None:
 
 def check_cache_dir(cache: Any) -> None:
     """The method's activation cache (a folder under the output root by default)."""
-    from mka_exp import checks
-
     if isinstance(cache, str):
-        checks.check_writable_dir("method.cache", cache)
+        files.check_writable_dir("method.cache", cache)
 
 
 def check_curve_methods(cfg: DictConfig, curve: Any) -> None:
@@ -259,7 +256,7 @@ def plan_points(cfg: DictConfig, configs: list[DictConfig]) -> list[Point]:
     for point_cfg in configs:
         config = OmegaConf.to_container(point_cfg, resolve=True)
         out = base if len(configs) == 1 else base / f"ratio_{point_cfg.method.ratio}"
-        points.append(Point(point_cfg, config, results.config_hash(config), out))
+        points.append(Point(point_cfg, config, records.config_hash(config), out))
     return points
 
 
@@ -300,7 +297,7 @@ def resume_points(
             return [done[p.key] for p in points]
         held.wait_for([p.key for p in waiting], labels)
     for point in waiting:
-        done[point.key] = results.load_record(records_dir, point.key)
+        done[point.key] = records.load_record(records_dir, point.key)
     lost = [p for p in waiting if done[p.key] is None]  # claim abandoned, or the other run failed
     if lost:
         for point, record in zip(lost, resume_points(cfg, [p.cfg for p in lost], lost,
@@ -321,8 +318,8 @@ def compute_guarded(
         others = set(held.busy(p.key for p in points)) if held else set()
         unfinished = [p for p in points if not done[p.key] and p.key not in finished | others]
         mark_failed(records_dir, unfinished, job.error_line(err))
-        if isinstance(err, results.DiskFull):
-            raise results.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
+        if isinstance(err, files.DiskFull):
+            raise files.DiskFull(err.errno, f"{err}; {progress(points, records_dir)}. Free "
                                    "space, then run the same command again (finished points "
                                    "are skipped)") from None  # fmt: skip
         raise
@@ -333,7 +330,7 @@ def mark_failed(records_dir: Path, points: list[Point], line: str) -> None:
     a resume retries the point)."""
     for point in points:
         try:
-            results.save_failure(records_dir, point.key, line, point.config)
+            records.save_failure(records_dir, point.key, line, point.config)
         except OSError:
             return
 
@@ -343,17 +340,17 @@ def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> 
     all None (computed again, records overwritten). A recorded point's run directory gets a copy
     of its record, and the table its row (a damaged table is rebuilt from the records)."""
     if not cfg.get("resume", True):
-        old = [p.key for p in points if results.record_path(records_dir, p.key).exists()]
+        old = [p.key for p in points if records.record_path(records_dir, p.key).exists()]
         if old:
             log.info("resume=false: computing %d recorded point(s) again and overwriting their "
                      "records: %s", len(old), ", ".join(old))  # fmt: skip
         return dict.fromkeys((p.key for p in points), None)
-    done = {p.key: results.load_record(records_dir, p.key) for p in points}
-    results.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
+    done = {p.key: records.load_record(records_dir, p.key) for p in points}
+    table.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
     for point in points:
         if done[point.key]:
-            results.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
-        elif failure := results.load_failure(records_dir, point.key):
+            table.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
+        elif failure := records.load_failure(records_dir, point.key):
             log.info("point %s failed before (%s); trying it again", point.key, failure["error"])
     return done
 
@@ -389,7 +386,7 @@ def compute_points(
             continue
         check_cut(point, stats, session.layers_before)
         check_finite(model, "compression")
-        with results.naming_full_disk(point.output_dir):
+        with files.naming_full_disk(point.output_dir):
             save_artifacts(getattr(method, "artifacts", {}), point.output_dir, stats.get("merges"))
         last = index == len(points) - 1
         in_place = last or not getattr(method, "nested", False)
@@ -407,7 +404,7 @@ def claimed(point: Point, held: claims.Claims | None, done: dict) -> bool:
         return True
     state = held.take(point.key)
     if state == claims.DONE:
-        done[point.key] = results.load_record(held.records_dir, point.key)
+        done[point.key] = records.load_record(held.records_dir, point.key)
         log.info("point %s was recorded by another run meanwhile", point.label)
         return False
     if state != claims.OURS:
@@ -525,16 +522,16 @@ def finish_point(
     point: Point, model, stats: dict, session: Session, watch: Stopwatch, last: bool
 ) -> dict:
     """Quantize, save, evaluate and record one point; tracking may fail, the record may not."""
-    with results.naming_full_disk(point.output_dir):
+    with files.naming_full_disk(point.output_dir):
         point.output_dir.mkdir(parents=True, exist_ok=True)
         tracker = shared_tracker(point.cfg.logger)
         tracker.start(point.config, name=run_name(point.cfg), output_dir=point.output_dir)
     try:
-        with results.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
+        with files.naming_full_disk(point.output_dir):  # the saved model, the tracker's files
             record = measure_point(point, model, stats, session, watch, last)
         copy = point.output_dir / "results.json"
-        results.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
-        results.clear_failure(Path(point.cfg.paths.records_dir), point.key)
+        table.save_record(Path(point.cfg.paths.records_dir), record, copy=copy)
+        records.clear_failure(Path(point.cfg.paths.records_dir), point.key)
         tracker.log_record(record, images=record_images(point.output_dir))
     finally:
         tracker.finish()
@@ -585,5 +582,5 @@ def measure_point(
             records_dir = Path(point.cfg.paths.records_dir)
             record["samples"] = write_samples(records_dir, point.key, rows)
     record.update(metrics=metrics, timings=dict(watch.timings), **peak_memory())
-    record.update(config_hash=point.key, config=point.config, code_version=results.code_version())
+    record.update(config_hash=point.key, config=point.config, code_version=records.code_version())
     return record

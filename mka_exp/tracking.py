@@ -125,7 +125,7 @@ class WandbTracker(NoTracker):
     def _log(self, record: dict[str, Any], images: dict[str, Path]) -> None:
         import wandb
 
-        from mka_exp.results.records import flatten_record
+        from mka_exp.results.table import flatten_record
 
         row = flatten_record(record)
         self.run.summary.update(row)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mka_exp.models.loading import LoadedModel, build_random_model
+from mka_exp.models.loading import LoadedModel
+from mka_exp.models.toy import build_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"

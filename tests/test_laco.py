@@ -13,7 +13,7 @@ from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, num_layers
 from mka_exp.methods import laco
 from mka_exp.methods.laco import LaCo, rdsc_merge
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 from tests.helpers import compose_config
 
 TEXTS = [

@@ -14,7 +14,7 @@ from mka_exp.methods.angular import Angular, blocks_are_nested
 from mka_exp.methods.mka import MKA, choose_pair, drop_layer, merge_ratio
 from mka_exp.methods.reverse_prune import ReversePrune
 from mka_exp.methods.shortgpt import ShortGPT
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 from mka_exp.results.plots import similarity_heatmap
 
 TEXTS = [

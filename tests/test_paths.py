@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mka_exp import checks, pipeline
+from mka_exp import pipeline
+from mka_exp.results import files
 from tests.helpers import REPO_ROOT, compose_config
 
 
@@ -87,7 +88,7 @@ def test_records_dir_layout_passes_when_whole(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "results.csv").write_text("config_hash\n")
     (tmp_path / "results.csv.lock").write_text("")
-    checks.check_records_dir("paths.records_dir", str(tmp_path))  # no error
+    files.check_records_dir("paths.records_dir", str(tmp_path))  # no error
 
 
 def run_py(*args: str) -> subprocess.CompletedProcess:

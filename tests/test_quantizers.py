@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
-from mka_exp.models.loading import build_random_model
 from mka_exp.models.saving import save_compressed
+from mka_exp.models.toy import build_random_model
 from mka_exp.quantizers import NoQuant
 from mka_exp.quantizers.accounting import paper_compression_ratio, parameter_count, zero_fraction
 from mka_exp.quantizers.bnb import BnbInt8, BnbNF4

@@ -16,8 +16,8 @@ from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, remove_layers
 from mka_exp.methods.mka import MKA
 from mka_exp.methods.reverse_prune import ReversePrune
-from mka_exp.models.loading import build_random_model
 from mka_exp.models.saving import save_compressed
+from mka_exp.models.toy import build_random_model
 from mka_exp.repair.fit import (
     RIDGE_SCALES,
     NormalEquations,

@@ -30,6 +30,7 @@ from mka_exp.report import (
 )
 from mka_exp.results import records as results
 from mka_exp.results import samples
+from mka_exp.results import table as results_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +106,7 @@ def outputs(tmp_path_factory) -> Path:
     """An outputs dir: records + results.csv, and two run dirs with similarity matrices."""
     root = tmp_path_factory.mktemp("outputs")
     for record in RECORDS:
-        results.save_record(root, record)
+        results_table.save_record(root, record)
     for run_dir, name in (("runs/2025-01-01/12-00-00", "before"), ("multirun/d/t/3", "after")):
         (root / run_dir).mkdir(parents=True)
         np.save(root / run_dir / f"similarity_{name}.npy", np.eye(6) + 0.1)
@@ -255,7 +256,7 @@ def planted(root: Path, record: dict, name: str, rows: pd.DataFrame, **config: o
     copy["method"] = name
     copy["samples"] = samples.write_samples(root, copy["config_hash"], rows)
     copy["metrics"] = samples.aggregate(rows)
-    results.save_record(root, copy)
+    results_table.save_record(root, copy)
     return copy
 
 
@@ -304,7 +305,7 @@ def sweep(tmp_path_factory, data_root) -> tuple[Path, dict]:
         seeded["config_hash"] = results.config_hash(seeded["config"])
         seeded["samples"] = samples.write_samples(root, seeded["config_hash"], flipped)
         seeded["metrics"] = samples.aggregate(flipped)
-        results.save_record(root, seeded)
+        results_table.save_record(root, seeded)
     return root, runs
 
 
@@ -679,7 +680,7 @@ def test_repaired_run_is_paired_with_its_unrepaired_twin(sweep, tmp_path):
     shutil.copytree(root / "records", copy / "records")
     twin["samples"] = samples.write_samples(copy, twin["config_hash"], right)
     twin["metrics"] = samples.aggregate(right)
-    results.save_record(copy, twin)
+    results_table.save_record(copy, twin)
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli.main([str(copy), "--out", str(tmp_path / "out"), "--resamples", "500"]) == 0
     text = (tmp_path / "out" / "statistics.md").read_text()
@@ -732,7 +733,7 @@ def without_choices(root: Path) -> None:
         record = json.loads(path.read_text())
         rows = samples.read_samples(root, record).assign(choice_ll=None, choice_len=None)
         record["samples"] = samples.write_samples(root, record["config_hash"], rows)
-        results.save_record(root, record)
+        results_table.save_record(root, record)
 
 
 def test_runs_with_choice_log_likelihoods_get_a_distance_section(sweep, tmp_path):

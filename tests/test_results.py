@@ -14,7 +14,9 @@ import stat
 import pandas as pd
 import pytest
 
+from mka_exp.results import files as results_files
 from mka_exp.results import records as results
+from mka_exp.results import table as results_table
 
 
 def make_record(key: str, acc: float) -> dict:
@@ -47,9 +49,9 @@ def test_config_hash_ignores_paths_and_logger():
 
 
 def test_save_record_upserts_one_row_per_config(tmp_path):
-    results.save_record(tmp_path, make_record("a", 0.5))
-    results.save_record(tmp_path, make_record("b", 0.6))
-    results.save_record(tmp_path, make_record("a", 0.7))
+    results_table.save_record(tmp_path, make_record("a", 0.5))
+    results_table.save_record(tmp_path, make_record("b", 0.6))
+    results_table.save_record(tmp_path, make_record("a", 0.7))
     table = pd.read_csv(tmp_path / "results.csv").sort_values("config_hash")
     assert table["config_hash"].tolist() == ["a", "b"]
     assert table["metrics.piqa/acc"].tolist() == [0.7, 0.6]
@@ -60,7 +62,7 @@ def test_save_record_upserts_one_row_per_config(tmp_path):
 
 def test_next_write_clears_temps_of_a_writer_killed_mid_write(tmp_path):
     # kill -9 inside atomic_target leaves its temp: the table's and a record's (found by CI)
-    results.save_record(tmp_path, make_record("a", 0.5))
+    results_table.save_record(tmp_path, make_record("a", 0.5))
     left = [
         tmp_path / ".results.csv.999.0badf00d.tmp",
         tmp_path / "records" / ".b.json.999.0badf00d.tmp",
@@ -70,15 +72,15 @@ def test_next_write_clears_temps_of_a_writer_killed_mid_write(tmp_path):
     copy = tmp_path / "run" / "results.json"
     copy.parent.mkdir()
     (copy.parent / ".results.json.999.0badf00d.tmp").write_text("{")
-    results.save_record(tmp_path, make_record("b", 0.6), copy=copy)
+    results_table.save_record(tmp_path, make_record("b", 0.6), copy=copy)
     assert not list(tmp_path.rglob("*.tmp"))
     assert json.loads(copy.read_text())["config_hash"] == "b"
-    assert sorted(results.read_table(tmp_path / "results.csv")["config_hash"]) == ["a", "b"]
+    assert sorted(results_table.read_table(tmp_path / "results.csv")["config_hash"]) == ["a", "b"]
 
 
 def write_many(records_dir, worker: int, count: int) -> None:
     for i in range(count):
-        results.save_record(records_dir, make_record(f"w{worker}-{i}", i / count))
+        results_table.save_record(records_dir, make_record(f"w{worker}-{i}", i / count))
 
 
 def test_concurrent_writers_lose_no_row(tmp_path):
@@ -91,15 +93,15 @@ def test_concurrent_writers_lose_no_row(tmp_path):
         assert p.exitcode == 0
     table = pd.read_csv(tmp_path / "results.csv")
     assert sorted(table["config_hash"]) == sorted(f"w{w}-{i}" for w in range(2) for i in range(15))
-    rebuilt = results.rebuild_table(tmp_path)
+    rebuilt = results_table.rebuild_table(tmp_path)
     assert sorted(rebuilt["config_hash"]) == sorted(table["config_hash"])
 
 
 def test_write_json_atomic_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "r.json"
-    results.write_json_atomic(path, {"a": 1})
+    results_files.write_json_atomic(path, {"a": 1})
     with contextlib.suppress(RuntimeError):
-        results.write_json_atomic(path, {"bad": object.__new__(BrokenJson)})
+        results_files.write_json_atomic(path, {"bad": object.__new__(BrokenJson)})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
@@ -110,11 +112,11 @@ class BrokenJson:
 
 
 def test_missing_row_is_restored_without_touching_the_record(tmp_path):
-    results.save_record(tmp_path, make_record("a", 0.5))
-    results.write_json_atomic(results.record_path(tmp_path, "b"), make_record("b", 0.6))
+    results_table.save_record(tmp_path, make_record("a", 0.5))
+    results_files.write_json_atomic(results.record_path(tmp_path, "b"), make_record("b", 0.6))
     record_b = results.load_record(tmp_path, "b")
-    results.upsert_row(tmp_path, record_b, replace=False)
-    results.upsert_row(tmp_path, {**record_b, "model": "changed"}, replace=False)
+    results_table.upsert_row(tmp_path, record_b, replace=False)
+    results_table.upsert_row(tmp_path, {**record_b, "model": "changed"}, replace=False)
     table = pd.read_csv(tmp_path / "results.csv").set_index("config_hash")
     assert sorted(table.index) == ["a", "b"] and table.loc["b", "model"] == "m"
 
@@ -130,9 +132,9 @@ def test_numeric_looking_hashes_stay_strings(tmp_path):
     read as strings: the row's key is lost and the next upsert of that config duplicates it."""
     keys = ["724e836309272529", "0012345678901234"]
     for key in keys + keys:
-        results.save_record(tmp_path, make_record(key, 0.5))
+        results_table.save_record(tmp_path, make_record(key, 0.5))
     assert table_hashes(tmp_path / "results.csv") == keys
-    table = results.read_table(tmp_path / "results.csv")
+    table = results_table.read_table(tmp_path / "results.csv")
     assert table["config_hash"].tolist() == keys
 
 
@@ -187,13 +189,13 @@ def damage(path, how: str) -> None:
 @pytest.mark.parametrize("how", ["cut", "empty", "random"])
 def test_damaged_table_is_rebuilt_from_records(tmp_path, caplog, how):
     for key, acc in (("a", 0.5), ("b", 0.6), ("c", 0.7)):
-        results.save_record(tmp_path, make_record(key, acc))
+        results_table.save_record(tmp_path, make_record(key, acc))
     damage(tmp_path / "results.csv", how)
     with caplog.at_level(logging.WARNING):
-        results.save_record(tmp_path, make_record("d", 0.8))
+        results_table.save_record(tmp_path, make_record("d", 0.8))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(tmp_path / "results.csv") in warnings[0], warnings
-    table = results.read_table(tmp_path / "results.csv").sort_values("config_hash")
+    table = results_table.read_table(tmp_path / "results.csv").sort_values("config_hash")
     assert table["config_hash"].tolist() == ["a", "b", "c", "d"]
     assert table["metrics.piqa/acc"].tolist() == [0.5, 0.6, 0.7, 0.8]
     assert table["layers_after"].tolist() == [3, 3, 3, 3]
@@ -201,15 +203,15 @@ def test_damaged_table_is_rebuilt_from_records(tmp_path, caplog, how):
 
 @pytest.mark.parametrize("how", ["cut", "empty", "random"])
 def test_damaged_record_is_moved_aside(tmp_path, caplog, how):
-    results.save_record(tmp_path, make_record("a", 0.5))
-    results.save_record(tmp_path, make_record("b", 0.6))
+    results_table.save_record(tmp_path, make_record("a", 0.5))
+    results_table.save_record(tmp_path, make_record("b", 0.6))
     path = results.record_path(tmp_path, "a")
     damage(path, how)
     with caplog.at_level(logging.WARNING):
         assert results.load_record(tmp_path, "a") is None
     assert str(path) in caplog.text
     assert not path.exists() and path.with_name("a.json.damaged").exists()
-    results.upsert_row(tmp_path, make_record("b", 0.6), replace=False)
+    results_table.upsert_row(tmp_path, make_record("b", 0.6), replace=False)
     assert table_hashes(tmp_path / "results.csv") == ["b"]  # no row without a record
 
 
@@ -231,8 +233,8 @@ def test_failure_marker_is_kept_until_the_point_is_recorded(tmp_path, caplog):
 def test_files_honour_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        results.save_record(tmp_path, make_record("a", 0.5))
-        results.write_json_atomic(tmp_path / "run" / "results.json", make_record("a", 0.5))
+        results_table.save_record(tmp_path, make_record("a", 0.5))
+        results_files.write_json_atomic(tmp_path / "run" / "results.json", make_record("a", 0.5))
     finally:
         os.umask(old)
     files = [results.record_path(tmp_path, "a"), tmp_path / "results.csv"]

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
 from mka_exp.layers import remove_layers
-from mka_exp.models.loading import build_random_model
 from mka_exp.models.saving import save_compressed
+from mka_exp.models.toy import build_random_model
 from mka_exp.quantizers.llmcompressor import RTN
 
 

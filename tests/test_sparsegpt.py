@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from mka_exp.calibration import tokenize
 from mka_exp.methods.sparsegpt import SparseGPT
-from mka_exp.models.loading import build_random_model
 from mka_exp.models.saving import save_compressed
+from mka_exp.models.toy import build_random_model
 from mka_exp.quantizers.accounting import zero_fraction
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from mka_exp.report import stats
 from mka_exp.report.analysis import BEST_PRUNING, MARK, PRUNING_METHODS, Stats
 from mka_exp.report.comparisons import detected
 from mka_exp.report.loading import ReportError, load_records
-from mka_exp.results.records import write_bytes_atomic
+from mka_exp.results.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     from mka_exp.report.cli import Report

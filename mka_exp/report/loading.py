@@ -11,7 +11,8 @@ import pandas as pd
 from mka_exp.methods import registry
 from mka_exp.results import records as results
 from mka_exp.results import samples as samples_mod
-from mka_exp.results.records import NON_RESULT_KEYS, rebuild_table
+from mka_exp.results.records import NON_RESULT_KEYS
+from mka_exp.results.table import rebuild_table
 
 PAPER_TASKS = {
     "mmlu": "mmlu",

@@ -3,7 +3,7 @@
 A point being computed is claimed in the records dir: `claims/<config_hash>.json` holds the host,
 pid and start time of the run computing it, and its mtime is the heartbeat (a daemon thread
 touches every claim of the process each `HEARTBEAT_S`). Claims are taken under the table's lock
-(`results.writing`), which also serialises the records, so two runs never both take one point.
+(`table.writing`), which also serialises the records, so two runs never both take one point.
 
 A run skips a point another run has claimed and, once its own points are done, waits for the
 claimed ones (their records appear). A claim is taken over when its heartbeat stopped for
@@ -30,7 +30,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mka_exp.results import records as results
+from mka_exp.results.files import write_json_atomic
+from mka_exp.results.records import record_path
+from mka_exp.results.table import writing
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,8 @@ class Claims:
     def take(self, key: str) -> str | dict[str, Any]:
         """Claim the point: OURS, DONE (its record exists), or the live claim of another run."""
         path = claim_path(self.records_dir, key)
-        with results.writing(self.records_dir):
-            if results.record_path(self.records_dir, key).exists():
+        with writing(self.records_dir):
+            if record_path(self.records_dir, key).exists():
                 return DONE
             if key in self.held:
                 return OURS
@@ -119,7 +121,7 @@ class Claims:
                     return claim or {}
                 log.warning("point %s: the claim of %s is stale (%s); this run takes it over",
                             key, holder(claim), reason)  # fmt: skip
-            results.write_json_atomic(path, self.mine())
+            write_json_atomic(path, self.mine())
             self.held.add(key)
         self.beat()
         return OURS
@@ -162,7 +164,7 @@ class Claims:
         while pending:
             for key in list(pending):
                 path = claim_path(self.records_dir, key)
-                if results.record_path(self.records_dir, key).exists():
+                if record_path(self.records_dir, key).exists():
                     pending.remove(key)
                 elif stale(path, read_claim(path)) is not None:
                     pending.remove(key)

@@ -1,5 +1,4 @@
-"""Run records: one JSON per finished run, written atomically, keyed by the config hash, and one
-aggregated table derived from them that concurrent jobs update under a file lock.
+"""Run records: one JSON per finished run, written atomically, keyed by the config hash.
 
 Layout under `records_dir`::
 
@@ -7,18 +6,7 @@ Layout under `records_dir`::
     records/<hash>.json.damaged    a record that did not parse, moved aside (its point reruns)
     failures/<config_hash>.json    a point that failed: its error line and config (resume retries it)
     claims/<config_hash>.json      a point being computed: host, pid, heartbeat (`claims.py`)
-    results.csv                    every record flattened to one row (derived: rebuilt from records/)
-
-A crash can leave neither a half-written record nor a half-written table: every write goes to a
-temporary file first and is moved into place with `os.replace`. Files are created with the
-process umask (0644 under the usual 022), so a group sharing an output root can read them.
-
-Records are the truth. The table is checked on every update (whole rows, the header's field count
-on every row, unique string hashes) and rebuilt from `records/` with one warning when it is not a
-whole table (cut mid-row, emptied, random bytes); its rows follow the records on disk. The table
-is CSV (what users open first) behind `flock` + atomic replace, which works on NFS/Lustre where
-SQLite locking does not; read it with `read_table` (hashes stay strings: `724e8363...` would
-otherwise parse as a float).
+    results.csv                    every record flattened to one row (derived: `table.py`)
 
 The config hash leaves out every absolute path (`paths.*`, `data_root`, a local calibration
 file's location): the same experiment on the same data matches across machines and users. The
@@ -26,31 +14,28 @@ data goes in as a fingerprint instead: the relative name and size of every `*.js
 mirror (`data_fingerprint`; one `stat` per file, no reads; "hub" without a mirror), and a local
 calibration file's name and content hash. A mirror with other files or sizes is other data, so its
 points are computed again.
+
+May import: `results.files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import errno
-import fcntl
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
-import secrets
-import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from mka_exp.results.files import write_json_atomic
 
 log = logging.getLogger(__name__)
+
 
 # Config keys (dotted) that never change a run's results: where files go, how it is logged, where
 # caches live, whether evaluation shares multiple-choice contexts (same scores, less work), and
@@ -71,9 +56,8 @@ NON_RESULT_KEYS = (
     "eval.data_root",
     "compare",  # which comparisons the report marks (conf/compare/): read after the run
 )
-TABLE = "results.csv"
-# Table columns read as text whatever they look like (an all-digit hash or git commit).
-STRING_COLUMNS = ("config_hash", "code_version", "model", "method", "quantizer")
+
+
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt")
 # conf/eval's default backend: records written before eval had a `_target_` name none, so the
 # hash leaves it out (any other backend's name is hashed: another engine, another result).
@@ -184,76 +168,6 @@ def code_version() -> str:
     return rev.stdout.strip() or "unknown"
 
 
-FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or this user's quota on it
-
-
-class DiskFull(OSError):
-    """A write found the disk (or the quota) full; the message names the path and free space."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
-def free_space(path: Path) -> str:
-    """Free bytes on the file system holding `path` (its first existing folder), for a message."""
-    path = Path(path).absolute()
-    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
-    try:
-        return f"{human_bytes(shutil.disk_usage(folder).free)} free on {folder}"
-    except OSError:
-        return f"free space of {folder} unknown"
-
-
-@contextlib.contextmanager
-def naming_full_disk(path: Path) -> Iterator[None]:
-    """A full disk while writing `path` becomes `DiskFull` naming the path and the free space
-    (`OSError: [Errno 28]` often names no file at all)."""
-    try:
-        yield
-    except DiskFull:
-        raise
-    except OSError as err:
-        if err.errno not in FULL:
-            raise
-        problem = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
-        where = err.filename or path  # the file the system call named, else the one being written
-        raise DiskFull(err.errno, f"{problem} writing {where} ({free_space(where)})") from None
-
-
-@contextlib.contextmanager
-def atomic_target(path: Path) -> Iterator[str]:
-    """A temporary path beside `path`, moved onto it only if the block succeeds.
-
-    The file is created with mode 0666 minus the umask (not mkstemp's 0600), so the result has
-    the permissions any other file of this process would have."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with naming_full_disk(path):
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        try:
-            yield str(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_target(Path(path)) as tmp, open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def record_path(records_dir: Path, key: str) -> Path:
     return Path(records_dir) / "records" / f"{key}.json"
 
@@ -332,111 +246,6 @@ def clear_failure(records_dir: Path, key: str) -> None:
     failure_path(records_dir, key).unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by every process writing the same table."""
-    lock = path.with_suffix(path.suffix + ".lock")
-    with naming_full_disk(lock):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(lock, "w")  # noqa: SIM115 (closed below, after the lock is released)
-    with fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def flatten_record(record: dict[str, Any]) -> dict[str, Any]:
-    """One table row: scalars kept, `metrics`/`timings` spread into their own columns."""
-    row = {k: v for k, v in record.items() if not isinstance(v, dict | list)}
-    for group in ("metrics", "timings", "method_stats", "quant_stats"):
-        for key, value in record.get(group, {}).items():
-            if not isinstance(value, dict | list):
-                row[f"{group}.{key}"] = value
-    return row
-
-
-def save_record(
-    records_dir: Path, record: dict[str, Any], table_name: str = TABLE, copy: Path | None = None
-) -> Path:
-    """Write the record (and its `copy`, e.g. the run directory's results.json), then upsert its
-    row into the table, all under the table's lock; returns the record's path."""
-    path = record_path(records_dir, record["config_hash"])
-    with writing(records_dir, table_name, copy) as table:
-        if copy is not None:
-            write_json_atomic(copy, record)
-        write_json_atomic(path, record)
-        upsert_locked(table, records_dir, [record], replace=True)
-    return path
-
-
-def save_copy(records_dir: Path, copy: Path, record: dict[str, Any]) -> None:
-    """A finished record's copy in its run directory (resume), under the table's lock."""
-    with writing(records_dir, copy=copy):
-        write_json_atomic(copy, record)
-
-
-@contextlib.contextmanager
-def writing(records_dir: Path, table_name: str = TABLE, copy: Path | None = None) -> Iterator[Path]:
-    """The table's lock, held by every writer of the table, of `records/` (records and their
-    per-example files) and of the records' copies while its temp exists. So a temp seen on
-    taking the lock is one that a writer killed inside `atomic_target` left (kill -9 runs no
-    cleanup): it is removed."""
-    table = Path(records_dir) / table_name
-    with locked(table):
-        stale = [*table.parent.glob(f".{table.name}.*.tmp"), *table.parent.glob("records/.*.tmp")]
-        if copy is not None:
-            stale += Path(copy).parent.glob(f".{Path(copy).name}.*.tmp")
-        for path in stale:
-            path.unlink(missing_ok=True)
-        yield table
-
-
-def write_bytes_atomic(path: Path, blob: bytes) -> None:
-    with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
-        fh.write(blob)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-class DamagedTable(ValueError):
-    """The table file is not a whole table; the message says what is wrong with it."""
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """The results table with explicit dtypes (hashes and commits are strings).
-
-    Raises DamagedTable when the file is not whole: not UTF-8 text, empty, cut mid-row (no final
-    newline, or a row with fewer fields than the header), without `config_hash`, or with a
-    missing or repeated hash."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DamagedTable("not UTF-8 text") from None
-    if not text.strip():
-        raise DamagedTable("empty")
-    if not text.endswith("\n"):
-        raise DamagedTable("cut mid-row (no final newline)")
-    try:
-        lines = list(csv.reader(io.StringIO(text)))
-    except csv.Error as err:
-        raise DamagedTable(f"not CSV ({err})") from None
-    header = lines[0]
-    if "config_hash" not in header:
-        raise DamagedTable("no config_hash column")
-    for number, fields in enumerate(lines[1:], start=2):
-        if len(fields) != len(header):
-            raise DamagedTable(f"line {number} has {len(fields)} fields, the header {len(header)}")
-    dtypes = {c: str for c in STRING_COLUMNS if c in header}
-    table = pd.read_csv(io.StringIO(text), dtype=dtypes, keep_default_na=False, na_values=[""])
-    hashes = table["config_hash"]
-    if hashes.isna().any() or not hashes.is_unique:
-        raise DamagedTable("missing or repeated config_hash")
-    return table
-
-
 def record_keys(records_dir: Path) -> list[str]:
     return sorted(p.stem for p in (Path(records_dir) / "records").glob("*.json"))
 
@@ -447,68 +256,3 @@ def load_records(
     """The records of these hashes that load (damaged ones are moved aside, or with `damaged`
     named there and left in place)."""
     return [r for r in (load_record(records_dir, k, damaged) for k in keys) if r is not None]
-
-
-def rows_of(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([flatten_record(r) for r in records])
-
-
-def current_rows(table: Path, records_dir: Path) -> pd.DataFrame:
-    """The table's rows, checked against the records: rows of records not in the table are added,
-    rows without a record dropped; a damaged table is rebuilt from the records (one warning)."""
-    keys = record_keys(records_dir)
-    if not table.exists():
-        return rows_of(load_records(records_dir, keys))
-    try:
-        rows = read_table(table)
-    except DamagedTable as err:
-        records = load_records(records_dir, keys)
-        log.warning("table %s is damaged (%s); rebuilt from the %d record(s) in %s", table, err,
-                    len(records), Path(records_dir) / "records")  # fmt: skip
-        return rows_of(records)
-    known = set(keys)
-    rows = rows[rows["config_hash"].isin(known)]
-    missing = [k for k in keys if k not in set(rows["config_hash"])]
-    if missing:
-        rows = pd.concat([rows, rows_of(load_records(records_dir, missing))], ignore_index=True)
-    return rows
-
-
-def upsert_row(
-    records_dir: Path, record: dict[str, Any], table_name: str = TABLE, replace: bool = True
-) -> None:
-    """Put the record's row into the table under the lock. With `replace=False` an existing row
-    is left alone (resume: a job killed between record and table write still gets its row)."""
-    upsert_rows(records_dir, [record], table_name, replace)
-
-
-def upsert_rows(
-    records_dir: Path, records: list[dict[str, Any]], table_name: str = TABLE, replace: bool = True
-) -> None:
-    """`upsert_row` for several records in one locked read-check-write of the table."""
-    with writing(records_dir, table_name) as table:
-        upsert_locked(table, records_dir, records, replace)
-
-
-def upsert_locked(table: Path, records_dir: Path, records: list[dict], replace: bool) -> None:
-    """The read-check-write of `upsert_rows`; the caller holds the table's lock."""
-    rows = current_rows(table, records_dir)
-    for record in records:
-        key = record["config_hash"]
-        present = "config_hash" in rows and (rows["config_hash"] == key).any()
-        if present and not replace:
-            continue
-        if present:
-            rows = rows[rows["config_hash"] != key]
-        rows = pd.concat([rows, rows_of([record])], ignore_index=True)
-    if rows.columns.empty:  # no records at all: no table (an empty file reads as damaged)
-        table.unlink(missing_ok=True)
-        return
-    with atomic_target(table) as tmp:
-        rows.to_csv(tmp, index=False)
-
-
-def rebuild_table(records_dir: Path, damaged: list[str] | None = None) -> pd.DataFrame:
-    """The table recomputed from every record on disk (what `results.csv` must equal); with
-    `damaged`, read-only (see `load_record`)."""
-    return rows_of(load_records(records_dir, record_keys(records_dir), damaged))

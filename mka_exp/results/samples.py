@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from mka_exp.evaluation.rows import CHOICE_COLUMNS, COLUMNS, HASH_DIGITS, METRICS
-from mka_exp.results import records as results
+from mka_exp.results.files import write_bytes_atomic
+from mka_exp.results.table import writing
 
 SUFFIX = ".samples.jsonl.gz"
 
@@ -43,8 +44,8 @@ def write_samples(records_dir: Path, key: str, frame: pd.DataFrame) -> dict[str,
     lines = (json.dumps(json_row(row), sort_keys=True) for row in frame.to_dict("records"))
     data = ("\n".join(lines) + "\n" if len(frame) else "").encode()
     blob = gzip.compress(data, mtime=0)
-    with results.writing(records_dir):  # a kill mid-write leaves a temp the next writer clears
-        results.write_bytes_atomic(path, blob)
+    with writing(records_dir):  # a kill mid-write leaves a temp the next writer clears
+        write_bytes_atomic(path, blob)
     return {
         "path": path.relative_to(records_dir).as_posix(),
         "sha256": hashlib.sha256(blob).hexdigest(),

@@ -69,7 +69,7 @@ def stop_sweep_on_full_disk_in_hydra() -> None:
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not in_multirun():
                 raise
-            from mka_exp.results.records import free_space
+            from mka_exp.results.files import free_space
 
             path = Path(output_dir) / filename
             stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
@@ -95,7 +95,7 @@ class OutputRootCheck(Callback):
 
 
 def check_output_root(config: DictConfig, run_dir_key: str) -> None:
-    from mka_exp.checks import check_writable_dir  # reads data modules: only when a run starts
+    from mka_exp.results.files import check_writable_dir
 
     root = OmegaConf.select(config, "paths.output_root")
     run_dir = OmegaConf.select(config, run_dir_key)
@@ -137,7 +137,7 @@ class FailureSummary(Callback):
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         """A disk that filled up during this job stops the sweep here: the next job would die
         in Hydra's own writes (its directory, its config), with a traceback and no summary."""
-        from mka_exp.checks import check_free_space
+        from mka_exp.results.files import check_free_space
 
         records_dir = OmegaConf.select(config, "paths.records_dir")
         if not in_multirun() or records_dir is None:
