@@ -369,7 +369,7 @@ def quantize_worker(args: argparse.Namespace) -> int:
     from mka_exp.calibration import tokenize
     from mka_exp.evaluation.harness import known_tasks
     from mka_exp.evaluation.hf import evaluate
-    from mka_exp.models.loading import build_random_model
+    from mka_exp.models.toy import build_random_model
 
     device = args.device
     cuda = device.startswith("cuda")

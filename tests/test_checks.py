@@ -14,7 +14,7 @@ from mka_exp import pipeline
 from mka_exp.calibration import text_dataset
 from mka_exp.data import read_jsonl
 from mka_exp.evaluation import checks as eval_checks
-from mka_exp.models.loading import train_tokenizer
+from mka_exp.models.toy import train_tokenizer
 from tests.helpers import CONF, compose_config
 
 

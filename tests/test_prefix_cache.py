@@ -11,7 +11,8 @@ from mka_exp.evaluation.checks import check_prefix_cache
 from mka_exp.evaluation.hf import evaluate
 from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
 from mka_exp.evaluation.prefix_tree import build_tree, tree_tokens
-from mka_exp.models.loading import LoadedModel, build_random_model, train_tokenizer
+from mka_exp.models.loading import LoadedModel
+from mka_exp.models.toy import build_random_model, train_tokenizer
 
 HEADER = list(range(5, 10))  # 5 tokens shared by both "subjects": below min_shared, recomputed
 

@@ -136,7 +136,7 @@ def logged(data_root):
     """piqa + hellaswag (5 each) on a tiny model through the backend's `evaluate`, with the raw
     samples lm-eval logged in that same evaluation."""
     from mka_exp.evaluation.hf import HFEvaluation
-    from mka_exp.models.loading import build_random_model
+    from mka_exp.models.toy import build_random_model
 
     tiny = build_random_model("llama", num_layers=2, hidden_size=64, device="cpu")
     raw = {}

@@ -16,7 +16,7 @@ from mka_exp.calibration import CalibrationSet, tokenize
 from mka_exp.layers import decoder_layers, swapped_layers
 from mka_exp.methods import sleb
 from mka_exp.methods.sleb import SLEB, calibration_nll, removal_perplexities
-from mka_exp.models.loading import build_random_model
+from mka_exp.models.toy import build_random_model
 from tests.helpers import compose_config
 from tests.test_faults import damage, warnings_of
 from tests.test_layers import build
