@@ -267,7 +267,7 @@ def check_against_eval(calib: dict, ev: dict) -> None:
         check_passages_unevaluated(ev.get("tasks"), ev.get("limit"), ev.get("sample_seed"), start)
 
 
-# --- settings checks (before the model loads; `pipeline.check_config`) ----------------------
+# --- settings checks (before the model loads; `preflight.check_config`) ----------------------
 
 LOCAL_TEXT = (".jsonl", ".json", ".txt")  # calib.path suffixes read as local files
 

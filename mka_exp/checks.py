@@ -1,16 +1,20 @@
-"""Checks of a run's settings that need no model, run before anything expensive.
+"""The primitives of the checks that need no model, run before anything expensive.
 
 A bad value found after compression costs the compression (97 s of MKA on SmolLM2): every check
-that can be made from the settings alone runs here first, and each failure is ONE line naming
-the key, the bad value and what is allowed. `gather` runs a set of checks and reports every
+that can be made from the settings alone runs before the model loads, and each failure is ONE
+line naming the key, the bad value and what is allowed. `gather` runs a set of checks and reports every
 failure at once (`ConfigError`, one line each), so a user fixes them in one go.
 
-The functions take plain values (`pipeline.check_config` reads them out of the config):
+The functions take plain values (`preflight.check_config` reads them out of the config):
 
     check_positive("calib.max_length", 0)  # ValueError: calib.max_length=0: allowed ...
     gather(lambda: check_seed(-1), lambda: check_positive("calib.max_length", 0))
 
-Evaluation's checks live with it (`mka_exp.evaluation.checks`).
+Each stage's own checks live with the stage they guard: the evaluation backend's in
+`evaluation/checks.py` (run by its constructor), calibration's in `calibration.py`, the model's in
+`models/settings.py` and `models/declared.py`, the methods' in `methods/base.py` (run by their
+constructors), the paths' in `results/files.py`, the logger's in `tracking.py`; the top-level
+`seed` is checked here. Floor 0: imports nothing of mka_exp.
 """
 
 from __future__ import annotations
@@ -82,44 +86,3 @@ def check_seed(seed: Any) -> None:
 
 
 # --- method, curve --------------------------------------------------------------------------
-
-
-def check_amount(ratio: Any, num_layers: Any) -> None:
-    """The type of `method.ratio` / `method.num_layers` (the method checks the range)."""
-    if ratio is not None and not is_number(ratio):
-        raise ValueError(f"method.ratio={ratio!r} is not a number; allowed a float in (0, 1)")
-    if num_layers is not None and not is_int(num_layers):
-        raise ValueError(f"method.num_layers={num_layers!r}: allowed an integer >= 1")
-
-
-def check_curve(curve: Any, has_ratio: bool) -> None:
-    """null (one run) or a non-empty list of numbers; the method must take a ratio."""
-    if curve is None:
-        return
-    example = "e.g. curve=[0.125,0.25,0.375], or null for a single run"
-    if not isinstance(curve, list) or not curve:
-        raise ValueError(
-            f"curve={curve!r}: allowed a non-empty list of method.ratio values, {example}"
-        )
-    bad = [r for r in curve if not is_number(r)]
-    if bad:
-        raise ValueError(f"curve={curve!r}: {bad[0]!r} is not a number; {example}")
-    if not has_ratio:
-        raise ValueError(f"curve={curve!r}: this method has no method.ratio to walk")
-
-
-def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any]) -> None:
-    """A layer method's amounts (ratio, num_layers) per point, and LaCo's `m`, against the
-    model's layer count read from its config or GGUF header, before the weights load."""
-    from mka_exp.methods.base import LayerMethod, layers_to_remove
-    from mka_exp.models.declared import model_layers
-
-    if not isinstance(method, LayerMethod):
-        return
-    total = model_layers(model)
-    if total is None:
-        return
-    for ratio, count in amounts:
-        layers_to_remove(total, ratio, count)
-    if hasattr(method, "check_m"):  # LaCo: m layers merged into one per step
-        method.check_m(total)

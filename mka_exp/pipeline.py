@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mka_exp import job
+from mka_exp import job, preflight
 from mka_exp.contracts import EvaluationBackend, Quantizer
 from mka_exp.layers import num_layers
 from mka_exp.methods.base import layers_to_remove
@@ -34,6 +34,7 @@ from mka_exp.repair.none import NoRepair
 from mka_exp.results import claims, files, records, table
 from mka_exp.results.artifacts import print_summary, record_images, save_artifacts
 from mka_exp.results.samples import write_samples
+from mka_exp.resume import Point, claimed, mark_failed, progress, recorded_points
 from mka_exp.runtime import Interrupted, Stopwatch, peak_memory, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,6 @@ def failed(cfg: DictConfig, err: Exception) -> None:
     raise SystemExit(1 if full else 2) from None
 
 
-def progress(points: list[Point], records_dir: Path) -> str:
-    """Which points are recorded and which are not, read from the records on disk."""
-    done = [p for p in points if records.record_path(records_dir, p.key).exists()]
-    todo = [p for p in points if p not in done]
-    labels = (lambda ps: ", ".join(p.label for p in ps)) if len(points) > 1 else None
-    head = f"{len(done)} of {len(points)} point(s) recorded"
-    if labels is None:
-        return head + (f" ({points[0].key})" if done else "")
-    return head + (f": {labels(done)}" if done else "") + (f"; not done: {labels(todo)}" if todo
-                                                            else "")  # fmt: skip
-
-
 def method_name(cfg: DictConfig) -> str:
     """The method's module name, which is also its yaml's name (`methods/mka.py` ↔ `method=mka`)."""
     return cfg.method._target_.rsplit(".", 2)[-2]
@@ -104,105 +93,12 @@ def run_name(cfg: DictConfig) -> str:
     return "-".join(str(p) for p in parts if p is not None)
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One run; with `curve=[r1, r2, ...]` a whole compression curve (returns its last record)."""
-    settle_amount(cfg)
-    canonicalise(cfg)
-    check_config(cfg)
+    preflight.settle_amount(cfg)
+    preflight.canonicalise(cfg)
+    preflight.check_config(cfg)
     return run_points(cfg, curve_points(cfg))[-1]
-
-
-def settle_amount(cfg: DictConfig) -> None:
-    """`method.num_layers=N` alone works: a layer count replaces the yaml's default ratio, which
-    is cleared so the config (and its hash) holds only the amount used. Both on the command line,
-    or a layer count with a curve of ratios, is refused: one of them would be ignored."""
-    method = cfg.method
-    if method.get("num_layers") is None or method.get("ratio") is None:
-        return
-    given = {o.lstrip("+~").split("=", 1)[0] for o in job.job_overrides()}
-    if {"method.ratio", "method.num_layers"} <= given or cfg.get("curve"):
-        what = f"curve={list(cfg.curve)}" if cfg.get("curve") else f"method.ratio={method.ratio}"
-        raise ValueError(
-            f"{what} and method.num_layers={method.num_layers} both set how many layers go; "
-            "allowed: one of them"
-        )
-    method.ratio = None
-
-
-def canonicalise(cfg: DictConfig) -> None:
-    """One experiment, one config (and hash): a task named twice is evaluated once (warning)."""
-    from mka_exp.canonical import unique_tasks
-
-    tasks = OmegaConf.to_container(cfg.eval, resolve=True).get("tasks")
-    kept, repeated = unique_tasks(tasks)
-    if repeated:
-        log.warning("eval.tasks=%s names %s more than once; evaluating each once: eval.tasks=%s",
-                    tasks, ", ".join(repeated), kept)  # fmt: skip
-        cfg.eval.tasks = kept
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Every check that needs no model, before anything loads or is written: one line per bad
-    setting, all at once (`mka_exp/checks.py`). The benchmark files are read by the evaluation backend's
-    `check_data` in `compute_points`."""
-    from mka_exp import canonical, checks
-    from mka_exp.calibration import check_against_eval, check_calibration
-    from mka_exp.data import check_data_root
-    from mka_exp.models.settings import DTYPES, check_device, check_dtype, check_model_source
-    from mka_exp.tracking import WANDB_MODES, check_logger_mode
-
-    checks.check_missing(OmegaConf.missing_keys(cfg))
-    c = OmegaConf.to_container(cfg, resolve=True)
-    ev, model, method, calib = c["eval"], c["model"], c["method"], c["calib"]
-    checks.gather(
-        lambda: canonical.check_known_keys(c, CONF_DIR),
-        lambda: checks.check_seed(c.get("seed")),
-        lambda: check_evaluation(cfg.eval),
-        lambda: check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
-        lambda: files.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),
-        lambda: files.check_writable_dir("paths.output_dir", c["paths"]["output_dir"]),
-        lambda: check_cache_dir(method.get("cache")),
-        lambda: check_data_root(c.get("data_root")),
-        lambda: check_calibration(str(calib.get("_target_")).rsplit(".", 1)[-1], calib),
-        lambda: check_model_source(model),
-        lambda: check_against_eval(calib, ev),
-        lambda: check_device(model.get("device", "auto")),
-        lambda: check_dtype(model.get("dtype", "auto"), DTYPES),
-        lambda: checks.check_amount(method.get("ratio"), method.get("num_layers")),
-        lambda: check_curve_methods(cfg, c.get("curve")),
-    )
-
-
-def check_evaluation(eval_cfg: DictConfig) -> None:
-    """The evaluation backend checks its settings as Hydra builds it. A key it does not take
-    (a TypeError) is left to `canonical.check_known_keys`, whose line names the closest key."""
-    try:
-        instantiate(eval_cfg)
-    except InstantiationException as err:
-        if not isinstance(err.__cause__, TypeError):
-            raise
-
-
-def check_cache_dir(cache: Any) -> None:
-    """The method's activation cache (a folder under the output root by default)."""
-    if isinstance(cache, str):
-        files.check_writable_dir("method.cache", cache)
-
-
-def check_curve_methods(cfg: DictConfig, curve: Any) -> None:
-    """`curve` is a non-empty list and the method accepts each of its ratios."""
-    from mka_exp import checks
-
-    checks.check_curve(curve, "ratio" in cfg.method)
-    reset = {"num_layers": None} if "num_layers" in cfg.method else {}
-    for ratio in curve or []:
-        try:
-            instantiate(cfg.method, ratio=ratio, **reset)
-        except InstantiationException as err:
-            raise ValueError(f"curve={curve}: {err.__cause__ or err}") from None
 
 
 def curve_points(cfg: DictConfig) -> list[DictConfig]:
@@ -234,22 +130,6 @@ class Session:
     evaluation: EvaluationBackend
 
 
-@dataclass
-class Point:
-    """One point of a run: its own config, hash and output directory."""
-
-    cfg: DictConfig
-    config: dict
-    key: str
-    output_dir: Path
-
-    @property
-    def label(self) -> str:
-        """How a message names the point: its curve ratio, else its config hash."""
-        ratio = self.cfg.method.get("ratio")
-        return f"ratio {ratio}" if self.output_dir.name.startswith("ratio_") else self.key
-
-
 def plan_points(cfg: DictConfig, configs: list[DictConfig]) -> list[Point]:
     base = Path(cfg.paths.output_dir)
     points = []
@@ -278,7 +158,7 @@ def resume_points(
     another run has claimed is skipped and waited for at the end (`mka_exp/results/claims.py`), or at the
     sweep's end for a job of the basic launcher (None in its place); one whose claim is abandoned
     meanwhile is computed here after all (the model is loaded again)."""
-    done = recorded_points(cfg, points, records_dir)
+    done = recorded_points(cfg.get("resume", True), points, records_dir)
     if all(done.values()):
         log.info("all %d point(s) already recorded in %s; skipping", len(points), records_dir)
         return [done[p.key] for p in points]
@@ -325,36 +205,6 @@ def compute_guarded(
         raise
 
 
-def mark_failed(records_dir: Path, points: list[Point], line: str) -> None:
-    """A failure marker per unfinished point; on a full disk as many as fit (they only say why
-    a resume retries the point)."""
-    for point in points:
-        try:
-            records.save_failure(records_dir, point.key, line, point.config)
-        except OSError:
-            return
-
-
-def recorded_points(cfg: DictConfig, points: list[Point], records_dir: Path) -> dict:
-    """Each point's record if it is already finished (resume), else None; with `resume=false`
-    all None (computed again, records overwritten). A recorded point's run directory gets a copy
-    of its record, and the table its row (a damaged table is rebuilt from the records)."""
-    if not cfg.get("resume", True):
-        old = [p.key for p in points if records.record_path(records_dir, p.key).exists()]
-        if old:
-            log.info("resume=false: computing %d recorded point(s) again and overwriting their "
-                     "records: %s", len(old), ", ".join(old))  # fmt: skip
-        return dict.fromkeys((p.key for p in points), None)
-    done = {p.key: records.load_record(records_dir, p.key) for p in points}
-    table.upsert_rows(records_dir, [r for r in done.values() if r], replace=False)
-    for point in points:
-        if done[point.key]:
-            table.save_copy(records_dir, point.output_dir / "results.json", done[point.key])
-        elif failure := records.load_failure(records_dir, point.key):
-            log.info("point %s failed before (%s); trying it again", point.key, failure["error"])
-    return done
-
-
 def compute_points(
     cfg: DictConfig,
     configs: list[DictConfig],
@@ -373,7 +223,7 @@ def compute_points(
     repair.check_method(method)
     quantizer, evaluation = instantiate(cfg.quant), instantiate(cfg.eval)
     evaluation.check_data()  # task names and benchmark files, before the model loads
-    check_layer_bounds(method, configs, cfg.model)
+    preflight.check_layer_bounds(method, configs, cfg.model)
     watch = Stopwatch()
     session = load_session(cfg, watch, quantizer, evaluation)
     dense = prepare_repair(repair, session, watch)
@@ -397,23 +247,6 @@ def compute_points(
             held.release(point.key)
 
 
-def claimed(point: Point, held: claims.Claims | None, done: dict) -> bool:
-    """Whether this run computes the point now: it claimed it (or shares no work). A point
-    recorded meanwhile by another run goes into `done`; one it is computing is left for later."""
-    if held is None:
-        return True
-    state = held.take(point.key)
-    if state == claims.DONE:
-        done[point.key] = records.load_record(held.records_dir, point.key)
-        log.info("point %s was recorded by another run meanwhile", point.label)
-        return False
-    if state != claims.OURS:
-        log.info("point %s is being computed by %s; this run goes on and waits for it at its end",
-                 point.label, claims.holder(state))  # fmt: skip
-        return False
-    return True
-
-
 def check_cut(point: Point, stats: dict, total: int) -> None:
     """A layer method removed exactly the layers its point asks for: a record must never carry
     one cut under another's label (a one-point curve once did)."""
@@ -426,15 +259,6 @@ def check_cut(point: Point, stats: dict, total: int) -> None:
             f"method removed {len(removed)} layers {removed} where the point asks for {wanted} "
             f"of {total} (method.ratio={point.cfg.method.get('ratio')}); nothing is recorded"
         )
-
-
-def check_layer_bounds(method, configs: list[DictConfig], model_cfg: DictConfig) -> None:
-    """How many layers each point removes (and LaCo's `m`), against the layer count in the
-    model's config or GGUF header: before the weights load."""
-    from mka_exp.checks import check_layer_bounds as check
-
-    amounts = [(c.method.get("ratio"), c.method.get("num_layers")) for c in configs]
-    check(method, amounts, OmegaConf.to_container(model_cfg, resolve=True))
 
 
 def load_session(cfg: DictConfig, watch: Stopwatch, quantizer, evaluation) -> Session:

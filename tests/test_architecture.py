@@ -5,6 +5,7 @@ small enough to read. Imports inside functions count (a lazy import is still an 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,11 @@ FLOORS = {
     "mka_exp.tracking": 4,
     "mka_exp.results": 4,
     "mka_exp.job": 4,
+    "mka_exp.runtime": 4,
     "mka_exp.canonical": 5,
     "mka_exp.pipeline": 5,
+    "mka_exp.preflight": 5,
+    "mka_exp.resume": 5,
     "mka_exp.seed_cache": 5,
     "mka_exp.sweep": 6,
     "mka_exp.report": 7,
@@ -135,7 +139,7 @@ def test_the_graph_reader_sees_lazy_and_relative_imports(tmp_path):
     """The checks below would pass vacuously if the reader missed imports: prove it does not."""
     edges = graph()
     assert "mka_exp.layers" in edges["mka_exp.methods.mka"]
-    assert any(m.startswith("mka_exp.evaluation") for m in edges["mka_exp.pipeline"])
+    assert "mka_exp.models.saving" in edges["mka_exp.pipeline"]  # imported inside a function
     src = tmp_path / "mod.py"
     src.write_text("def f():\n    from mka_exp import layers\n")
     assert imported("mka_exp.x", src, {"mka_exp.layers"}) == {"mka_exp.layers"}
@@ -187,4 +191,6 @@ def test_every_package_says_what_it_owns_and_may_import():
         if init.parent == PACKAGE:
             continue
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert "May import" in doc or "may import" in doc, init
+        assert re.search(r"[Mm]ay import|Floor \d", doc), (
+            f"{init}: say its floor / what it may import"
+        )

@@ -12,7 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from mka_exp import canonical, pipeline
+from mka_exp import canonical, pipeline, preflight
 from mka_exp.checks import ConfigError
 from mka_exp.results import records as results
 from tests.helpers import CONF, REPO_ROOT, compose_config
@@ -112,8 +112,8 @@ def test_a_task_named_twice_is_one_experiment(tmp_path, data_root, caplog):
     once = compose_config(["eval.tasks=[piqa,hellaswag]"], tmp_path, data_root)
     assert point_hash(twice) != point_hash(once)
     with caplog.at_level(logging.WARNING):
-        pipeline.canonicalise(twice)
-        pipeline.canonicalise(once)
+        preflight.canonicalise(twice)
+        preflight.canonicalise(once)
     assert point_hash(twice) == point_hash(once)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "names piqa more than once; evaluating each once: eval.tasks=['piqa', 'hellaswag']" in (

@@ -1,5 +1,5 @@
 """Bad settings stop a run before the model loads, with one line naming the key, the value and
-what is allowed (`mka_exp/checks.py`, called by `pipeline.check_config`)."""
+what is allowed (`mka_exp/checks.py`, called by `preflight.check_config`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ stage's contract in `mka_exp.contracts`: the members by name, each method's para
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
 import typing
 
@@ -95,6 +95,10 @@ def test_every_target_built_from_its_yaml_is_an_instance(
     """isinstance also checks the data attributes (`bits`, `nested`, ...), set by `__init__`."""
     if option.startswith("bnb_") and not torch.cuda.is_available():
         pytest.skip("bitsandbytes refuses to build without a GPU (test_quantizers checks that)")
+    if (group, option) == ("eval", "vllm") and importlib.util.find_spec("vllm") is None:
+        pytest.skip(
+            "vLLM refuses to build where it is not installed (test_eval_backends checks that)"
+        )
     cfg = compose_config([f"{group}={option}"], tmp_path, data_root)
     built = instantiate(cfg[group])
     protocol = contract_of(group, type(built))

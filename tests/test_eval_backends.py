@@ -59,7 +59,7 @@ def test_bad_settings_are_one_line_each():
 
 
 def test_bad_settings_stop_the_run_before_the_model_loads(tmp_path, data_root):
-    from mka_exp.pipeline import check_config
+    from mka_exp.preflight import check_config
 
     cfg = compose_config(["eval.limit=0", "eval.batch_size=0"], tmp_path, data_root)
     with pytest.raises(ConfigError) as err:

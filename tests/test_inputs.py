@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mka_exp import pipeline
+from mka_exp import pipeline, preflight
 from mka_exp.models import gguf_files, seals, settings, toy, wheels
 from mka_exp.models.loading import LoadedModel, NonFiniteWeights, check_finite
 from mka_exp.results import records as results
@@ -139,7 +139,7 @@ def test_num_layers_with_a_curve_is_refused(tmp_path, data_root):
 
 def test_ratio_alone_keeps_the_config_as_it_was(tmp_path, data_root):
     cfg = compose_config(["method=mka"], tmp_path, data_root)
-    pipeline.settle_amount(cfg)
+    preflight.settle_amount(cfg)
     assert cfg.method.ratio == 0.25 and cfg.method.num_layers is None
 
 

@@ -216,7 +216,7 @@ def test_config_checks_before_the_model_loads(tmp_path, data_root):
     from omegaconf import OmegaConf
 
     from mka_exp.checks import ConfigError
-    from mka_exp.pipeline import check_config
+    from mka_exp.preflight import check_config
     from mka_exp.results import records as results
     from tests.helpers import compose_config
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from mka_exp import pipeline
+from mka_exp import pipeline, preflight
 from mka_exp.calibration import tokenize
 from mka_exp.layers import decoder_layers, remove_layers
 from mka_exp.methods.mka import MKA
@@ -429,14 +429,14 @@ def test_passages_refuse_an_evaluation_that_could_read_them(
 ):
     cfg = compose_config([*PASSAGES, "eval.tasks=[hellaswag]", *overrides], tmp_path, data_root)
     with pytest.raises(ValueError, match=message):
-        pipeline.check_config(cfg)
+        preflight.check_config(cfg)
 
 
 def test_passages_allow_the_first_rows_and_other_tasks(tmp_path, data_root):
     for overrides in (["eval.tasks=[hellaswag]", "eval.limit=1000"], ["eval.tasks=[piqa]"]):
-        pipeline.check_config(compose_config([*PASSAGES, *overrides], tmp_path, data_root))
+        preflight.check_config(compose_config([*PASSAGES, *overrides], tmp_path, data_root))
     whole = compose_config([*PASSAGES, "eval.tasks=[piqa]", "eval.limit=null"], tmp_path, data_root)
-    pipeline.check_config(whole)
+    preflight.check_config(whole)
 
 
 def test_an_existing_repair_record_keeps_its_config_hash(data_root):

@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
+from typing import Any
 
 from mka_exp.activations import capture_hidden_states, check_representation
+from mka_exp.checks import is_int, is_number
 from mka_exp.layers import num_layers as count_layers
 from mka_exp.layers import remove_layers
 
 
 def check_amount(ratio: float | None, num_layers: int | None) -> None:
     """The checks that need no model: run at construction so bad input fails before loading."""
+    if ratio is not None and not is_number(ratio):
+        raise ValueError(f"method.ratio={ratio!r} is not a number; allowed a float in (0, 1)")
+    if num_layers is not None and not is_int(num_layers):
+        raise ValueError(f"method.num_layers={num_layers!r}: allowed an integer >= 1")
     if (ratio is None) == (num_layers is None):
         raise ValueError(
             f"give exactly one of method.ratio or method.num_layers (got ratio={ratio}, "
@@ -127,3 +133,19 @@ def set_capture(method, representation: str, max_points: int, batch_size, cache,
     check_max_points(max_points)
     method.representation, method.max_points, method.seed = representation, max_points, seed
     method.batch_size, method.cache = batch_size, cache
+
+
+def check_layer_bounds(method: Any, amounts: list[tuple], model: dict[str, Any]) -> None:
+    """A layer method's amounts (ratio, num_layers) per point, and LaCo's `m`, against the
+    model's layer count read from its config or GGUF header, before the weights load."""
+    from mka_exp.models.declared import model_layers
+
+    if not isinstance(method, LayerMethod):
+        return
+    total = model_layers(model)
+    if total is None:
+        return
+    for ratio, count in amounts:
+        layers_to_remove(total, ratio, count)
+    if hasattr(method, "check_m"):  # LaCo: m layers merged into one per step
+        method.check_m(total)

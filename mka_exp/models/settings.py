@@ -2,7 +2,7 @@
 it asks for (resolved against this machine), where the model comes from (one source, and a local
 path that is a model), and the pins of a GGUF file.
 
-May import: torch. Imported by the rest of `models` and by `pipeline.check_config`.
+May import: torch. Imported by the rest of `models` and by `preflight.check_config`.
 """
 
 from __future__ import annotations

@@ -36,4 +36,7 @@ match. MMLU is the macro average over subjects when a run has it (the paper's sc
 subject), else lm-eval's group score. Runs of one method that differ in other settings (λ, pair
 choice, calibration, ...) get a `variant` label built from the config keys that differ (of the
 method's options, only its registry variant keys).
+
+Floor 7, the top: may import anything below (it reads `results` and `methods.registry`); nothing
+imports it.
 """
