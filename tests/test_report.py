@@ -921,3 +921,21 @@ def test_the_compare_group_declares_without_changing_the_config_hash(tmp_path, d
     decl = declared.parse(as_dict["compare"], "config.compare")
     assert decl.when == "before the runs" and decl.repair_twins and len(decl.primary) == 2
     assert decl.primary[1][1].method == declared.BEST
+
+
+def test_repair_twins_pair_across_the_eval_target_key():
+    """A record written before evaluation had a `_target_` and one written after (the default
+    backend's name in its config) are the same experiment: the hash says so, so must the twin
+    key, or a new repaired run would find no unrepaired twin among the committed records."""
+    from mka_exp.report.analysis import twin_key
+    from mka_exp.results.records import DEFAULT_EVAL_BACKEND
+
+    old = {"config": {"method": {"ratio": 0.25}, "eval": {"tasks": ["piqa"], "limit": 5},
+                      "repair": {"_target_": "mka_exp.repair.none.NoRepair"}}}  # fmt: skip
+    new = json.loads(json.dumps(old))
+    new["config"]["eval"]["_target_"] = DEFAULT_EVAL_BACKEND
+    new["config"]["repair"] = {"_target_": "mka_exp.repair.linear.LinearRepair", "ridge": "auto"}
+    assert twin_key(new) == twin_key(old)
+    other = json.loads(json.dumps(new))
+    other["config"]["eval"]["_target_"] = "mka_exp.evaluation.vllm.VLLMEvaluation"
+    assert twin_key(other) != twin_key(old)  # another backend is another experiment

@@ -33,7 +33,7 @@ from mka_exp.report.loading import (
     run_label,
 )
 from mka_exp.report.sensitivity import ID_COLUMNS, calibration_sensitivity, one_answer_runs
-from mka_exp.results.records import NON_RESULT_KEYS, without_keys
+from mka_exp.results.records import comparable_view
 
 PRUNING_METHODS = registry.of_family("pruning")  # the default baseline: the best of these
 MERGING_METHODS = registry.of_family("merging")  # what "does merging beat pruning?" compares
@@ -242,7 +242,7 @@ def paired_cells(aligned: pd.DataFrame, metric: str, boot: Boot) -> dict:
 def twin_key(record: dict) -> str:
     """The record's config without its repair and without what the config hash leaves out
     (paths, caches, loggers): equal for repair twins, wherever each ran."""
-    config = without_keys(record.get("config") or {}, NON_RESULT_KEYS)
+    config = comparable_view(record.get("config") or {})
     config = json.loads(json.dumps(config, default=str))
     for part in (config, config.get("calib") or {}, config.get("eval") or {}):
         part.pop("data_root", None)

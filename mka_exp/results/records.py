@@ -126,22 +126,31 @@ def file_fingerprint(path: str) -> str:
     return f"file:{local.name}:{digest}"
 
 
-def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
-    """What the config hash covers: the config without paths, plus fingerprints of the data."""
+def comparable_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as two runs of one experiment share it: without paths and the other keys that
+    cannot change a result, and without keys whose default means "as before the key existed"
+    (a null `calib.seed` or `eval.sample_seed`, the default evaluation backend's `_target_`)."""
     kept = without_keys(config, NON_RESULT_KEYS)
+    calib = kept.get("calib")
+    if isinstance(calib, dict) and calib.get("seed", 0) is None:  # null: the draw before the key
+        kept["calib"] = {k: v for k, v in calib.items() if k != "seed"}
+    ev = kept.get("eval")
+    if isinstance(ev, dict) and ev.get("sample_seed", 0) is None:  # null: the first N, as before
+        kept["eval"] = ev = {k: v for k, v in ev.items() if k != "sample_seed"}
+    if isinstance(ev, dict) and ev.get("_target_") == DEFAULT_EVAL_BACKEND:  # records before
+        kept["eval"] = {k: v for k, v in ev.items() if k != "_target_"}  # the key have none
+    return kept
+
+
+def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """What the config hash covers: `comparable_view`, plus fingerprints of the data."""
+    kept = comparable_view(config)
     kept["data_fingerprint"] = data_fingerprint(config.get("data_root"))
     calib = kept.get("calib")
     path = calib.get("path") if isinstance(calib, dict) else None
     local = isinstance(path, str) and Path(path).suffix in LOCAL_DATA_SUFFIXES
     if local and Path(path).expanduser().is_file():
         kept["calib"] = {**calib, "path": file_fingerprint(path)}
-    if isinstance(calib, dict) and calib.get("seed", 0) is None:  # null: the draw before the key
-        kept["calib"] = {k: v for k, v in kept["calib"].items() if k != "seed"}
-    ev = kept.get("eval")
-    if isinstance(ev, dict) and ev.get("sample_seed", 0) is None:  # null: the first N, as before
-        kept["eval"] = ev = {k: v for k, v in ev.items() if k != "sample_seed"}
-    if isinstance(ev, dict) and ev.get("_target_") == DEFAULT_EVAL_BACKEND:  # records before
-        kept["eval"] = {k: v for k, v in ev.items() if k != "_target_"}  # the key have none
     return kept
 
 
