@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra.experimental.callback import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (0.25, 0.5, 0.75)
@@ -31,16 +32,18 @@ def slurm_missing() -> str | None:
     return None
 
 
-def sweep_command(tmp_path: Path, data_root: Path) -> list[str]:
-    ratios = ",".join(map(str, RATIOS))
+def sweep_command(tmp_path: Path, data_root: Path, points: str = "", *extra: str) -> list[str]:
+    """The sweep of the tiny model on a CPU node; `points` the override that sets its points
+    (by default `method.ratio=0.25,0.5,0.75`: three jobs), `extra` more overrides."""
+    points = points or f"method.ratio={','.join(map(str, RATIOS))}"
     return [
         *(sys.executable, "run.py", "-m", "hydra/launcher=slurm", "model=tiny_llama"),
-        *("logger=none", "method=reverse_prune", f"method.ratio={ratios}"),
+        *("logger=none", "method=reverse_prune", points),
         *("eval.tasks=[piqa]", "eval.limit=8", "calib.max_length=32"),
         *(f"data_root={data_root}", f"paths.output_root={tmp_path}"),
         # a CPU node: no GPU request, one core and a little memory per job
         *("hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1"),
-        *("hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20"),
+        *("hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20", *extra),
     ]
 
 
@@ -90,3 +93,41 @@ def run_sweep(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=WAIT_S
     )
+
+
+def held_at(hold: Path, ratio: float) -> list[str]:
+    """Overrides that hold the sweep's jobs inside the point at `ratio` (`HoldPoint`)."""
+    return [
+        "+hydra.callbacks.hold._target_=tests.slurm_jobs.HoldPoint",
+        f"+hydra.callbacks.hold.hold={hold}",
+        f"+hydra.callbacks.hold.ratio={ratio}",
+    ]
+
+
+class HoldPoint(Callback):
+    """Test-only (a Hydra callback run in the job): on the job's first start, while the file
+    `hold` exists, the point at `ratio` waits after it is claimed and compressed, before it is
+    evaluated and recorded; `<hold>.held` names the waiting job. A fault (requeue, time limit,
+    a second sweep) then meets a job in the middle of a point every time, whatever the node's
+    speed, instead of racing a point that takes a second on the tiny model."""
+
+    def __init__(self, hold: str, ratio: float) -> None:
+        self.hold, self.ratio = Path(hold), ratio
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from submitit import JobEnvironment
+
+        from mka_exp import pipeline
+
+        if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            return  # a requeued job runs freely
+        finish = pipeline.finish_point
+
+        def held(point, *args, **kw):
+            if point.cfg.method.ratio == self.ratio and self.hold.exists():
+                self.hold.with_suffix(".held").write_text(JobEnvironment().job_id)  # 12_0
+                while self.hold.exists():
+                    time.sleep(0.2)  # SIGTERM here raises the pipeline's `Interrupted`
+            return finish(point, *args, **kw)
+
+        pipeline.finish_point = held
