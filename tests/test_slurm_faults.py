@@ -76,8 +76,8 @@ def assert_each_point_recorded_once(tmp_path: Path, points: int) -> None:
     assert len(names) == points, sorted(names)
     table = pd.read_csv(tmp_path / "results.csv", dtype={"config_hash": str})
     assert sorted(table["config_hash"]) == sorted(Path(n).stem for n in names)
-    assert not list((tmp_path / "records").glob("failures/*.json"))
-    assert not list((tmp_path / "records").glob("claims/*.json"))
+    assert not list((tmp_path / "failures").glob("*.json"))
+    assert not list((tmp_path / "claims").glob("*.json"))
     assert not list(tmp_path.glob("multirun/*/*/*/failed.json"))
 
 
@@ -145,7 +145,7 @@ def test_time_limit_stops_a_curve_in_one_line_and_the_rerun_computes_the_rest(
     assert "1 of 3 point(s) recorded: ratio 0.25; not done: ratio 0.5, ratio 0.75" in line[0]
     assert job_info(job)["ExitCode"] in ("140:0", "143:0"), job_info(job)  # 128 + the signal
     assert "Traceback" not in logs, logs[-3000:]
-    assert not list((tmp_path / "records").glob("failures/*.json"))
+    assert not list((tmp_path / "failures").glob("*.json"))
     assert not list(tmp_path.glob("multirun/*/*/*/failed.json"))
 
     hold.unlink()
