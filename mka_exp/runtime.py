@@ -39,17 +39,22 @@ class Interrupted(BaseException):
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise `Interrupted` in the main thread; a second one while stopping is
-    ignored, so the stop stays one line."""
+    ignored, so the stop stays one line. A launcher's own handler of a warning signal
+    (`warned_by`) that ends the job also becomes `Interrupted`."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    for sig in WARNING_SIGNALS:
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = signal.signal(sig, warned_by(handler, stop))
     try:
         yield
     finally:
@@ -57,7 +62,23 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def warned_by(handler: Any, stop: Any) -> Any:
+    """submitit's handler of Slurm's warning signal (SIGUSR2, `signal_delay_s` before a time limit)
+    requeues the job and exits, or at a time limit raises `UncompletedJobError`, wherever the run
+    is: that error would be recorded as a failure of every unfinished point. Whatever the handler
+    raises stops the run instead, like SIGTERM; a handler that returns lets the run go on."""
+
+    def warned(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except BaseException:
+            stop(signum, frame)
+
+    return warned
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Stopwatch:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from mka_exp.models.loading import LoadedModel
 from mka_exp.models.toy import build_random_model
+from tests.slurm_jobs import slurm_missing
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
@@ -40,3 +42,13 @@ def no_model(monkeypatch):
         raise ModelLoaded("the model was loaded before the bad setting was found")
 
     monkeypatch.setattr(pipeline, "load_session", refuse)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """A Slurm cluster answers: else the test is skipped, or fails under MKA_EXP_REQUIRE_SLURM=1."""
+    reason = slurm_missing()
+    if reason and os.environ.get("MKA_EXP_REQUIRE_SLURM") == "1":
+        pytest.fail(f"MKA_EXP_REQUIRE_SLURM=1 but {reason}; run tests/slurm/start_cluster.sh")
+    if reason:
+        pytest.skip(f"{reason}; start one with tests/slurm/start_cluster.sh")

@@ -327,6 +327,31 @@ def test_a_signal_abandons_the_point_and_says_how_to_resume(
     assert len(results.record_keys(tmp_path)) == 3 and evaluated == [1]
 
 
+def test_a_launcher_handler_that_ends_the_job_at_a_time_limit_stops_it_like_sigterm(
+    tmp_path, data_root, monkeypatch, caplog
+):
+    """submitit answers Slurm's warning before a time limit (SIGUSR2) by raising
+    `UncompletedJobError` wherever the run is; it was recorded as a failure of every unfinished
+    point. It stops the run like SIGTERM (tests/test_slurm_faults.py: the same on Slurm)."""
+
+    def submitit_at_time_limit(signum, frame):
+        raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    at_second_point(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGUSR2))
+    before = signal.signal(signal.SIGUSR2, submitit_at_time_limit)
+    try:
+        with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+            pipeline.main(compose_config(CURVE, tmp_path, data_root))
+        assert signal.getsignal(signal.SIGUSR2) is submitit_at_time_limit  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert stop.value.code == 128 + signal.SIGUSR2
+    (line,) = errors_of(caplog)
+    assert line.startswith("SIGUSR2: stopped; the point being computed was abandoned")
+    assert "1 of 3 point(s) recorded: ratio 0.25; not done: ratio 0.5, ratio 0.75." in line
+    assert len(results.record_keys(tmp_path)) == 1 and not (tmp_path / "failures").exists()
+
+
 def full_disk_at(suffix: str):
     """`os.replace` that finds the disk full when moving a file ending in `suffix` into place
     after the first record exists (the curve's second point)."""
