@@ -24,6 +24,7 @@ from mka_exp.checks import gather
 from mka_exp.data import check_data_root, offline_datasets
 from mka_exp.evaluation import checks, harness
 from mka_exp.evaluation.rows import from_lm_eval
+from mka_exp.shims.lm_eval import quiet_lm_eval
 
 
 def plain(value: Any) -> Any:
@@ -118,7 +119,7 @@ class LMEvalBackend:
         limit = checks.check_limit(self.limit)
         shots = harness.resolve_fewshot(self.num_fewshot or {}, lm_tasks)
         harness.seed_everything(self.seed)
-        with harness.quiet_lm_eval(), offline_datasets(self.data_root):
+        with quiet_lm_eval(), offline_datasets(self.data_root):
             task_dict = harness.built_tasks(lm_tasks, shots, self.seed, self.data_root)
             draw = None
             if self.sample_seed is not None:

@@ -88,13 +88,8 @@ def check_eval_data(
     if not tasks:
         return
     from mka_exp.data import offline_datasets
-    from mka_exp.evaluation.harness import (
-        built_tasks,
-        quiet_lm_eval,
-        resolve_fewshot,
-        resolve_tasks,
-        task_objects,
-    )
+    from mka_exp.evaluation.harness import built_tasks, resolve_fewshot, resolve_tasks, task_objects
+    from mka_exp.shims.lm_eval import quiet_lm_eval
 
     names = list(resolve_tasks(list(tasks)))
     shots = resolve_fewshot(num_fewshot or {}, names)

@@ -19,21 +19,19 @@ Nothing here reads Hydra config or knows which engine scores the requests.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import math
 import random
-import re
 from collections.abc import Iterator
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 
 from mka_exp.choices import did_you_mean
+from mka_exp.shims.lm_eval import memoize_docs
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +46,6 @@ TASK_ALIASES: dict[str, str] = {
 MACRO_METRICS = ("acc", "acc_norm")
 BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
 MAX_BUILT_TASKS = 4
-# lm-eval warns about these on every call with an in-memory model, which is what we intend.
-EXPECTED_WARNINGS = (
-    "`pretrained` model kwarg is not of type `str`",
-    "Passed an already-initialized model through `pretrained`",
-)
 
 
 def draw_examples(task_dict: dict[str, Any], limit: int, seed: int) -> dict[str, list[int]]:
@@ -149,16 +142,6 @@ def built_tasks(
     return task_dict
 
 
-def memoize_docs(task: Any) -> None:
-    """lm-eval re-runs a task's `process_docs` over the whole split each time its documents are
-    read (4 times per `evaluate`: ~9 s for HellaSwag's 10k at any limit); the documents of a
-    built task never change, so keep the first result."""
-    for name in ("training_docs", "validation_docs", "test_docs", "fewshot_docs"):
-        method = getattr(task, name, None)
-        if callable(method):
-            setattr(task, name, functools.cache(method))
-
-
 def task_objects(task_dict: dict[Any, Any]) -> Iterator[Any]:
     """Every task in lm-eval's nested {task or group: task, group or {…}} dict."""
     from lm_eval.api.task import Task
@@ -210,63 +193,6 @@ def empty_fewshot_error(shots: dict[str, int], data_root: str | None) -> ValueEr
         f"few-shot examples requested ({asked}) but a task's few-shot split is empty: the "
         f"mirror at {data_root} has no train split for it; use 0 shots for that task"
     )
-
-
-class DropRepeats(logging.Filter):
-    """Drop lm-eval's expected in-memory-model warnings and repeats of a warning that differ only
-    in numbers (e.g. one "context exceeds max length" line per request), counting the drops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-        self.dropped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith(EXPECTED_WARNINGS):
-            return False
-        kind = re.sub(r"\d+", "#", message)
-        if kind in self.seen:
-            self.dropped += 1
-            return False
-        self.seen.add(kind)
-        return True
-
-
-@contextlib.contextmanager
-def quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs INFO per task, can warn per request and draws a progress bar per task; keep
-    each kind of warning once, one bar for the model calls, and no `datasets` map bars."""
-    import lm_eval.api.task as lm_task
-    from tqdm import tqdm
-
-    root = logging.getLogger("lm_eval")
-    level = root.level
-    loggers = [
-        logging.getLogger(n)
-        for n in list(logging.root.manager.loggerDict)
-        if n == "lm_eval" or n.startswith("lm_eval.")
-    ]
-    dedup = DropRepeats()
-    bars_on = datasets.is_progress_bar_enabled()
-    task_tqdm = lm_task.tqdm
-    if level == logging.NOTSET or level < logging.WARNING:
-        root.setLevel(logging.WARNING)
-    for logger in loggers:
-        logger.addFilter(dedup)
-    datasets.disable_progress_bars()
-    lm_task.tqdm = functools.partial(tqdm, disable=True)  # the per-task "building contexts" bar
-    try:
-        yield
-    finally:
-        lm_task.tqdm = task_tqdm
-        if bars_on:
-            datasets.enable_progress_bars()
-        for logger in loggers:
-            logger.removeFilter(dedup)
-        root.setLevel(level)
-        if dedup.dropped:
-            log.warning("%d repeats of lm-eval warnings shown above were dropped", dedup.dropped)
 
 
 def flatten_results(results: dict[str, Any], names: dict[str, str]) -> dict[str, float]:

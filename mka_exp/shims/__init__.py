@@ -1,6 +1,7 @@
 """Library workarounds, each a small named shim apart from the logic it serves.
 
 One module per library (`llmcompressor.py`: running llm-compressor's `oneshot` on an in-memory
-model). Floor 1: a shim imports torch and the library it adapts, never a stage; the stages
+model; `lm_eval.py`: lm-eval's logging and bars around an in-memory model, its re-processed
+documents). Floor 1: a shim imports torch and the library it adapts, never a stage; the stages
 (methods, quantizers, ...) import the shims.
 """
