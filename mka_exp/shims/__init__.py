@@ -2,6 +2,6 @@
 
 One module per library (`llmcompressor.py`: running llm-compressor's `oneshot` on an in-memory
 model; `lm_eval.py`: lm-eval's logging and bars around an in-memory model, its re-processed
-documents). Floor 1: a shim imports torch and the library it adapts, never a stage; the stages
+documents; `hydra.py`: a full disk in Hydra's own writes of a sweep job). Floor 1: a shim imports torch and the library it adapts, never a stage; the stages
 (methods, quantizers, ...) import the shims.
 """

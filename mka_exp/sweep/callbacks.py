@@ -30,7 +30,6 @@ Example (conf/config.yaml)::
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import sys
@@ -49,36 +48,22 @@ from mka_exp.job import (
     summary_lines,
     write_failed,
 )
+from mka_exp.shims.hydra import on_full_disk_in_save_config
 
 log = logging.getLogger(__name__)
 
 
-def stop_sweep_on_full_disk_in_hydra() -> None:
-    """Shim: Hydra writes each sweep job's `.hydra/*.yaml` before the job starts, where no check
-    of ours runs; a disk that filled up between two jobs ended the sweep in Hydra's traceback
-    with no summary. Such a write now stops the sweep with its summary (`stop_sweep`)."""
-    from hydra.core import utils
+def stop_sweep_on_full_disk(path: Path, err: OSError) -> None:
+    """Hydra's own write of a sweep job's config met a full disk: stop the sweep with its
+    summary (`stop_sweep`), as a job of ours would (`shims/hydra.py`). Outside a multirun the
+    error goes on as it was."""
+    if in_multirun():
+        from mka_exp.results.files import free_space
 
-    real = utils._save_config
-    if getattr(real, "stops_sweep", False):
-        return
-
-    def save_config(cfg: Any, filename: str, output_dir: Any) -> None:
-        try:
-            real(cfg, filename, output_dir)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT) or not in_multirun():
-                raise
-            from mka_exp.results.files import free_space
-
-            path = Path(output_dir) / filename
-            stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
-
-    save_config.stops_sweep = True  # type: ignore[attr-defined]
-    utils._save_config = save_config
+        stop_sweep(f"the disk is full ({err.strerror} writing {path}, {free_space(path)})")
 
 
-stop_sweep_on_full_disk_in_hydra()
+on_full_disk_in_save_config(stop_sweep_on_full_disk)
 
 
 class OutputRootCheck(Callback):
