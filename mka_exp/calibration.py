@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mka_exp.checks import MISSING_HINTS, check_positive, gather
+from mka_exp.checks import MISSING_HINTS, check_positive, check_seed, gather
 from mka_exp.data import MMLU_SUBJECTS, check_data_root, load_split, mirror_dir, read_jsonl
 
 
@@ -89,14 +89,6 @@ def format_mmlu(doc: dict) -> str:
     return f"{doc['question'].strip()}\n{options}\nAnswer: {letters[int(doc['answer'])]}"
 
 
-def check_seed(seed: object) -> int | None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(
-            f"calib.seed={seed!r} is not allowed; allowed: null (the first rows) or an integer"
-        )
-    return seed
-
-
 def draw(items: list, count: int, seed: int | None, stream: str = "") -> list:
     """The first `count` items (seed null: the paper's and today's draw), else `count` drawn at
     random without replacement, in their original order. Each `stream` (an MMLU subject) has its
@@ -127,7 +119,7 @@ def mmlu_prompts(
         raise ValueError(f"calib.split={split!r} is not an MMLU split; allowed: {allowed}")
     if per_subject < 1:
         raise ValueError(f"calib.per_subject={per_subject} must be >= 1")
-    check_seed(seed)
+    check_seed("calib.seed", seed, null="the first rows")
     texts = []
     for subject in MMLU_SUBJECTS:
         rows = load_split("cais/mmlu", subject, split, data_root)
@@ -150,7 +142,7 @@ def text_dataset(
 ) -> CalibrationSet:
     """The first `num_samples` non-empty `field` values of a hub dataset or a local .jsonl/.txt
     (with `seed`: `num_samples` of them drawn at random)."""
-    check_seed(seed)
+    check_seed("calib.seed", seed, null="the first rows")
     local = Path(path).expanduser()
     if local.suffix in (".jsonl", ".txt", ".json"):
         if not local.exists():
@@ -220,7 +212,7 @@ def hellaswag_passages(
     on (seed null: in order; an integer: drawn at random), and a held-out part of at least
     `heldout_tokens` from the last rows, the same for every fit size. Each part is ordered by
     length."""
-    check_seed(seed)
+    check_seed("calib.seed", seed, null="the first rows")
     rows = load_split(*PASSAGES, data_root)
     texts = [hellaswag_passage(row) for row in rows]
     lengths = _lengths(texts, tokenizer, max_length)

@@ -8,7 +8,7 @@ failure at once (`ConfigError`, one line each), so a user fixes them in one go.
 The functions take plain values (`preflight.check_config` reads them out of the config):
 
     check_positive("calib.max_length", 0)  # ValueError: calib.max_length=0: allowed ...
-    gather(lambda: check_seed(-1), lambda: check_positive("calib.max_length", 0))
+    gather(lambda: check_seed("seed", -1), lambda: check_positive("calib.max_length", 0))
 
 Each stage's own checks live with the stage they guard: the evaluation backend's in
 `evaluation/checks.py` (run by its constructor), calibration's in `calibration.py`, the model's in
@@ -80,9 +80,13 @@ def check_missing(keys: Iterable[str]) -> None:
         raise ConfigError(problems)
 
 
-def check_seed(seed: Any) -> None:
+def check_seed(key: str, seed: Any, null: str | None = None) -> None:
+    """A seed: an integer >= 0; given `null` (what null means for this key), null as well."""
+    if seed is None and null is not None:
+        return
     if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed={seed!r}: allowed an integer >= 0")
+        allowed = (f"null ({null}) or " if null is not None else "") + "an integer >= 0"
+        raise ValueError(f"{key}={seed!r}: allowed: {allowed}")
 
 
 # --- method, curve --------------------------------------------------------------------------

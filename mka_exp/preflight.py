@@ -85,7 +85,7 @@ def check_config(cfg: DictConfig) -> None:
     ev, model, method, calib = c["eval"], c["model"], c["method"], c["calib"]
     checks.gather(
         lambda: canonical.check_known_keys(c, CONF_DIR),
-        lambda: checks.check_seed(c.get("seed")),
+        lambda: checks.check_seed("seed", c.get("seed")),
         lambda: check_built(cfg.eval),
         lambda: check_logger_mode(c["logger"].get("mode"), WANDB_MODES),
         lambda: files.check_records_dir("paths.records_dir", c["paths"]["records_dir"]),

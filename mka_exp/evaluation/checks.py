@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mka_exp.checks import check_positive, gather, is_int, is_number
+from mka_exp.checks import check_positive, check_seed, gather, is_int, is_number
 
 
 def check_limit(limit: Any) -> int | float | None:
@@ -26,14 +26,8 @@ def check_limit(limit: Any) -> int | float | None:
 
 def check_sample_seed(sample_seed: Any, limit: Any) -> None:
     """A seed is an int >= 0 and draws `limit` examples, so it needs `limit` as a count."""
-    if sample_seed is None:
-        return
-    if not is_int(sample_seed) or sample_seed < 0:
-        raise ValueError(
-            f"eval.sample_seed={sample_seed!r}: allowed an int >= 0 (a seeded draw of eval.limit "
-            "examples per task) or null (the first eval.limit examples)"
-        )
-    if not is_int(limit):
+    check_seed("eval.sample_seed", sample_seed, null="the first eval.limit examples per task")
+    if sample_seed is not None and not is_int(limit):
         raise ValueError(
             f"eval.sample_seed={sample_seed} draws eval.limit examples per task, but "
             f"eval.limit={limit!r}; allowed: an int eval.limit (examples per task) or "
