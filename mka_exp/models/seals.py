@@ -1,6 +1,7 @@
 """The model cache and the seals that tell a cached file is the one written: where fetched and
 dequantized files live, each file's size, times and (full and sampled) digests, and the check of
-a file, or of a whole float32 copy of a GGUF, against them before every use.
+a file, or of a whole float32 copy of a GGUF (or a model folder: `folder_seals`), against them
+before every use.
 
 Hashing a multi-GB file on every run costs seconds; a seal lets an unchanged file be trusted after
 a sampled read, and a changed or damaged one be named and rebuilt. Imports nothing of `mka_exp`.
@@ -38,10 +39,9 @@ def copy_problem(folder: Path) -> str | None:
     return next((f"{name}: {problem}" for name, problem in problems.items()), None)
 
 
-def seal_files(folder: Path, names: list[str], marker: Path, **extra) -> None:
-    """Seal these files of `folder` in `marker` (one full hash each), with `extra` beside."""
-    files = {name: seal(folder / name) for name in names}
-    write_json(marker, {**extra, "files": files})
+def seal_files(folder: Path, names: list[str], marker: Path) -> None:
+    """Seal these files of `folder` in `marker` (one full hash each)."""
+    write_json(marker, {"files": {name: seal(folder / name) for name in names}})
 
 
 def sealed_problems(folder: Path, marker: Path) -> dict[str, str] | None:
