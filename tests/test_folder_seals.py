@@ -276,3 +276,27 @@ def test_reseal_is_a_known_key_outside_the_config_hash(tmp_path, data_root):
     canonical.check_known_keys(resealed, CONF)
     assert "model.reseal" in records.NON_RESULT_KEYS
     assert records.config_hash(resealed) == records.config_hash(plain)
+
+
+def test_a_run_on_a_changed_folder_stops_and_reseal_lets_it_run(folder, tmp_path, data_root):
+    """Through the pipeline: the refusal before any record; `+model.reseal=true` reaches the
+    loader (Hydra's instantiate) and records under the hash the run would have had without it."""
+    from hydra.errors import InstantiationException
+
+    from mka_exp import pipeline
+
+    over = ["model=llama3_8b", f"model.name_or_path={folder}", "eval.tasks=[piqa]"]
+    pipeline.run(compose_config([*over, "method.ratio=0.25"], tmp_path / "a", data_root))
+    damage(folder, "modified_byte")
+    cfg = compose_config([*over, "method.ratio=0.5"], tmp_path / "b", data_root)
+    with pytest.raises(InstantiationException) as info:  # run.py prints its cause's one line
+        pipeline.run(cfg)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "model.safetensors: sha256" in str(info.value.__cause__)
+    assert not list((tmp_path / "b" / "records").glob("*.json"))
+    cfg = compose_config(
+        [*over, "method.ratio=0.5", "+model.reseal=true"], tmp_path / "b", data_root
+    )
+    record = pipeline.run(cfg)
+    assert record["config"]["model"]["reseal"] is True
+    assert len(list((tmp_path / "b" / "records").glob("*.json"))) == 1
