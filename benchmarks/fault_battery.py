@@ -15,7 +15,9 @@ With `--before OLD_CHECKOUT` every case runs against both and the row has before
 work; 72 on, its verified inputs). The full-disk cases mount a small tmpfs and the second-user
 cases drop root's CAP_DAC_OVERRIDE (setpriv), so they need root; as a user the second-user cases
 drop write bits. Damaged model files (a GGUF or float32 copy changed in place or truncated) need
-the real model files: `tests/test_inputs.py` covers them on small files.
+the real model files: `tests/test_inputs.py` covers them on small files; a local model folder
+changed after a first run (the last case) uses the tiny model saved to a folder
+(`tests/test_folder_seals.py` covers truncated, removed and added files and hub snapshots).
 
 One `run.py` process at a time (the cases are sequential, except the two overlapping sweeps);
 OMP_NUM_THREADS=1 is set for it.
@@ -803,6 +805,38 @@ def report_read_only(ctx: Ctx):
     run = Run(done.returncode, time.monotonic() - start, done.stdout)
     moved = list((ctx.root / "records").glob("*.damaged"))
     return run, f"record {'MOVED aside' if moved or not rec.exists() else 'left in place'}"
+
+
+SAVE_TINY = (
+    "import sys; from mka_exp.models import toy; "
+    "lm = toy.build_random_model('llama', num_layers=4, hidden_size=64, device='cpu'); "
+    "lm.model.save_pretrained(sys.argv[1]); lm.tokenizer.save_pretrained(sys.argv[1])"
+)
+
+
+@case("local model folder: model.safetensors changed in place (finite values) after a first run",
+      hint="model.safetensors")  # fmt: skip
+def changed_local_folder(ctx: Ctx):
+    """The tiny model saved as a folder and run once; then 16 KB of its weights set to 0.5 (no
+    NaN: the finite check cannot see it) and another point run on it."""
+    import struct
+
+    folder = ctx.root / "model"
+    subprocess.run([sys.executable, "-c", SAVE_TINY, str(folder)], cwd=ctx.repo, check=True,
+                   env=ctx.env(None, None), capture_output=True)  # fmt: skip
+    model = ["model=llama3_8b", f"model.name_or_path={folder}"]
+    env = {"MKA_EXP_CACHE": str(ctx.root / "cache")}  # the folder's seals: not in ~/.cache
+    first = ctx.run(*model, env=env)
+    if first.code != 0:
+        return first, "first run failed"
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(weights.stat().st_size // 2 // 4 * 4)
+        f.write(struct.pack("<f", 0.5) * 4096)
+    run = ctx.run(*model, "method.ratio=0.5", env=env)
+    if run.code == 0:
+        return run, f"RAN on the changed weights: {len(records(ctx.root))} records"
+    return run, None
 
 
 # --- driver -------------------------------------------------------------------------------

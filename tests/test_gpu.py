@@ -127,7 +127,8 @@ def test_generate_with_cache_agrees_after_surgery_on_cuda():
     assert torch.equal(cached, generate(False))
 
 
-def test_device_map_auto_loads_on_cuda_and_captures(tmp_path):
+def test_device_map_auto_loads_on_cuda_and_captures(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKA_EXP_CACHE", str(tmp_path / "cache"))  # the folder's seals
     lm = six_layers()
     lm.model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)

