@@ -27,6 +27,7 @@ from mka_exp.repair.fit import (
 )
 from mka_exp.repair.linear import LinearRepair, fit_positions, repair_plan
 from mka_exp.repair.none import NoRepair
+from mka_exp.results import records
 from mka_exp.results.records import config_hash
 from tests.helpers import REPO_ROOT, compose_config
 
@@ -342,7 +343,7 @@ def test_pipeline_records_repair_and_curve_points_equal_single_runs(tmp_path, da
         single = pipeline.run(
             compose_config([*common, f"method.ratio={ratio}"], tmp_path / "single", data_root)
         )
-        point = pipeline.results.load_record(tmp_path / "curve", single["config_hash"])
+        point = records.load_record(tmp_path / "curve", single["config_hash"])
         assert point is not None
         assert point["repair_stats"]["fits"] == pytest.approx(single["repair_stats"]["fits"])
         assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)

@@ -17,6 +17,7 @@ from mka_exp.layers import decoder_layers, swapped_layers
 from mka_exp.methods import sleb
 from mka_exp.methods.sleb import SLEB, calibration_nll, removal_perplexities
 from mka_exp.models.toy import build_random_model
+from mka_exp.results import records
 from tests.helpers import compose_config
 from tests.test_faults import damage, warnings_of
 from tests.test_layers import build
@@ -131,7 +132,7 @@ def test_sleb_curve_points_equal_single_runs(tmp_path, data_root):
         single = pipeline.run(
             compose_config([*shrink, f"method.ratio={ratio}"], tmp_path / "single", data_root)
         )
-        point = pipeline.results.load_record(tmp_path / "curve", single["config_hash"])
+        point = records.load_record(tmp_path / "curve", single["config_hash"])
         assert point["method_stats"]["removal_order"] == single["method_stats"]["removal_order"]
         assert point["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
 
