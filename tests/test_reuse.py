@@ -171,3 +171,54 @@ def test_store_checks_keys_and_evicts_least_recently_used(tmp_path):
     store.put(keys[2], tensor)
     assert not old.exists() and store.get(keys[2]) is not None
     assert sum(p.stat().st_size for p in tmp_path.glob("*/*")) <= 2500
+
+
+def backend_rows(model, tokenizer, data_root, **reuse):
+    from mka_exp.evaluation.hf import HFEvaluation
+
+    backend = HFEvaluation(
+        tasks=["mmlu_anatomy", "piqa", "hellaswag"], limit=3, data_root=data_root,
+        num_fewshot={"mmlu_anatomy": 2}, batch_size=4, **reuse,
+    )  # fmt: skip
+    metrics, rows = backend.evaluate(model, tokenizer)
+    return metrics, rows, backend.last_lm.stats
+
+
+def test_backend_rows_equal_with_and_without_reuse(tmp_path, data_root):
+    """Whole evaluations: the dense reference stores, a merged variant starts at layer 2; its
+    per-example predictions are identical and its log-likelihoods equal to float tolerance."""
+    ref = build("llama")
+    on = dict(reuse=str(tmp_path / "reuse"), reuse_layers=2)
+    backend_rows(ref.model, ref.tokenizer, data_root, **on)
+    variant = merged(ref)
+    want, want_rows, _ = backend_rows(variant.model, variant.tokenizer, data_root)
+    got, got_rows, stats = backend_rows(variant.model, variant.tokenizer, data_root, **on)
+    assert stats["reuse_start"] == 2
+    assert got == pytest.approx(want, abs=1e-9)
+    assert got_rows["pred"].tolist() == want_rows["pred"].tolist()
+    for a, b in zip(got_rows["choice_ll"], want_rows["choice_ll"], strict=True):
+        assert list(a) == pytest.approx(list(b), abs=1e-4)
+
+
+def test_reuse_settings_checked_and_never_hashed(tmp_path, data_root):
+    from omegaconf import OmegaConf
+
+    from mka_exp.checks import ConfigError
+    from mka_exp.preflight import check_config
+    from mka_exp.results import records as results
+    from tests.helpers import compose_config
+
+    bad = ["eval.reuse=true", "eval.reuse_layers=0", "eval.reuse_bytes=0"]
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(bad, tmp_path, data_root))
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "eval.reuse=True", "eval.reuse_layers=0", "eval.reuse_bytes=0",
+    ]  # fmt: skip
+    good = compose_config([], tmp_path, data_root)
+    other = compose_config(
+        [f"eval.reuse={tmp_path}/r", "eval.reuse_layers=[2,3]", "eval.reuse_bytes=99"],
+        tmp_path, data_root,
+    )  # fmt: skip
+    check_config(other)
+    hashes = {results.config_hash(OmegaConf.to_container(c, resolve=True)) for c in (good, other)}
+    assert len(hashes) == 1
