@@ -21,7 +21,8 @@ Indices always refer to the layers' current positions. Only ``SUPPORTED_MODEL_TY
 accepted: their config fields were checked against transformers' modeling code.
 
 The last section holds the temporary machinery that scoring and repair share: layers swapped out
-for the length of a block (``swapped_layers``), forward pre-hooks that feed a layer another
+for the length of a block (``swapped_layers``), the stack above a layer as a model of its own
+(``upper_layers``), forward pre-hooks that feed a layer another
 hidden state (``with_hidden_input``, ``hooks_removed_after``), and the final hidden states of a
 trimmed calibration batch. It lives here, below the stages, so that no method or repair imports
 another's module to borrow it.
@@ -368,6 +369,42 @@ def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator
     finally:
         for position, module in saved.items():
             layers[position] = module
+
+
+@contextlib.contextmanager
+def upper_layers(model, start: int) -> Iterator[None]:
+    """Temporarily the model as `remove_layers(model, range(start))` would leave it: layers
+    `start..n-1` renumbered from 0, the config's per-layer lists sliced to them.
+
+    Why: a model that has the hidden states entering layer `start` (`inputs_embeds`) runs the
+    rest through its own forward, with its own masks, rotary embeddings and a KV cache of one
+    entry per upper layer. The stack, the config and every `layer_idx` come back afterwards.
+    """
+    stack, config = _decoder_stack(model), _text_config(model)
+    layers, n = stack.layers, len(stack.layers)
+    start = _as_index(start, n, "start layer")
+    retained = list(range(start, n))
+    updates = _config_updates(config, retained, n)
+    saved = {name: getattr(config, name) for name in updates}
+    numbered = [
+        (m, m.layer_idx) for m in layers.modules() if isinstance(vars(m).get("layer_idx"), int)
+    ]
+    flag = vars(stack).get("has_sliding_layers")
+    try:
+        stack.layers = nn.ModuleList(layers[start:])
+        _renumber_layer_idx(stack.layers)
+        for name, value in updates.items():
+            setattr(config, name, value)
+        _refresh_stack_flags(stack, config)
+        yield
+    finally:
+        stack.layers = layers
+        for name, value in saved.items():
+            setattr(config, name, value)
+        for module, index in numbered:
+            module.layer_idx = index
+        if flag is not None:
+            stack.has_sliding_layers = flag
 
 
 def with_hidden_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

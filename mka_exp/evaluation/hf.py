@@ -4,7 +4,10 @@ with the prefix cache (`conf/eval/{quick,paper,mmlu,none}.yaml`).
 Why in memory: the model is wrapped with `HFLM(pretrained=model)`, never saved and reloaded, so
 a curve evaluates after every compression step of one loaded model. `share_prefix` runs every
 token prefix the requests share once (`prefix_cache.PrefixCacheHFLM`, same scores);
-`prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split.
+`prefix_cache_tokens` bounds its cache, `prefix_min_shared` its shortest split. `reuse` (a
+store directory; null = off) shares hidden states across models (`reuse.Reuse`, same scores):
+`reuse_layers` says which layers' inputs are kept (every n-th, or a list), `reuse_bytes` bounds
+the store.
 
     HFEvaluation(tasks=["piqa"], limit=50).evaluate(model, tokenizer)  # (metrics, rows)
     evaluate(model, tokenizer, ["piqa"], limit=50)                     # metrics only
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +25,14 @@ from typing import Any
 import torch
 
 from mka_exp.evaluation import checks
-from mka_exp.evaluation.backend import LMEvalBackend
+from mka_exp.evaluation.backend import LMEvalBackend, plain
 from mka_exp.evaluation.prefix_tree import DEFAULT_CACHE_TOKENS, DEFAULT_MIN_SHARED
 
 log = logging.getLogger(__name__)
 
 CPU_AUTO_BATCH_SIZE = 8
+DEFAULT_REUSE_LAYERS = 4  # every 4th layer's input is stored when reuse is on
+DEFAULT_REUSE_BYTES = 4 * 1024**3
 
 
 @dataclass(kw_only=True)
@@ -36,9 +42,20 @@ class HFEvaluation(LMEvalBackend):
     share_prefix: bool = True
     prefix_cache_tokens: int = DEFAULT_CACHE_TOKENS
     prefix_min_shared: int = DEFAULT_MIN_SHARED
+    reuse: str | bool | None = None
+    reuse_layers: int | list[int] = DEFAULT_REUSE_LAYERS
+    reuse_bytes: int = DEFAULT_REUSE_BYTES
+
+    def __post_init__(self) -> None:
+        self.reuse_layers = plain(self.reuse_layers)
+        self.last_lm: Any = None  # the last evaluation's LM (its `stats`: benchmarks, tests)
+        super().__post_init__()
 
     def setting_checks(self) -> list[Callable[[], Any]]:
-        return [*super().setting_checks(), self.check_prefix_cache]
+        return [*super().setting_checks(), self.check_prefix_cache, self.check_reuse]
+
+    def check_reuse(self) -> None:
+        checks.check_reuse(self.reuse, self.reuse_layers, self.reuse_bytes, self.share_prefix)
 
     def check_prefix_cache(self) -> None:
         checks.check_prefix_cache(self.prefix_cache_tokens, self.prefix_min_shared)
@@ -56,7 +73,22 @@ class HFEvaluation(LMEvalBackend):
             yield HFLM(**settings)
             return
         cache = dict(cache_tokens=self.prefix_cache_tokens, min_shared=self.prefix_min_shared)
-        yield PrefixCacheHFLM(**settings, **cache)
+        self.last_lm = PrefixCacheHFLM(**settings, **cache, reuse=self.model_reuse(model))
+        yield self.last_lm
+
+    def model_reuse(self, model: Any) -> Any:
+        """This model's side of the reuse cache (fingerprints hashed once per evaluation: the
+        model may have changed since the last one), or None when reuse is off."""
+        if self.reuse is None or self.reuse is False:
+            return None
+        from mka_exp.evaluation.reuse import Reuse
+        from mka_exp.evaluation.reuse_store import Store
+
+        start = time.perf_counter()
+        reuse = Reuse(model, Store(str(self.reuse), self.reuse_bytes), self.reuse_layers)
+        log.info("reuse: fingerprints of %d layer prefixes in %.2f s",
+                 len(reuse.prints), time.perf_counter() - start)  # fmt: skip
+        return reuse
 
 
 def resolve_batch_size(batch_size: int | str, device: torch.device) -> int | str:

@@ -54,6 +54,8 @@ from mka_exp.evaluation.prefix_tree import (
     build_tree,
     requested_tokens,
 )
+from mka_exp.evaluation.reuse import Reuse, ReuseMiss
+from mka_exp.layers import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,13 @@ class PrefixCacheHFLM(HFLM):
         *args: Any,
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
         min_shared: int = DEFAULT_MIN_SHARED,
+        reuse: Reuse | None = None,
         **kwargs: Any,
     ) -> None:
         check_prefix_cache(cache_tokens, min_shared)
         super().__init__(*args, **kwargs)
         self.cache_tokens, self.min_shared = cache_tokens, min_shared
+        self.reuse = reuse  # hidden states shared with other models (`reuse.Reuse`), or None
         self.stats: Counter[str] = Counter()  # summed over calls; see _loglikelihood_tokens
 
     def _loglikelihood_tokens(
@@ -84,15 +88,16 @@ class PrefixCacheHFLM(HFLM):
         head = self.model.get_output_embeddings() if self.backend == "causal" else None
         if head is None or any(req[0] is None for req in requests):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        root, where = build_tree(requests, self.max_length, self.min_shared)
-        run = Run(self, requests, self.rows_per_batch(requests, override_bs))
-        run.bar = tqdm(
-            total=len(requests),
-            disable=disable_tqdm or self.rank != 0,
-            desc="Running loglikelihood requests (prefix cache)",
-        )
-        run.level(root.kids, self.cache_tokens)
-        run.bar.close()
+        rows = self.rows_per_batch(requests, override_bs)
+        root, _ = build_tree(requests, self.max_length, self.min_shared)
+        start = self.reuse.start(root, self.cache_tokens) if self.reuse else 0
+        try:
+            run = self.run_tree(Run(self, requests, rows, start), root, disable_tqdm)
+        except ReuseMiss as miss:
+            log.warning("reuse: %s; this call runs every layer", miss)
+            root, _ = build_tree(requests, self.max_length, self.min_shared)
+            self.reuse.index(root)  # type: ignore[union-attr]  # the new tree's keys (stores)
+            run = self.run_tree(Run(self, requests, rows), root, disable_tqdm)
         answers = run.answers()
         for i, ans in answers.items():
             self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)
@@ -114,8 +119,22 @@ class PrefixCacheHFLM(HFLM):
             padded_tokens=run.padded,
             forwards=run.forwards,
             fallback_requests=len(run.fallback),
+            layer_tokens=run.layer_tokens,
+            reuse_start=run.start,
         )
         return [answers[i] for i in range(len(requests))]
+
+    def run_tree(self, run: Run, root: Node, disable_tqdm: bool) -> Run:
+        run.bar = tqdm(
+            total=len(run.requests),
+            disable=disable_tqdm or self.rank != 0,
+            desc="Running loglikelihood requests (prefix cache)",
+        )
+        try:
+            run.level(root.kids, self.cache_tokens)
+        finally:
+            run.bar.close()
+        return run
 
     def rows_per_batch(self, requests: list[Request], override_bs: int | None) -> int:
         """Rows per forward: the batch size, or lm-eval's out-of-memory search for "auto" on the
@@ -135,12 +154,16 @@ class PrefixCacheHFLM(HFLM):
 class Run:
     """One `_loglikelihood_tokens` call: the tree's levels, its batches, the partial answers."""
 
-    def __init__(self, lm: PrefixCacheHFLM, requests: list[Request], rows: int) -> None:
+    def __init__(
+        self, lm: PrefixCacheHFLM, requests: list[Request], rows: int, start: int = 0
+    ) -> None:
         self.lm, self.requests, self.rows = lm, requests, rows
+        self.start = start  # first decoder layer run (those below come from `lm.reuse`)
+        self.layers = len(decoder_layers(lm.model)) - start if lm.reuse else 0
         self.scores: dict[int, list[torch.Tensor]] = {}
         self.greedy: dict[int, bool] = {}
         self.fallback: set[int] = set()
-        self.tokens = self.padded = self.forwards = 0
+        self.tokens = self.padded = self.forwards = self.layer_tokens = 0
         self.bar: Any = None
 
     def answers(self) -> dict[int, tuple[float, bool]]:
@@ -228,9 +251,10 @@ class Run:
                 enabled=lm.mixed_precision_dtype is not None,
             ),
             gather_logits(lm.model, rows, cols),
+            self.inputs(batch, ids) as inputs,
         ):
             out = lm.model(
-                ids,
+                **inputs,
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=cache,
@@ -238,10 +262,19 @@ class Run:
             )
         self.forwards += 1
         self.tokens += sum(len(node.tokens) for node in batch)
+        self.layer_tokens += self.layers * sum(len(node.tokens) for node in batch)
         self.padded += ids.numel()
         if keep:
             keep_kv(batch, out.past_key_values, past)
         self.score(batch, F.log_softmax(out.logits[0], dim=-1, dtype=lm.softmax_dtype))
+
+    def inputs(
+        self, batch: list[Node], ids: torch.Tensor
+    ) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        """Token ids, or with reuse the hidden states entering `start` (`Reuse.inputs`)."""
+        if self.lm.reuse is None:
+            return contextlib.nullcontext({"input_ids": ids})
+        return self.lm.reuse.inputs(self.start, batch, ids)
 
     def score(self, batch: list[Node], logprobs: torch.Tensor) -> None:
         """A context node's last position scores each ending request's first token; a tail's

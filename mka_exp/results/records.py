@@ -50,6 +50,9 @@ NON_RESULT_KEYS = (
     "eval.share_prefix",
     "eval.prefix_cache_tokens",
     "eval.prefix_min_shared",
+    "eval.reuse",  # same scores with or without (tests/test_reuse.py); where the store is
+    "eval.reuse_layers",
+    "eval.reuse_bytes",
     "data_root",
     "model.pins",
     "model.reseal",  # accepts a local model folder's new files: refuses nothing, computes nothing

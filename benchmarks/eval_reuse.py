@@ -1,0 +1,153 @@
+"""Benchmark (issue 29): a grid of compressed variants evaluated with and without reuse across
+models, in one process.
+
+    OMP_NUM_THREADS=1 python benchmarks/eval_reuse.py [--model smollm2_135m] [--tasks piqa hellaswag]
+        [--limit 50] [--num-layers 4] [--methods reverse_prune mka] [--batch-size 8]
+
+The grid: the dense model (the reference) and each method removing `--num-layers` layers
+(`conf/method/<m>.yaml` defaults; MKA calibrates on 16 MMLU prompts). The stored layers are
+the ones the grid needs: for each variant the deepest k whose fingerprint is the dense model's.
+Both ways evaluate the same grid in the same order with the prefix cache; reuse writes into a
+fresh store. Printed per model and in all: CPU seconds, (tokens x layers) run, bytes stored,
+the bound (the fraction of layer x token work that is new in the variant: (n - k) / n), the
+measured CPU ratio, and whether predictions are identical and the largest |delta log p|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from activation_capture import DATA_ROOT, calibration, set_threads  # noqa: E402
+
+
+def load(name: str):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    return instantiate(cfg, device="cpu")
+
+
+def variants(loaded, methods: list[str], num_layers: int) -> dict:
+    """`{name: model}`: the dense model and each method's compressed copy."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    grid = {"dense": loaded.model}
+    calib = calibration(loaded.tokenizer, prompts=16, max_length=128, batch_size=8)
+    for name in methods:
+        cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
+        cfg.ratio, cfg.num_layers = None, num_layers
+        if "cache" in cfg:
+            cfg.cache = None
+        model = copy.deepcopy(loaded.model)
+        instantiate(cfg).compress(model, calib)
+        grid[name] = model
+    return grid
+
+
+def shared_depths(grid: dict) -> tuple[dict, float]:
+    """Each model's deepest k with the dense model's fingerprint, and the seconds the dense
+    model's fingerprints took (hashing every layer once)."""
+    from mka_exp.evaluation.reuse import fingerprints
+    from mka_exp.layers import num_layers
+
+    dense = grid["dense"]
+    start = time.process_time()
+    ref = fingerprints(dense, num_layers(dense) - 1)
+    seconds = time.process_time() - start
+    depths = {}
+    for name, model in grid.items():
+        own = fingerprints(model, num_layers(model) - 1)
+        depths[name] = max(k for k in range(len(own)) if k < len(ref) and own[k] == ref[k])
+    return depths, seconds
+
+
+def evaluate(model, tokenizer, args, **reuse) -> dict:
+    from mka_exp.evaluation.hf import HFEvaluation
+
+    backend = HFEvaluation(tasks=args.tasks, limit=args.limit, data_root=DATA_ROOT,
+                           batch_size=args.batch_size, **reuse)  # fmt: skip
+    start = time.process_time()
+    metrics, rows = backend.evaluate(model, tokenizer)
+    return {"cpu": time.process_time() - start, "metrics": metrics, "rows": rows,
+            "stats": dict(backend.last_lm.stats)}  # fmt: skip
+
+
+def store_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.glob("*/*.bin"))
+
+
+def compare(a, b) -> tuple[bool, float]:
+    same = a["rows"]["pred"].tolist() == b["rows"]["pred"].tolist()
+    worst = 0.0
+    for x, y in zip(a["rows"]["choice_ll"], b["rows"]["choice_ll"], strict=True):
+        worst = max([worst, *(abs(p - q) for p, q in zip(x, y, strict=True))])
+    return same, worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--tasks", nargs="+", default=["piqa", "hellaswag"])
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=["reverse_prune", "mka"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    from mka_exp.layers import num_layers
+
+    loaded = load(args.model)
+    grid = variants(loaded, args.methods, args.num_layers)
+    depths, fp_seconds = shared_depths(grid)
+    needed = sorted({k for name, k in depths.items() if name != "dense" and k > 0})
+    print(f"fingerprints of the dense model ({num_layers(grid['dense'])} layers): "
+          f"{fp_seconds:.2f} CPU s; shared depths {depths}; stored layers {needed}")  # fmt: skip
+    warm = argparse.Namespace(**{**vars(args), "limit": 1})  # lm-eval's task index, untimed
+    evaluate(grid["dense"], loaded.tokenizer, warm)
+    plain = {name: evaluate(model, loaded.tokenizer, args) for name, model in grid.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        on = dict(reuse=tmp, reuse_layers=needed or [1], reuse_bytes=16 * 1024**3)
+        reused, stored = {}, {}
+        for name, model in grid.items():
+            reused[name] = evaluate(model, loaded.tokenizer, args, **on)
+            stored[name] = store_bytes(Path(tmp))
+    report(grid, depths, plain, reused, stored)
+
+
+def report(grid, depths, plain, reused, stored) -> None:
+    from mka_exp.layers import num_layers
+
+    print("| model | layers | start k | bound (new work) | CPU s plain | CPU s reuse | ratio | "
+          "tokens x layers plain | reuse | store bytes after | preds identical | max |dlogp| |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0, 0, 0]
+    for name, model in grid.items():
+        n = num_layers(model)
+        p, r = plain[name], reused[name]
+        full = p["stats"]["run_tokens"] * n
+        done = r["stats"]["layer_tokens"]
+        same, worst = compare(p, r)
+        bound = (n - depths[name]) / n if name != "dense" else 1.0
+        totals = [totals[0] + p["cpu"], totals[1] + r["cpu"], totals[2] + full, totals[3] + done]
+        print(f"| {name} | {n} | {r['stats']['reuse_start']} | {bound:.3f} | {p['cpu']:.1f} | "
+              f"{r['cpu']:.1f} | {p['cpu'] / r['cpu']:.2f}x | {full:,} | {done:,} | "
+              f"{stored[name]:,} | {same} | {worst:.2e} |")  # fmt: skip
+    print(f"| grid | | | {totals[3] / totals[2]:.3f} | {totals[0]:.1f} | {totals[1]:.1f} | "
+          f"{totals[0] / totals[1]:.2f}x | {totals[2]:,} | {totals[3]:,} | | | |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Reuse across models (issue 29): a variant whose bottom k decoder layers are the reference's
+starts from the reference's hidden states entering layer k, and runs only layers k..n-1.
+
+Why: a comparison grid evaluates many compressed variants of one base model on the same
+examples, and most of them leave the bottom of the model untouched (reverse pruning and MKA
+change the top layers; a linear repair one `down_proj`). The prefix cache runs every shared token
+prefix once per model; this runs every (token, layer) pair that is the same in two models once.
+
+Exactness: an entry's key is the `fingerprints` of everything that produced it (the embedding,
+rotary and other stack buffers, every parameter and buffer of layers 0..k-1 with their names and
+module types, the config as it bears on those layers, dtype and device kind) together with the
+digest of its token path, so a different model never finds it. The upper layers run through the
+model's own forward (`layers.upper_layers`): its masks, sliding windows, rotary embeddings, q/k
+norms and biases, on a KV cache of its upper layers only.
+
+    prints = fingerprints(model, upto=24)          # prints[k]: layers below k
+    logits = forward_from(model, k, hidden_k, position_ids=..., attention_mask=...).logits
+
+`Reuse` ties the fingerprints, the stored layers and a `reuse_store.Store` to the prefix cache's
+tree (`prefix_cache.Run`). May import: torch, `layers`, `evaluation.prefix_tree`,
+`evaluation.reuse_store`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mka_exp.evaluation.prefix_tree import Node
+from mka_exp.evaluation.reuse_store import Key, Store
+from mka_exp.layers import decoder_layers, upper_layers
+
+log = logging.getLogger(__name__)
+
+# config fields that removing layers above k rewrites without changing layers 0..k-1; the
+# per-layer lists are sliced to k instead, and a layer's MLP kind shows in its parameter names
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "decoder_sparse_step", "mlp_only_layers")
+NOT_MODEL_FIELDS = ("_name_or_path", "transformers_version", "architectures")
+
+
+class ReuseMiss(RuntimeError):
+    """An entry the run counted on is missing or damaged: the call is recomputed without it."""
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def tensor_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+    digest.update(memoryview(data))
+
+
+def module_digest(module: nn.Module, skip: Sequence[str] = ()) -> str:
+    """Every parameter and buffer (name, dtype, shape, bytes) and every submodule's type."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, sub in module.named_modules():
+        if not any(name == s or name.startswith(s + ".") for s in skip):
+            digest.update(f"{name}:{type(sub).__qualname__}\n".encode())
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        if not any(name.startswith(s + ".") for s in skip):
+            tensor_digest(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def config_view(config: Any, k: int) -> dict[str, Any]:
+    """The config as it bears on layers 0..k-1: per-layer lists sliced, layer counts left out
+    (a variant with fewer layers above k has the same bottom), the attention implementation in."""
+    n = config.num_hidden_layers
+    view = {name: value for name, value in config.to_dict().items()
+            if name not in LAYER_COUNT_FIELDS + NOT_MODEL_FIELDS}  # fmt: skip
+    for name, value in view.items():
+        if isinstance(value, list) and len(value) == n and name != "eos_token_id":
+            view[name] = value[:k]
+    if isinstance(view.get("max_window_layers"), int):
+        view["max_window_layers"] = min(view["max_window_layers"], k)
+    view["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return view
+
+
+def fingerprints(model: nn.Module, upto: int) -> list[str]:
+    """`[fingerprint of layers below k for k in 0..upto]`: the stack's own tensors (embedding,
+    rotary buffers; not the final norm), layers 0..k-1, `config_view(k)`, dtype, device kind."""
+    stack, config = model.get_decoder(), model.config.get_text_config(decoder=True)
+    layers = decoder_layers(model)
+    stem = module_digest(stack, skip=("layers", "norm"))
+    device = next(model.parameters()).device.type
+    per_layer = [module_digest(layers[i]) for i in range(upto)]
+    prints = []
+    for k in range(upto + 1):
+        digest = hashlib.blake2b(digest_size=20)
+        head = {"stem": stem, "device": device, "dtype": str(model.dtype), "k": k}
+        digest.update(
+            json.dumps([head, config_view(config, k)], sort_keys=True, default=str).encode()
+        )
+        for layer in per_layer[:k]:
+            digest.update(layer.encode())
+        prints.append(digest.hexdigest())
+    return prints
+
+
+def path_digests(root: Node) -> dict[int, str]:
+    """`id(node) -> digest` of the token path from the root to the node and its split points
+    (the node's entry holds its own positions, so where the path is cut matters)."""
+    digests = {id(root): ""}
+    for node in root.subtree():  # parents before children
+        if node is root:
+            continue
+        parent = digests[id(node.parent)]
+        text = f"{parent}|{len(node.tokens)}|{','.join(map(str, node.tokens))}|{node.tail}"
+        digests[id(node)] = hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+    return digests
+
+
+# --------------------------------------------------------------------------- exactness core
+
+
+@contextlib.contextmanager
+def layer_inputs(model: nn.Module, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """`{i: hidden states entering decoder layer i}` of the forwards run in the block."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in indices:
+
+        def grab(_module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handles.append(decoder_layers(model)[i].register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_from(model: nn.Module, start: int, hidden: torch.Tensor, **kwargs: Any) -> Any:
+    """The model's output from the hidden states entering layer `start` (`kwargs`: position
+    ids, attention mask, a KV cache of the layers from `start` up), equal to the full forward's."""
+    with upper_layers(model, start):
+        return model(inputs_embeds=hidden, **kwargs)
+
+
+# --------------------------------------------------------------------------- the prefix tree
+
+
+def stored_layers(spec: int | Sequence[int], n: int) -> list[int]:
+    """Layers whose inputs are kept: every `spec`-th (an int), or the listed ones, in 1..n-1."""
+    wanted = range(spec, n, spec) if isinstance(spec, int) else spec
+    return sorted({int(i) for i in wanted if 0 < int(i) < n})
+
+
+class Reuse:
+    """One model's side of the cache: its fingerprints, the layers it stores and the store."""
+
+    def __init__(self, model: nn.Module, store: Store, layers: int | Sequence[int]) -> None:
+        self.model, self.store = model, store
+        self.layers = stored_layers(layers, len(decoder_layers(model)))
+        self.prints = fingerprints(model, max(self.layers, default=0))
+        self.digests: dict[int, str] = {}
+        self.read = 0
+
+    def key(self, k: int, node: Node) -> Key:
+        return Key(self.prints[k], self.digests[id(node)], k)
+
+    def start(self, root: Node, longest: int) -> int:
+        """The deepest stored layer with an entry for every node that runs (`end <= longest`;
+        longer ones fall back to HFLM), 0 when none has."""
+        self.index(root)
+        nodes = [n for n in root.subtree() if n is not root and n.end <= longest]
+        for k in reversed(self.layers):
+            if nodes and all(self.store.has(self.key(k, node)) for node in nodes):
+                return k
+        return 0
+
+    def index(self, root: Node) -> None:
+        """Key the nodes of this tree (and forget the last tree's: ids are reused)."""
+        self.digests = path_digests(root)
+
+    def hidden(self, k: int, batch: list[Node], width: int) -> torch.Tensor:
+        """The batch's inputs to layer k, right-padded with zeros (after every real token)."""
+        rows = []
+        for node in batch:
+            entry = self.store.get(self.key(k, node))
+            if entry is None or entry.shape[0] != len(node.tokens):
+                raise ReuseMiss(f"no usable entry for layer {k} of a {len(node.tokens)}-token node")
+            rows.append(entry)
+            self.read += 1
+        out = rows[0].new_zeros((len(batch), width, rows[0].shape[-1]))
+        for r, entry in enumerate(rows):
+            out[r, : entry.shape[0]] = entry
+        return out.to(next(self.model.parameters()).device)
+
+    def save(self, seen: dict[int, torch.Tensor], batch: list[Node]) -> None:
+        for k, hidden in seen.items():
+            for r, node in enumerate(batch):
+                self.store.put(self.key(k, node), hidden[r, : len(node.tokens)].clone())
+
+    @contextlib.contextmanager
+    def inputs(self, start: int, batch: list[Node], ids: torch.Tensor) -> Iterator[dict]:
+        """The forward's token inputs (from layer `start`: the cached hidden states, the model
+        cut to its upper layers); the inputs of the stored layers above are kept afterwards."""
+        above = [k for k in self.layers if k > start]
+        with layer_inputs(self.model, above) as seen:
+            if start:
+                hidden = self.hidden(start, batch, ids.shape[1])
+                with upper_layers(self.model, start):
+                    yield {"inputs_embeds": hidden}
+            else:
+                yield {"input_ids": ids}
+        self.save(seen, batch)
