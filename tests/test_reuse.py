@@ -222,3 +222,166 @@ def test_reuse_settings_checked_and_never_hashed(tmp_path, data_root):
     check_config(other)
     hashes = {results.config_hash(OmegaConf.to_container(c, resolve=True)) for c in (good, other)}
     assert len(hashes) == 1
+
+
+# --------------------------------------------------------------------------- with the other stages
+
+
+def repaired_middle_cut(ref: LoadedModel) -> LoadedModel:
+    """Layer 3 of 6 removed and ReplaceMe's linear repair folded into layer 2's `down_proj`:
+    layers 0 and 1 are the reference's, layer 2 is not."""
+    from mka_exp.repair.linear import LinearRepair
+    from tests.test_repair import calib_of
+
+    variant = copy.deepcopy(ref)
+    calib = calib_of(variant.tokenizer)
+    repair = LinearRepair()
+    dense = repair.prepare(variant.model, calib)
+    remove_layers(variant.model, [3])
+    stats = repair.repair(variant.model, calib, {"removed_layers": [3]}, dense)
+    assert [fit["layer"] for fit in stats["fits"]] == [2]
+    return variant
+
+
+def test_linear_repair_variant_starts_at_or_below_the_repaired_layer(tmp_path):
+    """The reference stores every layer's input; the cut alone would start at 3 (layers 0-2
+    unchanged), the repaired cut must start at 2 (its layer 2 has a new `down_proj`)."""
+    ref = build("llama", layers=6)
+    reqs = few_shot_requests(ref.model)
+    evaluate(ref, reqs, Store(tmp_path, 10**8), layers=range(1, 6))
+    cut = copy.deepcopy(ref)
+    remove_layers(cut.model, [3])
+    _, cut_stats = evaluate(cut, reqs, Store(tmp_path, 10**8), layers=range(1, 5))
+    assert cut_stats["reuse_start"] == 3
+    variant = repaired_middle_cut(ref)
+    alone, _ = evaluate(variant, reqs)
+    got, stats = evaluate(variant, reqs, Store(tmp_path, 10**8), layers=range(1, 5))
+    assert stats["reuse_start"] == 2
+    assert_same_answers(got, alone)
+
+
+class Starts:
+    """The start layer of every reuse-enabled call (`Reuse.start` spied on)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.seen: list[int] = []
+        real = Reuse.start
+
+        def spy(reuse, root, longest):
+            self.seen.append(real(reuse, root, longest))
+            return self.seen[-1]
+
+        monkeypatch.setattr(Reuse, "start", spy)
+
+
+def same_record(got: dict, want: dict) -> None:
+    """Equal but for what a run cannot repeat (timings, memory) and the reuse settings (kept out
+    of the config hash); the samples' file digest included: the log-likelihoods are bit-equal."""
+    drop = {"timings", "peak_memory_bytes", "peak_rss_bytes", "peak_gpu_bytes", "config"}
+    assert {k: v for k, v in got.items() if k not in drop} == {
+        k: v for k, v in want.items() if k not in drop
+    }
+
+
+CURVE = ["method=reverse_prune", "eval.tasks=[piqa]", "eval.limit=6", "eval.reuse_layers=1"]
+
+
+def test_curve_points_reuse_the_dense_reference(tmp_path, data_root, monkeypatch):
+    """A dense run stores; every point of a curve in one process then starts from it (each
+    point's deepest stored layer: 2 of 3, 1 of 2), and records what a run without reuse does."""
+    from mka_exp import pipeline
+    from tests.helpers import compose_config
+
+    on = [f"eval.reuse={tmp_path / 'store'}"]
+    starts = Starts(monkeypatch)
+    pipeline.run(compose_config(["method=none", *CURVE[1:], *on], tmp_path / "on", data_root))
+    assert starts.seen == [0]
+    curve = [*CURVE, "curve=[0.25,0.5]"]
+    pipeline.run(compose_config([*curve, *on], tmp_path / "on", data_root))
+    assert starts.seen == [0, 2, 1]
+    pipeline.run(compose_config(curve, tmp_path / "off", data_root))
+    assert starts.seen == [0, 2, 1]  # no reuse, no start
+    from mka_exp.results.records import load_record
+
+    keys = sorted(p.stem for p in (tmp_path / "off" / "records").glob("*.json"))
+    assert len(keys) == 2
+    for key in keys:
+        same_record(load_record(tmp_path / "on", key), load_record(tmp_path / "off", key))
+
+
+def test_resumed_curve_skips_recorded_points_and_reuses_the_store(tmp_path, data_root, monkeypatch):
+    from mka_exp import pipeline
+    from tests.helpers import compose_config
+
+    on = [f"eval.reuse={tmp_path / 'store'}"]
+    starts = Starts(monkeypatch)
+    pipeline.run(compose_config([*CURVE, "curve=[0.25]", *on], tmp_path / "on", data_root))
+    assert starts.seen == [0]  # an empty store: the 3-layer point stores layers 1 and 2
+    evaluated = []
+    real = pipeline.measure_point
+
+    def spy(point, *args, **kwargs):
+        evaluated.append(point.cfg.method.ratio)
+        return real(point, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_point", spy)
+    last = pipeline.run(compose_config([*CURVE, "curve=[0.25,0.5]", *on], tmp_path / "on",
+                                       data_root))  # fmt: skip
+    assert evaluated == [0.5] and starts.seen == [0, 1]
+    want = pipeline.run(compose_config([*CURVE, "method.ratio=0.5"], tmp_path / "off", data_root))
+    same_record(last, want)
+
+
+def grid_in_process(root: str, barrier) -> tuple[list, list, int]:
+    """One Slurm job's share of a sweep: the reference, then a merged variant, on one store."""
+    torch.set_num_threads(1)
+    ref = build("llama")
+    reqs = few_shot_requests(ref.model)
+    barrier.wait()  # both processes write the same entries at once
+    want, _ = evaluate(ref, reqs, Store(root, 10**8), layers=(1, 2))
+    got, stats = evaluate(merged(ref), reqs, Store(root, 10**8), layers=(1, 2))
+    return want, got, stats["reuse_start"]
+
+
+def entry_problems(root) -> list[str]:
+    """Files of the store that are not a whole entry of the key they name."""
+    import json
+
+    from mka_exp.evaluation.reuse_store import MAGIC, checksum, decode
+
+    problems = []
+    for path in sorted(root.glob("*/*")):
+        data = path.read_bytes()
+        end = data.find(b"\n", len(MAGIC))
+        header = json.loads(data[len(MAGIC) : end])
+        key = Key(**header["key"])
+        if path.relative_to(root).as_posix() != f"{key.name()[:2]}/{key.name()}.bin":
+            problems.append(f"{path.name}: foreign")
+        if decode(data, key) is None or checksum(data[end + 1 :]) != header["blake2b"]:
+            problems.append(f"{path.name}: damaged")
+    return problems
+
+
+def test_two_processes_share_one_store(tmp_path):
+    """Two processes (spawned, as two Slurm jobs on one cache dir) evaluate the reference and a
+    variant into one store at the same time: no entry is damaged or left half-written, and both
+    get the answers of the models on their own."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    root = tmp_path / "store"
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            runs = pool.starmap(grid_in_process, [(str(root), barrier)] * 2)
+    ref = build("llama")
+    reqs = few_shot_requests(ref.model)
+    want, _ = evaluate(ref, reqs)
+    alone, _ = evaluate(merged(ref), reqs)
+    for got_ref, got_variant, start in runs:
+        assert start == 2
+        assert_same_answers(got_ref, want)
+        assert_same_answers(got_variant, alone)
+    entries = list(root.glob("*/*"))
+    assert entries and all(p.name.endswith(".bin") for p in entries)  # no temporary left
+    assert entry_problems(root) == []
