@@ -3,6 +3,7 @@ models, in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_reuse.py [--model smollm2_135m] [--tasks piqa hellaswag]
         [--limit 50] [--num-layers 4] [--methods reverse_prune mka] [--batch-size 8]
+        [--profile reuse.pstats]
 
 The grid: the dense model (the reference) and each method removing `--num-layers` layers
 (`conf/method/<m>.yaml` defaults; MKA calibrates on 16 MMLU prompts). The stored layers are
@@ -10,7 +11,10 @@ the ones the grid needs: for each variant the deepest k whose fingerprint is the
 Both ways evaluate the same grid in the same order with the prefix cache; reuse writes into a
 fresh store. Printed per model and in all: CPU seconds, (tokens x layers) run, bytes stored,
 the bound (the fraction of layer x token work that is new in the variant: (n - k) / n), the
+bound with the LM head (which runs on every scored position of every model, reuse or not), the
 measured CPU ratio, and whether predictions are identical and the largest |delta log p|.
+`--profile` then evaluates the first variant once more with reuse (after the timed grid, so the
+table is not slowed) under cProfile, writes the stats there and prints the top functions.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["reverse_prune", "mka"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", default=None, help="cProfile stats file of one variant")
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -124,29 +129,68 @@ def main() -> None:
         for name, model in grid.items():
             reused[name] = evaluate(model, loaded.tokenizer, args, **on)
             stored[name] = store_bytes(Path(tmp))
-    report(grid, depths, plain, reused, stored)
+        report(grid, depths, plain, reused, stored)
+        if args.profile and len(grid) > 1:
+            name = next(name for name in grid if name != "dense")
+            profile(grid[name], loaded.tokenizer, args, on, name)
+
+
+def profile(model, tokenizer, args, on: dict, name: str) -> None:
+    """One more reuse evaluation of `name` under cProfile (the store is full by now)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = evaluate(model, tokenizer, args, **on)
+    profiler.disable()
+    profiler.dump_stats(args.profile)
+    print(f"\nprofile of {name} with reuse ({result['cpu']:.1f} CPU s under cProfile), "
+          f"stats in {args.profile}")  # fmt: skip
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler).sort_stats(order).print_stats(30)
+
+
+def weights(model) -> tuple[float, int]:
+    """Multiply-adds per token of a decoder layer's linear maps (their mean over the layers) and
+    of the output embedding: the cost model of the bound with the LM head."""
+    from torch import nn
+
+    from mka_exp.layers import decoder_layers
+
+    layers = decoder_layers(model)
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules()
+                 if isinstance(m, nn.Linear))  # fmt: skip
+    return linear / len(layers), model.get_output_embeddings().weight.numel()
 
 
 def report(grid, depths, plain, reused, stored) -> None:
+    """The table; "bound + head" adds the LM head on the scored positions (no reuse skips it:
+    its input is the variant's own last hidden state) to both sides of the bound."""
     from mka_exp.layers import num_layers
 
-    print("| model | layers | start k | bound (new work) | CPU s plain | CPU s reuse | ratio | "
-          "tokens x layers plain | reuse | store bytes after | preds identical | max |dlogp| |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    totals = [0.0, 0.0, 0, 0]
+    print("| model | layers | start k | bound (new work) | bound + head | CPU s plain | "
+          "CPU s reuse | ratio | tokens x layers plain | reuse | scored positions | "
+          "store bytes after | preds identical | max |dlogp| |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0, 0, 0, 0.0, 0.0]
     for name, model in grid.items():
-        n = num_layers(model)
+        n, (layer_w, head_w) = num_layers(model), weights(model)
         p, r = plain[name], reused[name]
         full = p["stats"]["run_tokens"] * n
-        done = r["stats"]["layer_tokens"]
+        done, scored = r["stats"]["layer_tokens"], r["stats"]["scored_positions"]
         same, worst = compare(p, r)
         bound = (n - depths[name]) / n if name != "dense" else 1.0
-        totals = [totals[0] + p["cpu"], totals[1] + r["cpu"], totals[2] + full, totals[3] + done]
-        print(f"| {name} | {n} | {r['stats']['reuse_start']} | {bound:.3f} | {p['cpu']:.1f} | "
-              f"{r['cpu']:.1f} | {p['cpu'] / r['cpu']:.2f}x | {full:,} | {done:,} | "
+        macs = (done * layer_w + scored * head_w, full * layer_w + scored * head_w)
+        totals = [totals[0] + p["cpu"], totals[1] + r["cpu"], totals[2] + full, totals[3] + done,
+                  totals[4] + macs[0], totals[5] + macs[1]]  # fmt: skip
+        print(f"| {name} | {n} | {r['stats']['reuse_start']} | {bound:.3f} | "
+              f"{macs[0] / macs[1]:.3f} | {p['cpu']:.1f} | {r['cpu']:.1f} | "
+              f"{p['cpu'] / r['cpu']:.2f}x | {full:,} | {done:,} | {scored:,} | "
               f"{stored[name]:,} | {same} | {worst:.2e} |")  # fmt: skip
-    print(f"| grid | | | {totals[3] / totals[2]:.3f} | {totals[0]:.1f} | {totals[1]:.1f} | "
-          f"{totals[0] / totals[1]:.2f}x | {totals[2]:,} | {totals[3]:,} | | | |")  # fmt: skip
+    print(f"| grid | | | {totals[3] / totals[2]:.3f} | {totals[4] / totals[5]:.3f} | "
+          f"{totals[0]:.1f} | {totals[1]:.1f} | {totals[0] / totals[1]:.2f}x | {totals[2]:,} | "
+          f"{totals[3]:,} | | | | |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -386,8 +386,11 @@ def upper_layers(model, start: int) -> Iterator[None]:
     retained = list(range(start, n))
     updates = _config_updates(config, retained, n)
     saved = {name: getattr(config, name) for name in updates}
-    numbered = [
-        (m, m.layer_idx) for m in layers.modules() if isinstance(vars(m).get("layer_idx"), int)
+    numbered = [  # only the retained layers are renumbered: their numbers come back after
+        (m, m.layer_idx)
+        for layer in layers[start:]
+        for m in layer.modules()
+        if isinstance(vars(m).get("layer_idx"), int)
     ]
     flag = vars(stack).get("has_sliding_layers")
     try:

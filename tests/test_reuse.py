@@ -98,6 +98,8 @@ def test_merged_variant_starts_from_reference(model_type, tmp_path):
     assert (
         got_stats["layer_tokens"] == got_stats["run_tokens"] == alone_stats["run_tokens"]
     )  # 1 of 3 layers
+    scored = got_stats["scored_positions"]  # the LM head's positions: the same, reuse or not
+    assert 0 < scored == alone_stats["scored_positions"] <= sum(len(r[2]) for r in reqs)
     again, _ = evaluate(ref, reqs, Store(tmp_path, 10**8))  # the reference itself, from layer 2
     assert_same_answers(again, want_ref)
 

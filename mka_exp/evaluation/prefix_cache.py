@@ -120,6 +120,7 @@ class PrefixCacheHFLM(HFLM):
             forwards=run.forwards,
             fallback_requests=len(run.fallback),
             layer_tokens=run.layer_tokens,
+            scored_positions=run.scored,
             reuse_start=run.start,
         )
         return [answers[i] for i in range(len(requests))]
@@ -164,6 +165,7 @@ class Run:
         self.greedy: dict[int, bool] = {}
         self.fallback: set[int] = set()
         self.tokens = self.padded = self.forwards = self.layer_tokens = 0
+        self.scored = 0  # positions the output embedding ran on (reuse cannot skip those)
         self.bar: Any = None
 
     def answers(self) -> dict[int, tuple[float, bool]]:
@@ -244,6 +246,7 @@ class Run:
         keep = any(node.kids for node in batch)
         cache = past_cache(batch, past) if past else (DynamicCache() if keep else None)
         rows, cols = wanted_positions(batch)
+        self.scored += len(rows)
         with (
             torch.autocast(
                 device_type=device.type,
