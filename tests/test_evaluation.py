@@ -265,3 +265,28 @@ def test_sample_seed_null_keeps_every_committed_evidence_hash(data_root):
         assert config_hash(config) == record["config_hash"], path.name
         seeded = {**config, "eval": {**config["eval"], "sample_seed": 0}}
         assert config_hash(seeded) != record["config_hash"]
+
+
+def test_mmlu_val_evaluates_validation_questions(tiny, data_root):
+    """`eval.tasks=[mmlu_val]`: lm-eval's MMLU subjects read from the validation split, offline,
+    with per-example rows like mmlu's, under names that say so; never the test questions."""
+    from mka_exp.data import load_split
+    from mka_exp.evaluation.harness import resolve_tasks
+
+    assert resolve_tasks(["mmlu_val"]) == {"mmlu_val": "mmlu_val"}
+    kwargs = dict(tasks=["mmlu_val"], limit=2, data_root=data_root, sample_seed=5)
+    kwargs["num_fewshot"] = {"mmlu_val": 0}
+    backend = HFEvaluation(**kwargs)
+    backend.check_data()
+    flat, rows = backend.evaluate(tiny.model, tiny.tokenizer)
+    assert {"mmlu_val/acc", "mmlu_val/acc_macro", "mmlu_val_anatomy/acc"} <= set(flat)
+    assert not any(key.startswith("mmlu/") for key in flat)
+    assert set(rows["task"]) == {"mmlu_val"} and rows["subtask"].nunique() == len(MMLU_SUBJECTS)
+    assert len(rows) == 2 * len(MMLU_SUBJECTS) and rows["choice_ll"].notna().all()
+    anatomy = rows[rows["subtask"] == "mmlu_val_anatomy"]
+    validation = load_split("cais/mmlu", "anatomy", "validation", data_root)
+    test = {row["question"] for row in load_split("cais/mmlu", "anatomy", "test", data_root)}
+    assert anatomy["doc_id"].max() < len(validation)
+    asked = [validation[i]["question"] for i in anatomy["doc_id"]]
+    assert not set(asked) & test  # validation questions, none of the test split's
+    assert anatomy["target"].tolist() == [validation[i]["answer"] for i in anatomy["doc_id"]]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from mka_exp.report import (
     analysis,
@@ -939,3 +940,172 @@ def test_repair_twins_pair_across_the_eval_target_key():
     other = json.loads(json.dumps(new))
     other["config"]["eval"]["_target_"] = "mka_exp.evaluation.vllm.VLLMEvaluation"
     assert twin_key(other) != twin_key(old)  # another backend is another experiment
+
+
+# ---------------------------------------------------------------- best pruning chosen beforehand
+
+
+def validation_rows(
+    task: str, correct: list[int], subjects=("anatomy", "virology")
+) -> pd.DataFrame:
+    """Per-example rows of `task` over two subjects, `correct[i]` the outcome of example i."""
+    rows = []
+    for i, y in enumerate(correct):
+        subject = subjects[i % len(subjects)]
+        rows.append({"task": task, "subtask": f"{task}_{subject}", "doc_id": i // len(subjects),
+                     "doc_hash": f"d{i}", "prompt_hash": f"p{i}", "target": 0, "pred": 1 - y,
+                     "acc": float(y), "acc_norm": None, "filter": "none", "choice_ll": None,
+                     "choice_len": None})  # fmt: skip
+    return pd.DataFrame(rows, columns=list(samples.COLUMNS))
+
+
+def selection_run(root: Path, method: str, removed: int, correct: list[int], **cfg) -> dict:
+    record = make_record("qwen25_coder_15b", method, 28, 28 - removed, {}, **cfg)
+    rows = validation_rows("mmlu_val", correct)
+    record["samples"] = samples.write_samples(root, record["config_hash"], rows)
+    record["metrics"] = samples.aggregate(rows)
+    results_table.save_record(root, record)
+    return record
+
+
+@pytest.fixture
+def selection_phase(tmp_path) -> Path:
+    """Pruning runs on validation questions at 4 and 7 removed, an MKA run that scores best
+    (not a candidate: merging), and a declaration with the marker line."""
+    root = tmp_path / "select"
+    selection_run(root, "reverse_prune", 4, [1] * 12 + [0] * 8, keep_final=False)
+    selection_run(root, "shortgpt", 4, [1] * 16 + [0] * 4, representation="tokens")
+    selection_run(root, "angular", 4, [1] * 16 + [0] * 4, representation="last")  # a tie: later
+    selection_run(root, "sleb", 7, [1] * 10 + [0] * 10)
+    selection_run(root, "reverse_prune", 7, [1] * 9 + [0] * 11, keep_final=False)
+    selection_run(root, "mka", 4, [1] * 20, lam="code")
+    return root
+
+
+def test_select_best_names_the_best_pruning_per_cut_and_writes_it_once(
+    selection_phase, tmp_path, capsys
+):
+    decl = tmp_path / "compare.yaml"
+    head = "declared: before the runs\nprimary:\n  - a: {method: mka}\n    b: chosen_pruning\n"
+    decl.write_text(head + f"{declared.MARKER}: written below\nchosen: {{}}\n")
+    args = ["select-best", str(selection_phase), "--task", "mmlu_val", "--into", str(decl)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "chosen    shortgpt (representation=tokens): 0.8000" in out
+    assert "runner-up angular (representation=last): 0.8000" in out  # ties: registry order
+    assert "chosen    sleb: 0.5000" in out and "runner-up reverse_prune" in out
+    assert "mka" not in out.split("written to")[0]  # merging is never a candidate
+    assert "experiment=qwen15b_declared_repair method=shortgpt method.num_layers=4" in out
+    text = decl.read_text()
+    assert text.startswith(head)  # the declaration above the marker is kept as written
+    parsed = declared.parse(yaml.safe_load(text), "compare.yaml")
+    chosen = dict(parsed.chosen)
+    assert chosen[("qwen25_coder_15b", 4)] == declared.Side(
+        "shortgpt", (("representation", "tokens"),)
+    )
+    assert chosen[("qwen25_coder_15b", 7)].method == "sleb"
+    note = yaml.safe_load(text)["chosen"]["qwen25_coder_15b"][4]["selected_on"]
+    assert note.startswith("mmlu_val acc, highest of 3: shortgpt") and "runner-up angular" in note
+    assert cli.main(args) == 0  # the same choice again: kept, nothing changes
+    assert decl.read_text() == text
+    selection_run(selection_phase, "angular", 4, [1] * 20, representation="tokens")
+    assert cli.main(args) == 2  # a different choice for a chosen cut is refused
+    assert "chosen.qwen25_coder_15b.4 is already shortgpt" in capsys.readouterr().err
+    assert decl.read_text() == text
+
+
+def test_select_best_needs_pruning_runs_with_rows_of_the_task(selection_phase, capsys):
+    assert cli.main(["select-best", str(selection_phase), "--task", "mmlu"]) == 2
+    assert "no unquantized, unrepaired pruning run" in capsys.readouterr().err
+
+
+def test_chosen_pruning_is_side_b_per_cut(tmp_path):
+    """`b: chosen_pruning` pairs MKA with the method chosen for its model and cut, on A's
+    calibration source when the method also ran on another; without a choice: a note."""
+    root = tmp_path / "test"
+    calib = {"_target_": "mka_exp.calibration.mmlu_prompts"}
+    runs = []
+    for method, cfg, correct in (("mka", {"lam": "code"}, [1] * 14 + [0] * 6),
+                                 ("shortgpt", {"representation": "tokens"}, [1] * 10 + [0] * 10),
+                                 ("angular", {}, [1] * 20)):  # fmt: skip
+        record = make_record("qwen25_coder_15b", method, 28, 24, {}, **cfg)
+        record["config"]["calib"] = calib
+        record["config_hash"] = results.config_hash(record["config"])
+        rows = validation_rows("mmlu", correct)
+        record["samples"] = samples.write_samples(root, record["config_hash"], rows)
+        record["metrics"] = samples.aggregate(rows)
+        results_table.save_record(root, record)
+        runs.append(record)
+    other = json.loads(json.dumps(runs[1]))  # shortgpt again, on passages: not B for MKA
+    other["config"]["calib"] = {"_target_": "mka_exp.calibration.hellaswag_passages"}
+    other["config_hash"] = results.config_hash(other["config"])
+    other["samples"] = samples.write_samples(
+        root, other["config_hash"], validation_rows("mmlu", [0] * 20)
+    )
+    results_table.save_record(root, other)
+    text = ("declared: before the runs\nprimary:\n  - a: {method: mka, calib: mmlu_prompts}\n"
+            "    b: chosen_pruning\n" + declared.MARKER + "\nchosen:\n  qwen25_coder_15b:\n"
+            "    4: {method: shortgpt, representation: tokens, selected_on: test}\n")  # fmt: skip
+    st = declare(root, text)
+    assert len(st.primary) == 1
+    row = st.primary.iloc[0]
+    assert row["baseline_hash"] == runs[1]["config_hash"]  # the chosen one, on MKA's calibration
+    assert "chosen beforehand" in row["comparison"] and row["difference"] == pytest.approx(0.2)
+    st = declare(root, text.replace("4: {", "7: {"))
+    assert st.primary.empty
+    assert st.notes["text"].str.contains("no pruning method chosen for qwen25_coder_15b at 4").any()
+
+
+def test_the_declared_qwen15b_experiment_composes_and_passes_the_preflight(tmp_path, data_root):
+    """Every point of issue 28's sweeps composes with the intended settings, every key is one
+    something reads, and the preflight (no model) passes; the declaration parses."""
+    from omegaconf import OmegaConf
+
+    from mka_exp import canonical, preflight
+    from tests.helpers import CONF, compose_config
+
+    sweeps = {"qwen15b_declared": ("reverse_prune,shortgpt,angular,sleb,laco,mka", "mmlu"),
+              "qwen15b_declared_select": ("reverse_prune,shortgpt,angular,sleb", "mmlu_val"),
+              "qwen15b_declared_repair": ("mka", "mmlu"), "qwen15b_declared_twin": ("mka", "mmlu")}  # fmt: skip
+    for experiment, (methods, task) in sweeps.items():
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            full = compose("config", [f"experiment={experiment}"], return_hydra_config=True)
+        params = {"method": methods, "method.ratio": "null", "method.num_layers": "4,7"}
+        assert dict(full.hydra.sweeper.params) == params
+        assert full.model.name == "qwen25_coder_15b"
+        ev = OmegaConf.to_container(full.eval)
+        assert (ev["tasks"], ev["limit"], ev["sample_seed"], ev["num_fewshot"][task]) == (
+            [task],
+            20,
+            28,
+            0,
+        )
+        for method in methods.split(","):
+            for layers in (4, 7):
+                point = [f"experiment={experiment}", f"method={method}", "method.ratio=null", f"method.num_layers={layers}",
+                         "model=tiny_llama", "eval.limit=20", "calib.max_length=64"]  # fmt: skip
+                cfg = compose_config(point, tmp_path, data_root)
+                canonical.check_known_keys(OmegaConf.to_container(cfg, resolve=True), CONF)
+                preflight.check_config(cfg)
+        if experiment == "qwen15b_declared":  # dense (no -m) and MKA's Algorithm 1
+            algorithm1 = ["method=mka", "method.pairing=most_similar", "method.lam=paper",
+                          "method.scope=all", "method.ratio=null", "method.num_layers=7"]  # fmt: skip
+            for point in (["method=none"], algorithm1):
+                shrink = ["model=tiny_llama", "eval.limit=20", "calib.max_length=64"]
+                cfg = compose_config(
+                    [f"experiment={experiment}", *point, *shrink], tmp_path, data_root
+                )
+                preflight.check_config(cfg)
+        repaired = OmegaConf.to_container(full.repair)
+        if experiment == "qwen15b_declared_repair":
+            assert repaired["ridge"] == "auto" and repaired["max_tokens"] is None
+        at_scale = experiment.endswith(("_repair", "_twin"))
+        assert full.calib.get("num_tokens") == (200000 if at_scale else None)
+        if experiment != "qwen15b_declared_select":
+            decl = declared.parse(OmegaConf.to_container(full.compare), "compare")
+            assert decl.when == "before the runs" and decl.alpha == 0.05 and decl.repair_twins
+            assert [b.method for _, b in decl.primary] == ["reverse_prune", declared.CHOSEN]
+        else:
+            assert "compare" not in full  # the selection runs declare nothing

@@ -5,6 +5,7 @@ per-example rows), through a backend Hydra builds from `conf/eval/*.yaml` (`_tar
     hf.py        the default backend: lm-eval's HFLM on the in-memory model (`HFEvaluation`)
     vllm.py      lm-eval's vLLM model class on a saved copy of the model (`eval=vllm`)
     harness.py   tasks: resolve, build once, draw examples, flatten results
+    derived.py   tasks derived from lm-eval's own (`mmlu_val`: MMLU's validation split)
     checks.py    the settings' checks and the benchmark files' check, before the model loads
     rows.py      lm-eval's logged samples as per-example rows
     prefix_cache.py, prefix_tree.py   HFLM that runs each shared token prefix once

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mka_exp.choices import did_you_mean
+from mka_exp.evaluation.derived import add_derived_tasks
 from mka_exp.shims.lm_eval import memoize_docs
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ TASK_ALIASES: dict[str, str] = {
     "hellaswag": "hellaswag",
     "race": "race",  # lm-eval's `race` is EleutherAI/race, config `high` (RACE-high)
     "boolq": "boolq",  # SuperGLUE BoolQ
+    "mmlu_val": "mmlu_val",  # MMLU's validation split, lm-eval's subject tasks (derived.py)
 }
 MACRO_METRICS = ("acc", "acc_norm")
 BUILT_TASKS: dict[tuple, dict[str, Any]] = {}  # see built_tasks
@@ -76,10 +78,13 @@ def check_drawn(results: dict[str, Any], draw: dict[str, list[int]] | None) -> N
 
 @functools.cache
 def task_manager() -> Any:
-    """lm-eval's task index; building it scans ~15k YAMLs (~10 s), so once per process."""
+    """lm-eval's task index, with our derived tasks (`derived.py`: `mmlu_val`); building it
+    scans ~15k YAMLs (~10 s), so once per process."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    manager = TaskManager()
+    add_derived_tasks(manager)
+    return manager
 
 
 @functools.cache

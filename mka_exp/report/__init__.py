@@ -2,6 +2,7 @@
 
     python -m mka_exp.report outputs/ [--out DIR] [--wandb]
     python -m mka_exp.report outputs/results.csv
+    python -m mka_exp.report select-best OUTPUTS --task mmlu_val --into conf/compare/NAME.yaml
 
 Reads the run table (an outputs dir is rebuilt from its `records/`, so it is always complete; a
 CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
@@ -25,7 +26,7 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
 
 The package, by job: `loading` (runs, records, per-example rows), `tables` (the paper's tables),
 `stats` (intervals, tests, Holm, power), `crossfit` (best-of baselines), `declared` (declared
-comparisons), `analysis` (the `Stats` of a report), `distance` (distance to the dense model),
+comparisons), `selection` (`select-best`: the best pruning chosen beforehand on other questions), `analysis` (the `Stats` of a report), `distance` (distance to the dense model),
 `sensitivity` (one-answer runs, calibration seeds), `cells`/`sections`/`comparisons` (markdown),
 `figures`, `document` (the comparison document), `cli`. Method facts (family, order, colour,
 marker, variant keys) come from `mka_exp.methods.registry`.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mka_exp.report import stats
+from mka_exp.report import selection, stats
 from mka_exp.report.analysis import PRUNING_METHODS, Boot, Stats, compute_stats
 from mka_exp.report.declared import load_declaration
 from mka_exp.report.document import methods_text, write_comparison_doc
@@ -161,6 +161,12 @@ def write_stats(st: Stats, text: str, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["select-best"]:  # the pruning method chosen before a test (selection.py)
+        try:
+            return selection.main(argv[1:])
+        except (ReportError, samples_mod.SamplesError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(
         prog="python -m mka_exp.report", description=__doc__.split("\n")[0]
     )

@@ -11,9 +11,15 @@ report says which), the comparisons it stands behind. It lives in the run config
     primary:                    # run A minus run B; B may be best_pruning (cross-fitted)
       - a: {method: mka, pairing: adjacent_back, lam: code, scope: linear}
         b: {method: reverse_prune, keep_final: false}
+      - a: {method: mka, calib: mmlu_prompts}   # calib: the calibration source's builder
+        b: chosen_pruning       # per model and cut, the method in `chosen` (chosen beforehand)
+    chosen:                     # written by `select-best` (selection.py) below the MARKER line
+      qwen25_coder_15b:
+        4: {method: shortgpt, representation: tokens, selected_on: "mmlu_val acc ..."}
 
 A side matches the runs of its method whose options (the registry's variant keys) have the given
-values; B is taken with A's repair. A family is one model × quantizer × layer count: every declared
+values (and, with `calib`, whose calibration source is that `mka_exp.calibration` builder); B is
+taken with A's repair, and with A's calibration source where that singles out one run. A family is one model × quantizer × layer count: every declared
 comparison there, over every task, is one Holm family. Only these comparisons carry marks.
 """
 
@@ -34,8 +40,11 @@ from mka_exp.report import stats
 from mka_exp.report.loading import GROUP, ReportError, align, note, repair_name, run_label
 
 BEST = "best_pruning"
+CHOSEN = "chosen_pruning"
+CALIB = "calib"  # a side's option naming the calibration builder (`config.calib._target_`)
 WHEN = ("before the runs", "retrospective")
-KEYS = ("declared", "metrics", "alpha", "repair_twins", "primary")
+KEYS = ("declared", "metrics", "alpha", "repair_twins", "primary", "chosen")
+MARKER = "# --- chosen_pruning"  # the line after which `select-best` writes `chosen:`
 FAMILY = ["model", "quantizer", "removed"]
 FILE = "compare.yaml"
 
@@ -48,6 +57,8 @@ class Side:
     def label(self) -> str:
         if self.method == BEST:
             return "best pruning (cross-fitted)"
+        if self.method == CHOSEN:
+            return "pruning chosen beforehand"
         options = ", ".join(f"{k}={v}" for k, v in self.options)
         return f"{self.method} ({options})" if options else self.method
 
@@ -60,6 +71,7 @@ class Declaration:
     repair_twins: bool
     primary: tuple[tuple[Side, Side], ...]
     source: str = ""
+    chosen: tuple[tuple[tuple[str, int], Side], ...] = ()  # (model, layers removed) -> side
 
     def same_as(self, other: Declaration) -> bool:
         return {**self.__dict__, "source": ""} == {**other.__dict__, "source": ""}
@@ -92,15 +104,40 @@ def parse(obj: object, source: str) -> Declaration:
         )
         for i, p in enumerate(obj.get("primary") or [])
     )
+    chosen = parse_chosen(obj.get("chosen") or {}, f"{source}: chosen")
     return Declaration(
-        when, metrics, float(alpha), bool(obj.get("repair_twins", False)), pairs, source
+        when, metrics, float(alpha), bool(obj.get("repair_twins", False)), pairs, source, chosen
     )
 
 
+def parse_chosen(obj: object, where: str) -> tuple[tuple[tuple[str, int], Side], ...]:
+    """`{model: {layers removed: {method: NAME, option: value, selected_on: note}}}`."""
+    if not isinstance(obj, dict):
+        raise bad(where, "chosen", obj, "{model: {layers removed: {method: NAME, ...}}}")
+    out = []
+    for model, cuts in obj.items():
+        for cut, choice in (cuts or {}).items() if isinstance(cuts, dict) else [(None, cuts)]:
+            if not isinstance(cut, int) or isinstance(cut, bool):
+                raise bad(where, f"{model}.{cut}", choice, "a layer count (an integer) per model")
+            out.append(((str(model), cut), chosen_entry(choice, f"{where}.{model}.{cut}")))
+    return tuple(sorted(out, key=lambda item: item[0]))
+
+
+def chosen_entry(choice: object, where: str) -> Side:
+    """One chosen side; `selected_on` (how it was chosen) is a note, not an option."""
+    if isinstance(choice, dict):
+        choice = {k: v for k, v in choice.items() if k != "selected_on"}
+    picked = side(choice, where)
+    if picked.method in (BEST, CHOSEN):
+        raise bad(where, "method", picked.method, "a method of the registry")
+    return picked
+
+
 def side(obj: object, where: str) -> Side:
-    """`best_pruning` or `{method: NAME, <variant key>: value, ...}`."""
-    if obj == BEST:
-        return Side(BEST)
+    """`best_pruning`, `chosen_pruning` or `{method: NAME, <variant key>: value, ...}` (and
+    `calib: <builder>`)."""
+    if obj in (BEST, CHOSEN):
+        return Side(str(obj))
     if not isinstance(obj, dict) or "method" not in obj:
         raise ReportError(
             f"{where}: {obj!r} is not allowed; {BEST} or {{method: NAME, option: value}}"
@@ -111,7 +148,7 @@ def side(obj: object, where: str) -> Side:
         raise ReportError(f"{where}: method={method!r} is not a method{hint}")
     keys = registry.METHODS[method].variant_keys
     for key in obj:
-        if key != "method" and key not in keys:
+        if key not in ("method", CALIB) and key not in keys:
             allowed = ", ".join(keys) or "none"
             raise ReportError(f"{where}: option {key!r} does not label a {method} variant "
                               f"(its variant keys: {allowed}){did_you_mean(key, keys)}")  # fmt: skip
@@ -145,7 +182,13 @@ def load_declaration(sources: list[Path], records: dict[str, dict]) -> Declarati
 
 def matches(config: dict, wanted: Side) -> bool:
     method = config.get("method") or {}
-    return all(option_text(method.get(k)) == v for k, v in wanted.options)
+    return all(option_text(method.get(k) if k != CALIB else calib_of(config)) == v
+               for k, v in wanted.options)  # fmt: skip
+
+
+def calib_of(config: dict) -> str:
+    """The calibration builder's name: `mka_exp.calibration.mmlu_prompts` -> `mmlu_prompts`."""
+    return str((config.get("calib") or {}).get("_target_", "")).rsplit(".", 1)[-1]
 
 
 def repair_of(record: dict) -> object:
@@ -175,11 +218,15 @@ def primary_comparisons(
             record = records.get(run["config_hash"], {})
             if not matches(record.get("config") or {}, a_side):
                 continue
-            got, problem = against(run, b_side, wanted, sets, composites, records, pair)
+            b_run, problem = chosen_side(decl, run, b_side)
+            if not problem:
+                got, problem = against(run, b_run, wanted, sets, composites, records, pair)
             if problem:
                 notes.append(note(run, f"declared {a_side.label()} − {b_side.label()}: {problem}"))
             elif got:
-                name = f"{run_label(run)} − {b_side.label() if b_side.method == BEST else got.pop('b')}"
+                b_name = b_side.label() if b_side.method == BEST else got.pop("b")
+                b_name = f"{b_name} (chosen beforehand)" if b_side.method == CHOSEN else b_name
+                name = f"{run_label(run)} − {b_name}"
                 rows.append(identity(run) | {"comparison": name, "kind": "pair"} | got)
     if decl.repair_twins and not repair.empty:
         twins = repair[repair["metric"].str.removesuffix("_macro").isin(decl.metrics)]
@@ -190,6 +237,19 @@ def primary_comparisons(
             rows.append(identity(row) | {"comparison": name, "kind": "repair",
                                          "baseline_hash": row["baseline_hash"]} | fields)  # fmt: skip
     return holm_within_families(pd.DataFrame(rows), decl.alpha), notes
+
+
+def chosen_side(decl: Declaration, run: pd.Series, b_side: Side) -> tuple[Side, str]:
+    """Side B for `run`: as declared, or for `chosen_pruning` the method chosen for its model
+    and cut; or why there is none."""
+    if b_side.method != CHOSEN:
+        return b_side, ""
+    cell = (str(run["model"]), int(run["removed"]))
+    for key, picked in decl.chosen:
+        if key == cell:
+            return picked, ""
+    return b_side, (f"no pruning method chosen for {cell[0]} at {cell[1]} layers removed "
+                    "(`python -m mka_exp.report select-best` writes `chosen:`)")  # fmt: skip
 
 
 def identity(run: pd.Series) -> dict:
@@ -218,12 +278,18 @@ def against(run, b_side, wanted, sets, composites, records, pair) -> tuple[dict,
 
 
 def same_repair(run: pd.Series, b_side: Side, wanted: pd.DataFrame, records: dict) -> list:
-    """The runs of side B in `run`'s column and cut with `run`'s repair."""
+    """The runs of side B in `run`'s column and cut with `run`'s repair; of several, those with
+    `run`'s calibration source when that leaves one (a twin run on other calibration)."""
     here = wanted[(wanted[GROUP] == run[GROUP]).all(axis=1) & (wanted["method"] == b_side.method)]
-    mine = repair_of(records.get(run["config_hash"], {}))
-    return [r for _, r in here.iterrows()
+    mine = records.get(run["config_hash"], {})
+    pool = [r for _, r in here.iterrows()
             if matches(records.get(r["config_hash"], {}).get("config") or {}, b_side)
-            and repair_of(records.get(r["config_hash"], {})) == mine]  # fmt: skip
+            and repair_of(records.get(r["config_hash"], {})) == repair_of(mine)]  # fmt: skip
+    calib = calib_of(mine.get("config") or {})
+    same = [
+        r for r in pool if calib_of(records.get(r["config_hash"], {}).get("config") or {}) == calib
+    ]
+    return same if len(pool) > 1 and len(same) == 1 else pool
 
 
 def holm_within_families(frame: pd.DataFrame, alpha: float) -> pd.DataFrame:

@@ -94,3 +94,29 @@ def quiet_lm_eval() -> Iterator[None]:
         root.setLevel(level)
         if dedup.dropped:
             log.warning("%d repeats of lm-eval warnings shown above were dropped", dedup.dropped)
+
+
+def task_config(task_manager: Any, name: str) -> dict[str, Any]:
+    """lm-eval's full config of a task it indexed from a yaml (its `include` resolved, its
+    `!function`s imported), as its factory reads it before building the task; a fresh copy."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager.task_index[name]
+    return load_yaml(entry.yaml_path, resolve_func=True)
+
+
+def register_tasks(task_manager: Any, configs: list[dict[str, Any]]) -> None:
+    """Add tasks and groups given as config dicts to a built `TaskManager`'s index, as if read
+    from yaml files under its `include_path` (lm-eval 0.4.13 has no public call that adds to a
+    built index; its own inline-dict path namespaces the names as `group::task`)."""
+    from lm_eval.tasks._index import Kind, TaskIndex
+
+    index = task_manager.task_index
+    for config in configs:
+        entry = TaskIndex.entry_from_config(config)
+        index[entry.name] = entry
+    kinds = {kind: sorted(n for n, e in index.items() if e.kind in kind)
+             for kind in ((Kind.TASK, Kind.PY_TASK), (Kind.GROUP,))}  # fmt: skip
+    task_manager._all_tasks = sorted(index)
+    task_manager._all_subtasks = kinds[(Kind.TASK, Kind.PY_TASK)]
+    task_manager._all_groups = kinds[(Kind.GROUP,)]
