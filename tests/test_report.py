@@ -939,3 +939,70 @@ def test_repair_twins_pair_across_the_eval_target_key():
     other = json.loads(json.dumps(new))
     other["config"]["eval"]["_target_"] = "mka_exp.evaluation.vllm.VLLMEvaluation"
     assert twin_key(other) != twin_key(old)  # another backend is another experiment
+
+
+# ---------------------------------------------------------------- retained accuracy
+
+
+def test_the_cut_nearest_a_quarter_is_exact_and_keeps_ties():
+    from mka_exp.report.retained import nearest_cuts
+
+    assert nearest_cuts(pd.Series([0, 4, 8]), 28) == [8]  # 28.6 % beats 14.3 %
+    assert nearest_cuts(pd.Series([4, 7, 8]), 28) == [7]  # 7 of 28 runs win once they exist
+    assert nearest_cuts(pd.Series([4, 8]), 24) == [4, 8]  # 16.7 % and 33.3 %: a tie, both kept
+    assert nearest_cuts(pd.Series([0]), 28) == []
+
+
+def test_retained_share_is_compressed_over_dense_with_a_covering_interval(sweep, swept):
+    root, runs = sweep
+    out, _, doc = swept
+    kept = pd.read_csv(out / "retained.csv", dtype={"config_hash": str, "dense_hash": str})
+    assert set(kept["removed"]) == {1}  # 1 of 4 layers is exactly 25 %; 2 of 4 is not shown
+    assert set(kept["dense_hash"]) == {runs["none"]["config_hash"]}
+    dense = samples.read_samples(root, runs["none"])
+    for name in ("perfect", "mka"):
+        mine = samples.read_samples(root, runs[name])
+        for task in ("piqa", "boolq"):
+            hit = row(kept, config_hash=runs[name]["config_hash"], column=f"{task} acc")
+            ratio = (
+                mine[mine["task"] == task]["acc"].mean()
+                / dense[dense["task"] == task]["acc"].mean()
+            )
+            assert hit["retained"] == pytest.approx(ratio, abs=1e-12)
+            assert hit["retained"] == pytest.approx(hit["accuracy"] / hit["dense_accuracy"])
+            assert hit["low"] <= hit["retained"] <= hit["high"] and hit["n"] == 24
+    text = doc.read_text()
+    section = text.split("## Retained accuracy beside the literature", 1)[1].split(document.KEPT)[0]
+    assert "| 1 of 4 (25.0 %) |" in section and "of 4 (50.0 %)" not in section
+    fewer = r"- tiny_llama mka \(bandwidth=fewer\) -1: no dense run on the same \w+ examples"
+    assert re.search(fewer, section)  # scored on fewer examples: not paired, and said so
+
+
+def test_literature_rows_come_from_the_data_file_and_the_paper_file(tmp_path):
+    from mka_exp.report import retained
+
+    lit = retained.load_literature()
+    shipped = pd.read_csv(Path(retained.__file__).with_name(retained.LITERATURE))
+    assert list(lit["method"]) == list(shipped["method"])
+    replace_me = row(lit, source="ReplaceMe")
+    assert replace_me["retained_pct"] == 91.9 and replace_me["model"] == "Llama-2-7B"
+    paper = tables.load_paper()
+    dense = paper[(paper["model"] == "llama3_8b") & (paper["method"] == "none")
+                  & (paper["task"] == "mmlu")]["acc"].iloc[0]  # fmt: skip
+    mka = row(lit, source="MKA paper", method="MKA", compression=0.25)
+    assert (mka["accuracy"], mka["dense_accuracy"]) == (64.28, dense) == (64.28, 66.29)
+    assert mka["retained_pct"] == pytest.approx(100 * 64.28 / 66.29)
+    mine = tmp_path / "literature.csv"
+    shipped.iloc[:1].assign(model="Planted-1B", retained_pct=12.3).to_csv(mine, index=False)
+    text = sections.literature_text(retained.load_literature(mine))
+    assert "| Planted-1B |" in text and "| 12.3 |" in text and "| MKA paper |" not in text
+    assert "other models (Planted-1B)" in text  # the heading names the file's models
+
+
+def test_the_retained_section_labels_the_literature_as_other_models(swept):
+    _, _, doc = swept
+    section = doc.read_text().split("## Retained accuracy beside the literature", 1)[1]
+    section = section.split(document.KEPT)[0]
+    assert "other models" in section and "not a reproduction" in section
+    assert "| ReplaceMe | Llama-2-7B |" in section and "| 91.9 |" in section
+    assert "| MKA paper | Llama-3-8B | MKA | 25 % | mmlu | 64.28 | 66.29 | 97.0 |" in section
