@@ -944,12 +944,12 @@ def test_repair_twins_pair_across_the_eval_target_key():
 # ---------------------------------------------------------------- retained accuracy
 
 
-def test_the_cut_nearest_a_quarter_is_exact_and_keeps_ties():
+def test_the_cut_of_a_quarter_or_the_nearest_cuts_either_side():
     from mka_exp.report.retained import nearest_cuts
 
-    assert nearest_cuts(pd.Series([0, 4, 8]), 28) == [8]  # 28.6 % beats 14.3 %
-    assert nearest_cuts(pd.Series([4, 7, 8]), 28) == [7]  # 7 of 28 runs win once they exist
-    assert nearest_cuts(pd.Series([4, 8]), 24) == [4, 8]  # 16.7 % and 33.3 %: a tie, both kept
+    assert nearest_cuts(pd.Series([0, 2, 4, 8, 12]), 28) == [4, 8]  # 25 % lies between them
+    assert nearest_cuts(pd.Series([4, 7, 8]), 28) == [7]  # 7 of 28 alone once it has records
+    assert nearest_cuts(pd.Series([8, 12]), 28) == [8]  # nothing below: the nearest above
     assert nearest_cuts(pd.Series([0]), 28) == []
 
 
@@ -974,6 +974,8 @@ def test_retained_share_is_compressed_over_dense_with_a_covering_interval(sweep,
     text = doc.read_text()
     section = text.split("## Retained accuracy beside the literature", 1)[1].split(document.KEPT)[0]
     assert "| 1 of 4 (25.0 %) |" in section and "of 4 (50.0 %)" not in section
+    piqa = dense[dense["task"] == "piqa"]["acc"].mean()  # chance beside dense: 50 % for piqa
+    assert f"(24 examples; random guess 50.0 = {50 / piqa:.1f} % of dense)" in section
     fewer = r"- tiny_llama mka \(bandwidth=fewer\) -1: no dense run on the same \w+ examples"
     assert re.search(fewer, section)  # scored on fewer examples: not paired, and said so
 

@@ -62,7 +62,7 @@ class Stats:
     column against its column's baseline: the paired difference, its interval, McNemar's p,
     `mde`. `baselines`: per model, quantizer, layer count and column, the composite baseline's
     description. `primary`: the declared comparisons with Holm's p within each family.
-    `retained`: each run at its model's cut nearest 25 % as a share of dense (`retained`).
+    `retained`: each run at its model's cut(s) nearest 25 % as a share of dense (`retained`).
     `notes`: one line per problem (no baseline, different examples, missing records), with the
     model, quantizer and layer count it belongs to. Values are fractions."""
 

@@ -1,11 +1,12 @@
-"""Retained accuracy: each compressed run's accuracy as a share of its dense model's, at the layer
-cut nearest 25 % of the decoder layers, and the published figures for other models beside it.
+"""Retained accuracy: each compressed run's accuracy as a share of its dense model's, at 25 % of
+the decoder layers removed (or the nearest cuts either side), and the published figures for
+other models beside it.
 
 The literature states compression results as "x % of dense at 25 %" (ReplaceMe; the MKA paper's
 Llama-3-8B curve), a scale our absolute accuracies and differences do not show. Per model this
-takes the cut nearest a quarter of its layers among the cuts that have records (both on a tie;
-7 of 28 on Qwen-1.5B once such runs exist), pairs every unquantized run there with the model's
-dense run on the same examples, and gives compressed / dense with a paired bootstrap interval
+takes the cut of a quarter of its layers, or while no run has it the nearest cut with records on
+either side (7 of 28 on Qwen-1.5B once such runs exist; 4 and 8 of 28 until then), pairs every
+unquantized run there with the model's dense run on the same examples, and gives compressed / dense with a paired bootstrap interval
 (`stats.paired_ratio`). The published figures come from `literature.csv` beside this module; the
 MKA paper's rows name a point of `paper_results.csv`, whose accuracy and dense accuracy give the
 share, so no published number is typed twice. They are other models and other protocols: the
@@ -33,19 +34,22 @@ COLUMNS = [*ID_COLUMNS, "column", "task", "metric", "dense_hash", "accuracy", "d
 
 
 def nearest_cuts(removed: pd.Series, layers: int) -> list[int]:
-    """The layer counts removed whose fraction of `layers` is nearest TARGET (all of them on a
-    tie, e.g. 4 and 8 of 24); compared as integers, so a tie is exact."""
+    """The layer count removed that is 25 % of `layers` if it has records; else the nearest on
+    each side that has (4 and 8 of 28 until 7 of 28 runs exist), so a reader sees where 25 % falls
+    between them. Compared as integers, so "exactly 25 %" is exact."""
     cuts = sorted({int(r) for r in removed if r > 0})
-    if not cuts:
-        return []
-    distance = {cut: abs(cut * 4 - layers) for cut in cuts}  # |cut / layers - 1/4| * 4 layers
-    return [cut for cut in cuts if distance[cut] == min(distance.values())]
+    exact = [cut for cut in cuts if cut * 4 == layers]
+    if exact:
+        return exact
+    below = [cut for cut in cuts if cut * 4 < layers][-1:]
+    above = [cut for cut in cuts if cut * 4 > layers][:1]
+    return below + above
 
 
 def retained_rows(
     accuracy: pd.DataFrame, sets: dict, resamples: int = stats.N_RESAMPLES, seed: int = stats.SEED
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Per model, every unquantized run at its nearest-25 % cut × column: accuracy over the dense
+    """Per model, every unquantized run at its cut(s) nearest 25 % × column: accuracy over the dense
     run's on the same examples, with its paired interval (fractions); and a line per run that has
     no dense run to pair with."""
     acc = accuracy[(accuracy["quantizer"] == "none") & accuracy["metric"].isin(METRICS)]

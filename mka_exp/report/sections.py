@@ -188,8 +188,8 @@ of KL, each from its own per-example differences; the ratio is accuracy's over K
 
 
 def retained_section(st: Stats, boot_resamples: int = stats.N_RESAMPLES) -> str:
-    """Per model, each run at the cut nearest 25 % as % of dense; then the published figures
-    for other models, labelled as such."""
+    """Per model, each run at 25 % of the layers (or the nearest cuts either side) as % of
+    dense; then the published figures for other models, labelled as such."""
     lines = [RETAINED_HEADING.format(resamples=boot_resamples, seed=stats.SEED)]
     for model, rows in st.retained.groupby("model", sort=False) if not st.retained.empty else []:
         lines += retained_table(st, model, rows)
@@ -198,7 +198,7 @@ def retained_section(st: Stats, boot_resamples: int = stats.N_RESAMPLES) -> str:
 
 
 def retained_table(st: Stats, model: str, rows: pd.DataFrame) -> list[str]:
-    """One model's runs at its nearest-25 % cut(s), each row naming its cut."""
+    """One model's runs at its cut(s) nearest 25 %, each row naming its cut."""
     layers = int(rows["layers_before"].iloc[0])
     cuts = sorted({int(r) for r in st.accuracy[st.accuracy["model"] == model]["removed"]} - {0})
     shown = " and ".join(str(int(c)) for c in sorted(set(rows["removed"])))
@@ -208,8 +208,8 @@ def retained_table(st: Stats, model: str, rows: pd.DataFrame) -> list[str]:
     )
     wide = pivot(rows, retained_cells(st, rows), ["config_hash", "cut", "method", "variant"])
     return [f"\n### {model}\n",
-            f"Cuts with records: {', '.join(map(str, cuts))} of {layers} layers; nearest 25 %: "
-            f"{shown}. Dense run: {dense_text(rows)}.\n", markdown(wide.drop(columns="run"))]  # fmt: skip
+            f"Cuts with records: {', '.join(map(str, cuts))} of {layers} layers; shown: {shown}. "
+            f"Dense run: {dense_text(rows, st.chance)}.\n", markdown(wide.drop(columns="run"))]  # fmt: skip
 
 
 def retained_cells(st: Stats, rows: pd.DataFrame) -> pd.Series:
@@ -222,10 +222,19 @@ def retained_cells(st: Stats, rows: pd.DataFrame) -> pd.Series:
     return pd.Series(cells, index=rows.index)
 
 
-def dense_text(rows: pd.DataFrame) -> str:
+def dense_text(rows: pd.DataFrame, chance: dict[str, tuple[float, str]]) -> str:
+    """Each column's dense accuracy, and chance as a share of it: a run near that share kept
+    nothing of what the dense model knew beyond guessing."""
     dense = rows.drop_duplicates("column").sort_values("column", key=lambda c: c.map(column_order))
-    return ", ".join(f"{r['column']} {percent(r['dense_accuracy'])} ({r['n']} examples)"
+    return "; ".join(f"{r['column']} {percent(r['dense_accuracy'])} ({r['n']} examples"
+                     + chance_share(chance.get(r["task"]), r["dense_accuracy"]) + ")"
                      for _, r in dense.iterrows())  # fmt: skip
+
+
+def chance_share(level: tuple[float, str] | None, dense: float) -> str:
+    if level is None or not dense:
+        return ""
+    return f"; {level[1]} {percent(level[0])} = {percent(level[0] / dense)} % of dense"
 
 
 def literature_text(lit: pd.DataFrame) -> str:
@@ -246,10 +255,10 @@ RETAINED_HEADING = """
 ## Retained accuracy beside the literature
 
 Each compressed run's accuracy as a share of its dense model's on the same examples (% of dense,
-95 % interval), at the layer cut nearest 25 % of the model's decoder layers, the fraction the
-literature reports at (7 of 28 on Qwen-1.5B). Where no run exists at that fraction the nearest
-cut with records stands in: every row names its cut, and a tie shows both. Unquantized runs; one
-metric per task, `acc` (MMLU: the macro average over subjects). The interval is a paired
+95 % interval), at 25 % of the model's decoder layers removed, the fraction the literature
+reports at (7 of 28 on Qwen-1.5B). Where no run exists at that fraction, the nearest cuts with
+records below and above it stand in, and every row names its cut. Unquantized runs; one metric
+per task, `acc` (MMLU: the macro average over subjects). The interval is a paired
 percentile bootstrap: an example's compressed and dense outcomes are resampled together (MMLU: by
 subject, then question), {resamples:,} resamples, seed {seed}. † marks a run that gives one answer
 to at least 90 % of the task's examples (its accuracy there is a base rate). `retained.csv` in the
