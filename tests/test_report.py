@@ -1109,3 +1109,72 @@ def test_the_declared_qwen15b_experiment_composes_and_passes_the_preflight(tmp_p
             assert [b.method for _, b in decl.primary] == ["reverse_prune", declared.CHOSEN]
         else:
             assert "compare" not in full  # the selection runs declare nothing
+
+
+# ---------------------------------------------------------------- retained accuracy
+
+
+def test_the_cut_of_a_quarter_or_the_nearest_cuts_either_side():
+    from mka_exp.report.retained import nearest_cuts
+
+    assert nearest_cuts(pd.Series([0, 2, 4, 8, 12]), 28) == [4, 8]  # 25 % lies between them
+    assert nearest_cuts(pd.Series([4, 7, 8]), 28) == [7]  # 7 of 28 alone once it has records
+    assert nearest_cuts(pd.Series([8, 12]), 28) == [8]  # nothing below: the nearest above
+    assert nearest_cuts(pd.Series([0]), 28) == []
+
+
+def test_retained_share_is_compressed_over_dense_with_a_covering_interval(sweep, swept):
+    root, runs = sweep
+    out, _, doc = swept
+    kept = pd.read_csv(out / "retained.csv", dtype={"config_hash": str, "dense_hash": str})
+    assert set(kept["removed"]) == {1}  # 1 of 4 layers is exactly 25 %; 2 of 4 is not shown
+    assert set(kept["dense_hash"]) == {runs["none"]["config_hash"]}
+    dense = samples.read_samples(root, runs["none"])
+    for name in ("perfect", "mka"):
+        mine = samples.read_samples(root, runs[name])
+        for task in ("piqa", "boolq"):
+            hit = row(kept, config_hash=runs[name]["config_hash"], column=f"{task} acc")
+            ratio = (
+                mine[mine["task"] == task]["acc"].mean()
+                / dense[dense["task"] == task]["acc"].mean()
+            )
+            assert hit["retained"] == pytest.approx(ratio, abs=1e-12)
+            assert hit["retained"] == pytest.approx(hit["accuracy"] / hit["dense_accuracy"])
+            assert hit["low"] <= hit["retained"] <= hit["high"] and hit["n"] == 24
+    text = doc.read_text()
+    section = text.split("## Retained accuracy beside the literature", 1)[1].split(document.KEPT)[0]
+    assert "| 1 of 4 (25.0 %) |" in section and "of 4 (50.0 %)" not in section
+    piqa = dense[dense["task"] == "piqa"]["acc"].mean()  # chance beside dense: 50 % for piqa
+    assert f"(24 examples; random guess 50.0 = {50 / piqa:.1f} % of dense)" in section
+    fewer = r"- tiny_llama mka \(bandwidth=fewer\) -1: no dense run on the same \w+ examples"
+    assert re.search(fewer, section)  # scored on fewer examples: not paired, and said so
+
+
+def test_literature_rows_come_from_the_data_file_and_the_paper_file(tmp_path):
+    from mka_exp.report import retained
+
+    lit = retained.load_literature()
+    shipped = pd.read_csv(Path(retained.__file__).with_name(retained.LITERATURE))
+    assert list(lit["method"]) == list(shipped["method"])
+    replace_me = row(lit, source="ReplaceMe")
+    assert replace_me["retained_pct"] == 91.9 and replace_me["model"] == "Llama-2-7B"
+    paper = tables.load_paper()
+    dense = paper[(paper["model"] == "llama3_8b") & (paper["method"] == "none")
+                  & (paper["task"] == "mmlu")]["acc"].iloc[0]  # fmt: skip
+    mka = row(lit, source="MKA paper", method="MKA", compression=0.25)
+    assert (mka["accuracy"], mka["dense_accuracy"]) == (64.28, dense) == (64.28, 66.29)
+    assert mka["retained_pct"] == pytest.approx(100 * 64.28 / 66.29)
+    mine = tmp_path / "literature.csv"
+    shipped.iloc[:1].assign(model="Planted-1B", retained_pct=12.3).to_csv(mine, index=False)
+    text = sections.literature_text(retained.load_literature(mine))
+    assert "| Planted-1B |" in text and "| 12.3 |" in text and "| MKA paper |" not in text
+    assert "other models (Planted-1B)" in text  # the heading names the file's models
+
+
+def test_the_retained_section_labels_the_literature_as_other_models(swept):
+    _, _, doc = swept
+    section = doc.read_text().split("## Retained accuracy beside the literature", 1)[1]
+    section = section.split(document.KEPT)[0]
+    assert "other models" in section and "not a reproduction" in section
+    assert "| ReplaceMe | Llama-2-7B |" in section and "| 91.9 |" in section
+    assert "| MKA paper | Llama-3-8B | MKA | 25 % | mmlu | 64.28 | 66.29 | 97.0 |" in section

@@ -182,3 +182,29 @@ def test_examples_for_power():
     assert need == expected and 70 < need < 90
     assert stats.examples_for_power(np.zeros(5)) == np.inf
     assert np.isnan(stats.examples_for_power([1.0]))
+
+
+def test_paired_ratio_is_a_over_b_with_a_paired_bootstrap_like_scipys():
+    dense, compressed = planted_gap(gap=40)  # compressed: dense less 40 right answers
+    a, b = compressed, dense
+    result = stats.paired_ratio(a, b)
+    assert result.value == pytest.approx(a.mean() / b.mean()) and result.n == a.size
+    assert result.low < result.value < result.high < 1  # paired: A never right where B is wrong
+
+    def ratio(x, y, axis=-1):
+        return x.mean(axis=axis) / y.mean(axis=axis)
+
+    res = bootstrap((a.astype(float), b.astype(float)), ratio, paired=True, vectorized=True,
+                    method="percentile", n_resamples=10_000, random_state=123)  # fmt: skip
+    assert result.low == pytest.approx(res.confidence_interval.low, abs=0.005)
+    assert result.high == pytest.approx(res.confidence_interval.high, abs=0.005)
+
+
+def test_paired_ratio_of_macro_averages_and_of_a_zero_denominator():
+    a = np.r_[1, 1, 0, 0, 1, 0]
+    b = np.r_[1, 1, 1, 0, 1, 1]
+    groups = np.r_[0, 0, 0, 0, 1, 1]
+    result = stats.paired_ratio(a, b, groups, n_resamples=500)
+    assert result.value == pytest.approx(((2 / 4) + (1 / 2)) / ((3 / 4) + 1))
+    assert result.low <= result.value <= result.high
+    assert np.isnan(stats.paired_ratio([1, 0], [0, 0], n_resamples=50).value)

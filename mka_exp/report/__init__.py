@@ -18,7 +18,9 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
   (95 % interval on every accuracy), `paired_differences.csv` (each compressed run minus the
   baseline: `--baseline METHOD`, default the best pruning run at the same layer count, chosen by
   cross-fitting; Newcombe or bootstrap interval, McNemar exact p, MDE),
-  `declared_comparisons.csv` (the declared comparisons with Holm's p), `distance_to_dense.csv`
+  `declared_comparisons.csv` (the declared comparisons with Holm's p), `retained.csv` (each run
+  at its model's layer cut(s) nearest 25 % as a share of dense, paired bootstrap interval; the
+  document prints it beside published figures for other models), `distance_to_dense.csv`
   (flips and KL, for runs with per-choice log-likelihoods), `calibration_sensitivity.csv`,
   `one_answer.csv` (runs that give one answer to >= 90 % of a task: their accuracy there is a
   base rate) and `statistics.md`; `--markdown docs/method_comparison.md` writes the comparison
@@ -26,7 +28,9 @@ CSV is read as is) and writes into `--out` (default `<outputs dir>/report`):
 
 The package, by job: `loading` (runs, records, per-example rows), `tables` (the paper's tables),
 `stats` (intervals, tests, Holm, power), `crossfit` (best-of baselines), `declared` (declared
-comparisons), `selection` (`select-best`: the best pruning chosen beforehand on other questions), `analysis` (the `Stats` of a report), `distance` (distance to the dense model),
+comparisons), `selection` (`select-best`: the best pruning chosen beforehand on other questions),
+`analysis` (the `Stats` of a report), `distance` (distance to the dense model),
+`retained` (share of dense at the cuts nearest 25 %, and `literature.csv`: published figures),
 `sensitivity` (one-answer runs, calibration seeds), `cells`/`sections`/`comparisons` (markdown),
 `figures`, `document` (the comparison document), `cli`. Method facts (family, order, colour,
 marker, variant keys) come from `mka_exp.methods.registry`.

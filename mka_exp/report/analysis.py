@@ -18,7 +18,7 @@ import pandas as pd
 
 from mka_exp.choices import did_you_mean
 from mka_exp.methods import registry
-from mka_exp.report import crossfit, declared, distance, stats
+from mka_exp.report import crossfit, declared, distance, retained, stats
 from mka_exp.report.loading import (
     GROUP,
     ReportError,
@@ -62,6 +62,7 @@ class Stats:
     column against its column's baseline: the paired difference, its interval, McNemar's p,
     `mde`. `baselines`: per model, quantizer, layer count and column, the composite baseline's
     description. `primary`: the declared comparisons with Holm's p within each family.
+    `retained`: each run at its model's cut(s) nearest 25 % as a share of dense (`retained`).
     `notes`: one line per problem (no baseline, different examples, missing records), with the
     model, quantizer and layer count it belongs to. Values are fractions."""
 
@@ -80,6 +81,8 @@ class Stats:
     merging: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `merging_vs_pruning`
     distance: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `distance.dense_distances`
     distance_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # declared pairs in KL
+    retained: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `retained.retained_rows`
+    retained_notes: list[str] = field(default_factory=list)  # runs with no dense run to pair
 
 
 def accuracy_interval(outcomes: pd.DataFrame, metric: str, boot: Boot) -> stats.Interval:
@@ -136,6 +139,9 @@ def compute_stats(
     if not baseline:  # a --baseline METHOD answers another question
         st.merging = merging_vs_pruning(accuracy, sets, composites, boot)
     st.distance_pairs = distance.declared_distances(primary, per_example, boot.resamples, boot.seed)
+    st.retained, st.retained_notes = retained.retained_rows(
+        accuracy, sets, boot.resamples, boot.seed
+    )
     return st
 
 

@@ -12,6 +12,7 @@ from mka_exp.report import stats
 from mka_exp.report.analysis import BEST_PRUNING, MARK, PRUNING_METHODS, Stats
 from mka_exp.report.comparisons import detected
 from mka_exp.report.loading import ReportError, load_records
+from mka_exp.report.sections import retained_section
 from mka_exp.results.files import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -122,8 +123,10 @@ def write_comparison_doc(path: Path, report: Report, sources: list[Path], comman
     path.parent.mkdir(parents=True, exist_ok=True)
     figures = figures_section(report.plots, path.parent / FIGURES)
     summary = summary_section(report.stats)
+    retained = retained_section(report.stats)
     text = (
-        f"{GENERATED}\n{header}\n{summary}{figures}{report.statistics}\n{KEPT}\n\n{kept_part(path)}"
+        f"{GENERATED}\n{header}\n{summary}{figures}{report.statistics}{retained}\n{KEPT}\n\n"
+        f"{kept_part(path)}"
     )
     write_bytes_atomic(path, text.rstrip("\n").encode() + b"\n")
     return path

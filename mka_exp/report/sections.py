@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mka_exp.report import comparisons
+from mka_exp.report import comparisons, stats
 from mka_exp.report.analysis import Stats
 from mka_exp.report.cells import interval_cell, of_model, percent, pivot
 from mka_exp.report.loading import column_order, run_label
+from mka_exp.report.retained import load_literature
 from mka_exp.report.sensitivity import layer_choice
 from mka_exp.report.tables import markdown
 
@@ -180,4 +181,96 @@ DISTANCE_PAIRS_HEADING = """
 Declared run-vs-run comparisons in these terms (A minus B, paired by example), and the examples a
 paired test needs for 80 % power at α = 0.05 to detect the observed difference: of accuracy and
 of KL, each from its own per-example differences; the ratio is accuracy's over KL's.
+"""
+
+
+# ---------------------------------------------------------------- retained accuracy
+
+
+def retained_section(st: Stats, boot_resamples: int = stats.N_RESAMPLES) -> str:
+    """Per model, each run at 25 % of the layers (or the nearest cuts either side) as % of
+    dense; then the published figures for other models, labelled as such."""
+    lines = [RETAINED_HEADING.format(resamples=boot_resamples, seed=stats.SEED)]
+    for model, rows in st.retained.groupby("model", sort=False) if not st.retained.empty else []:
+        lines += retained_table(st, model, rows)
+    lines += [f"- {text}" for text in st.retained_notes]
+    return "\n".join(lines) + "\n" + literature_text(load_literature())
+
+
+def retained_table(st: Stats, model: str, rows: pd.DataFrame) -> list[str]:
+    """One model's runs at its cut(s) nearest 25 %, each row naming its cut."""
+    layers = int(rows["layers_before"].iloc[0])
+    cuts = sorted({int(r) for r in st.accuracy[st.accuracy["model"] == model]["removed"]} - {0})
+    shown = " and ".join(str(int(c)) for c in sorted(set(rows["removed"])))
+    rows = rows.sort_values("removed", kind="stable")
+    rows = rows.assign(
+        cut=[f"{int(r)} of {layers} ({100 * r / layers:.1f} %)" for r in rows["removed"]]
+    )
+    wide = pivot(rows, retained_cells(st, rows), ["config_hash", "cut", "method", "variant"])
+    return [f"\n### {model}\n",
+            f"Cuts with records: {', '.join(map(str, cuts))} of {layers} layers; shown: {shown}. "
+            f"Dense run: {dense_text(rows, st.chance)}.\n", markdown(wide.drop(columns="run"))]  # fmt: skip
+
+
+def retained_cells(st: Stats, rows: pd.DataFrame) -> pd.Series:
+    """`share [low, high]` in % of dense; † where the run gives one answer to the task."""
+    one = st.one_answer
+    flagged = set() if one.empty else set(zip(one["config_hash"], one["task"], strict=True))
+    cells = [f"{percent(r['retained'])} [{percent(r['low'])}, {percent(r['high'])}]"
+             + (" †" if (r["config_hash"], r["task"]) in flagged else "")
+             for _, r in rows.iterrows()]  # fmt: skip
+    return pd.Series(cells, index=rows.index)
+
+
+def dense_text(rows: pd.DataFrame, chance: dict[str, tuple[float, str]]) -> str:
+    """Each column's dense accuracy, and chance as a share of it: a run near that share kept
+    nothing of what the dense model knew beyond guessing."""
+    dense = rows.drop_duplicates("column").sort_values("column", key=lambda c: c.map(column_order))
+    return "; ".join(f"{r['column']} {percent(r['dense_accuracy'])} ({r['n']} examples"
+                     + chance_share(chance.get(r["task"]), r["dense_accuracy"]) + ")"
+                     for _, r in dense.iterrows())  # fmt: skip
+
+
+def chance_share(level: tuple[float, str] | None, dense: float) -> str:
+    if level is None or not dense:
+        return ""
+    return f"; {level[1]} {percent(level[0])} = {percent(level[0] / dense)} % of dense"
+
+
+def literature_text(lit: pd.DataFrame) -> str:
+    table = pd.DataFrame({
+        "source": lit["source"], "model": lit["model"], "method": lit["method"],
+        "compression": lit["compression"].map(lambda c: f"{100 * c:g} %"), "task": lit["task"],
+        "accuracy": lit["accuracy"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+        "dense": lit["dense_accuracy"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+        "% of dense": lit["retained_pct"].map(lambda v: f"{v:.1f}"),
+        "protocol": lit["protocol"], "citation": lit["citation"]})  # fmt: skip
+    claims = [f"- {r['source']}, {r['model']} {r['method']} at {100 * r['compression']:g} %: "
+              f"{r['claim']}" for _, r in lit[lit["claim"].notna()].iterrows()]  # fmt: skip
+    heading = LITERATURE_HEADING.format(models=", ".join(dict.fromkeys(lit["model"])))
+    return heading + "\n" + markdown(table) + "\n" + "\n".join(claims) + "\n"
+
+
+RETAINED_HEADING = """
+## Retained accuracy beside the literature
+
+Each compressed run's accuracy as a share of its dense model's on the same examples (% of dense,
+95 % interval), at 25 % of the model's decoder layers removed, the fraction the literature
+reports at (7 of 28 on Qwen-1.5B). Where no run exists at that fraction, the nearest cuts with
+records below and above it stand in, and every row names its cut. Unquantized runs; one metric
+per task, `acc` (MMLU: the macro average over subjects). The interval is a paired
+percentile bootstrap: an example's compressed and dense outcomes are resampled together (MMLU: by
+subject, then question), {resamples:,} resamples, seed {seed}. † marks a run that gives one answer
+to at least 90 % of the task's examples (its accuracy there is a base rate). `retained.csv` in the
+report's output holds these rows as fractions.
+"""
+
+LITERATURE_HEADING = """
+### Published figures: other models, other protocols (not a reproduction)
+
+These are other models ({models}), evaluated by their authors with their own protocols,
+prompts and examples. They stand here for scale beside the rows above, not as numbers
+this project reproduces or tests against. The MKA paper's shares are its printed accuracy over
+its printed dense accuracy (`mka_exp/paper_results.csv`, the dense row of the same file);
+ReplaceMe's is the figure as issue 28 states it. Source: `mka_exp/report/literature.csv`.
 """

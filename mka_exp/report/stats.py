@@ -13,6 +13,9 @@ cannot say whether two methods differ. This module gives, from the 0/1 outcomes 
   paired percentile bootstrap (an example's two outcomes are resampled together, by subject and
   question); McNemar's exact p (scipy's two-sided binomial test on the discordant pairs, so it
   always pools the examples); and the minimum detectable difference (`mde`).
+- `paired_ratio`: accuracy of A as a fraction of B's on the same examples (a compressed model's
+  retained share of its dense model's accuracy), with a paired percentile bootstrap: each
+  example's two outcomes are resampled together (for a macro average, by subject and question).
 - `holm`: Holm's step-down adjustment of a family's p values.
 - `mde`, `examples_for_power`: what a paired comparison can detect at 80 % power, α = 0.05.
 
@@ -133,6 +136,37 @@ def paired(
     return Paired(difference, mcnemar_exact(a_only, b_only), a_only, b_only, mde(counts))
 
 
+def paired_ratio(
+    a: np.ndarray | list,
+    b: np.ndarray | list,
+    groups: np.ndarray | list | None = None,
+    level: float = LEVEL,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """Accuracy of A over accuracy of B (macro averages over `groups` when given), outcomes
+    aligned example by example, with a paired percentile bootstrap: a ratio has no closed form
+    as simple as Newcombe's, and resampling the pairs keeps their correlation, which narrows it.
+    NaN where B's accuracy (in the data or a replicate) is 0."""
+    a, b = as_outcomes(a), as_outcomes(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes need equal lengths, got {a.size} and {b.size}")
+    kind = np.where(a & b, 0, np.where(a, 1, np.where(b, 2, 3)))  # both, A only, B only, neither
+    macro = groups is not None
+    labels = np.asarray(groups) if macro else np.zeros(a.size, dtype=int)
+    counts = category_counts(kind, labels, 4)
+    weights = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # columns: A, B
+    value = ratio(np.mean(counts @ weights / counts.sum(axis=1)[:, None], axis=0))
+    reps = ratio(replicates(counts, weights, macro, n_resamples, seed))
+    return Interval(float(value), *percentile(reps, level), n=a.size)
+
+
+def ratio(accuracies: np.ndarray) -> np.ndarray:
+    """[..., (A, B)] accuracies -> A / B, NaN where B is 0."""
+    a, b = accuracies[..., 0], accuracies[..., 1]
+    return np.divide(a, b, out=np.full(np.shape(a), np.nan), where=b > 0)
+
+
 def newcombe_paired(
     a_only: int, b_only: int, both: int, neither: int, level: float = LEVEL
 ) -> tuple[float, float]:
@@ -224,11 +258,12 @@ def replicates(
 ) -> np.ndarray:
     """Bootstrap replicates of mean over groups of (counts · weights / group size): groups drawn
     with replacement (if `resample_groups`), then each drawn group's items, as multinomial counts
-    with that group's observed proportions."""
+    with that group's observed proportions. `weights` [categories, k] gives k statistics per
+    replicate, all from the same draws (a ratio's numerator and denominator)."""
     rng = np.random.default_rng(seed)
     sizes = counts.sum(axis=1)
     if sizes.size == 0:
-        return np.full(n_resamples, np.nan)
+        return np.full((n_resamples, *weights.shape[1:]), np.nan)
     probs = counts / sizes[:, None]
     out = []
     for start in range(0, n_resamples, BATCH):
@@ -238,7 +273,8 @@ def replicates(
         else:
             drawn = np.broadcast_to(np.arange(len(sizes)), (batch, len(sizes)))
         draws = rng.multinomial(sizes[drawn], probs[drawn])
-        out.append((draws @ weights / sizes[drawn]).mean(axis=1))
+        scale = sizes[drawn] if weights.ndim == 1 else sizes[drawn][..., None]
+        out.append((draws @ weights / scale).mean(axis=1))
     return np.concatenate(out)
 
 
