@@ -126,16 +126,12 @@ def test_a_new_backend_is_its_module_and_its_yaml(tmp_path, data_root):
 
 
 def test_backends_hold_the_evaluation_contract():
-    """`mka_exp.contracts.EvaluationBackend`: tasks, evaluate(model, tokenizer), check_data()."""
-    backends = [HFEvaluation(tasks=["piqa"])]
-    for backend in backends:
-        assert backend.tasks == ["piqa"]
-        assert callable(backend.evaluate) and callable(backend.check_data)
-    contracts = pytest.importorskip("mka_exp.contracts")
-    protocol = contracts.EvaluationBackend
-    for name in ("evaluate", "check_data"):
-        assert hasattr(protocol, name) and hasattr(HFEvaluation, name)
-    assert "tasks" in getattr(protocol, "__annotations__", {})
+    """A built default backend is a `contracts.EvaluationBackend` (tasks, check_data, evaluate);
+    tests/test_contracts.py checks the names and parameters of every eval `_target_`."""
+    from mka_exp.contracts import EvaluationBackend
+
+    backend = HFEvaluation(tasks=["piqa"])
+    assert isinstance(backend, EvaluationBackend) and backend.tasks == ["piqa"]
 
 
 def test_no_tasks_builds_no_tasks(tmp_path, data_root):
