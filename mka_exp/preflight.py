@@ -72,8 +72,8 @@ def canonicalise(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs no model, before anything loads or is written: one line per bad
-    setting, all at once (`mka_exp/checks.py`). The benchmark files are read by the evaluation backend's
-    `check_data` in `compute_points`."""
+    setting, all at once (`checks.gather`). The benchmark files are read by the evaluation
+    backend's `check_data` in `pipeline.compute_points`, still before the model loads."""
     from mka_exp import canonical
     from mka_exp.calibration import check_against_eval, check_calibration
     from mka_exp.data import check_data_root
