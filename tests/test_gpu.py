@@ -155,7 +155,7 @@ def test_lm_eval_on_cuda_shared_prefix_equals_hflm():
 
     root = piqa_root()
     if root is None:
-        pytest.skip("no piqa rows (../shared/benchmarks or .gpu_wheels/data)")
+        pytest.fail("no piqa rows: put the mirror at ../shared/benchmarks or .gpu_wheels/data")
     lm = six_layers()
     model = lm.model.to("cuda")
     kwargs = {"limit": 8, "batch_size": 4, "data_root": str(root)}
@@ -177,7 +177,7 @@ def test_vllm_backend_scores_like_hflm():
         pytest.skip("vLLM is not installed (pip install vllm)")
     root = piqa_root()
     if root is None:
-        pytest.skip("no piqa rows (../shared/benchmarks or .gpu_wheels/data)")
+        pytest.fail("no piqa rows: put the mirror at ../shared/benchmarks or .gpu_wheels/data")
     lm = six_layers()
     model = lm.model.to("cuda")
     settings = {"tasks": ["piqa"], "limit": 16, "data_root": str(root)}
