@@ -52,3 +52,23 @@ def cluster() -> None:
         pytest.fail(f"MKA_EXP_REQUIRE_SLURM=1 but {reason}; run tests/slurm/start_cluster.sh")
     if reason:
         pytest.skip(f"{reason}; start one with tests/slurm/start_cluster.sh")
+
+
+@pytest.fixture
+def watch_evaluations(monkeypatch):
+    """Call it to start watching: it returns the list that then receives the method ratio of
+    every point the pipeline evaluates, in order (a resumed run's recorded points are not)."""
+    from mka_exp import pipeline
+
+    def start() -> list:
+        ratios: list = []
+        real = pipeline.measure_point
+
+        def spy(point, *args, **kwargs):
+            ratios.append(point.cfg.method.ratio)
+            return real(point, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "measure_point", spy)
+        return ratios
+
+    return start

@@ -52,18 +52,11 @@ def test_one_point_curve_cuts_at_its_ratio_not_the_method_default(method, tmp_pa
     assert record["layers_after"] == 2 and len(record["method_stats"]["removed_layers"]) == 2
 
 
-def test_curve_resumes_point_by_point(tmp_path, data_root, monkeypatch):
+def test_curve_resumes_point_by_point(tmp_path, data_root, watch_evaluations):
     cfg = compose_config(["method=reverse_prune", "curve=[0.25,0.5]", *SHRINK], tmp_path, data_root)
     single = ["method=reverse_prune", "method.ratio=0.25", *SHRINK]
     first = pipeline.run(compose_config(single, tmp_path, data_root))
-    evaluated = []
-    real = pipeline.measure_point
-
-    def spy(point, *args, **kwargs):
-        evaluated.append(point.cfg.method.ratio)
-        return real(point, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "measure_point", spy)
+    evaluated = watch_evaluations()
     last = pipeline.run(cfg)
     assert evaluated == [0.5]
     assert load_record(tmp_path, first["config_hash"]) == first

@@ -46,28 +46,22 @@ def few_shot_requests(model) -> list:
     return [reqs[i] for i in torch.randperm(len(reqs), generator=gen).tolist()]
 
 
-def build(model_type: str):
-    """Two-layer random model; Qwen2 with non-zero attention biases, Gemma3 with an 8-token
-    sliding window on its first layer (shorter than the prompts), full attention on the second."""
+def build(model_type: str, layers: int = 2) -> LoadedModel:
+    """Random model (two layers by default); Qwen2 with non-zero attention biases, Gemma3 with
+    an 8-token sliding window (shorter than the prompts) on its even layers, full attention on
+    the others."""
     if model_type == "gemma3_text":
         tokenizer = train_tokenizer()
+        types = ["sliding_attention", "full_attention"] * (layers // 2)
         config = AutoConfig.for_model(
-            model_type,
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            pad_token_id=tokenizer.pad_token_id,
-        )
+            model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            sliding_window=8, layer_types=types, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         return LoadedModel(model, tokenizer, "gemma3_sliding")
-    loaded = build_random_model(model_type, num_layers=2, hidden_size=64, device="cpu")
+    loaded = build_random_model(model_type, num_layers=layers, hidden_size=64, device="cpu")
     if model_type == "qwen2":
         gen = torch.Generator().manual_seed(1)
         for name, param in loaded.model.named_parameters():

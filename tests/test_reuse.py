@@ -8,40 +8,21 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
 from mka_exp.evaluation.reuse import Reuse, fingerprints, forward_from, layer_inputs
 from mka_exp.evaluation.reuse_store import Key, Store
 from mka_exp.layers import merge_layers, remove_layers
 from mka_exp.models.loading import LoadedModel
-from mka_exp.models.toy import build_random_model, train_tokenizer
 from tests.test_prefix_cache import assert_same_answers, few_shot_requests
+from tests.test_prefix_cache import build as family_model
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text"]
 
 
 def build(model_type: str, layers: int = 4) -> LoadedModel:
-    """Random model; Qwen2 with non-zero biases, Gemma3 with 8-token sliding windows on the
-    even layers (shorter than the prompts)."""
-    if model_type == "gemma3_text":
-        tokenizer = train_tokenizer()
-        types = ["sliding_attention", "full_attention"] * (layers // 2)
-        config = AutoConfig.for_model(
-            model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            sliding_window=8, layer_types=types, pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        return LoadedModel(model, tokenizer, "gemma3_sliding")
-    loaded = build_random_model(model_type, num_layers=layers, hidden_size=64, device="cpu")
-    if model_type == "qwen2":
-        gen = torch.Generator().manual_seed(1)
-        for name, param in loaded.model.named_parameters():
-            if name.endswith("bias"):
-                param.data = torch.randn(param.shape, generator=gen) * 0.5
-    return loaded
+    """Four layers by default: room for a start below and layers above it."""
+    return family_model(model_type, layers)
 
 
 @torch.no_grad()
@@ -311,7 +292,9 @@ def test_curve_points_reuse_the_dense_reference(tmp_path, data_root, monkeypatch
         same_record(load_record(tmp_path / "on", key), load_record(tmp_path / "off", key))
 
 
-def test_resumed_curve_skips_recorded_points_and_reuses_the_store(tmp_path, data_root, monkeypatch):
+def test_resumed_curve_skips_recorded_points_and_reuses_the_store(
+    tmp_path, data_root, monkeypatch, watch_evaluations
+):
     from mka_exp import pipeline
     from tests.helpers import compose_config
 
@@ -319,14 +302,7 @@ def test_resumed_curve_skips_recorded_points_and_reuses_the_store(tmp_path, data
     starts = Starts(monkeypatch)
     pipeline.run(compose_config([*CURVE, "curve=[0.25]", *on], tmp_path / "on", data_root))
     assert starts.seen == [0]  # an empty store: the 3-layer point stores layers 1 and 2
-    evaluated = []
-    real = pipeline.measure_point
-
-    def spy(point, *args, **kwargs):
-        evaluated.append(point.cfg.method.ratio)
-        return real(point, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "measure_point", spy)
+    evaluated = watch_evaluations()
     last = pipeline.run(compose_config([*CURVE, "curve=[0.25,0.5]", *on], tmp_path / "on",
                                        data_root))  # fmt: skip
     assert evaluated == [0.5] and starts.seen == [0, 1]

@@ -106,6 +106,20 @@ def macro_interval(
     return Interval(value, *percentile(reps, level), n=correct.size)
 
 
+def aligned(a: np.ndarray | list, b: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs' outcomes on the same examples, in the same order."""
+    a, b = as_outcomes(a), as_outcomes(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes need equal lengths, got {a.size} and {b.size}")
+    return a, b
+
+
+def counts_by_group(kind: np.ndarray, groups: np.ndarray | list | None, categories: int):
+    """[groups, categories] counts of each example's `kind`; one group when `groups` is None."""
+    labels = np.zeros(kind.size, dtype=int) if groups is None else np.asarray(groups)
+    return category_counts(kind, labels, categories)
+
+
 def paired(
     a: np.ndarray | list,
     b: np.ndarray | list,
@@ -117,13 +131,10 @@ def paired(
     """Accuracy of A minus accuracy of B, outcomes aligned example by example: Newcombe's
     interval. With `groups` the accuracies are macro averages over groups, and the interval is a
     bootstrap that resamples groups and their examples (`n_resamples`, `seed`)."""
-    a, b = as_outcomes(a), as_outcomes(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired outcomes need equal lengths, got {a.size} and {b.size}")
+    a, b = aligned(a, b)
     kind = np.where(a & ~b, 0, np.where(b & ~a, 1, 2))  # A only, B only, both or neither
     macro = groups is not None
-    labels = np.asarray(groups) if macro else np.zeros(a.size, dtype=int)
-    counts = category_counts(kind, labels, 3)
+    counts = counts_by_group(kind, groups, 3)
     weights = np.array([1.0, -1.0, 0.0])
     value = float(np.mean(counts @ weights / counts.sum(axis=1)))
     a_only, b_only = int(counts[:, 0].sum()), int(counts[:, 1].sum())
@@ -148,13 +159,10 @@ def paired_ratio(
     aligned example by example, with a paired percentile bootstrap: a ratio has no closed form
     as simple as Newcombe's, and resampling the pairs keeps their correlation, which narrows it.
     NaN where B's accuracy (in the data or a replicate) is 0."""
-    a, b = as_outcomes(a), as_outcomes(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired outcomes need equal lengths, got {a.size} and {b.size}")
+    a, b = aligned(a, b)
     kind = np.where(a & b, 0, np.where(a, 1, np.where(b, 2, 3)))  # both, A only, B only, neither
     macro = groups is not None
-    labels = np.asarray(groups) if macro else np.zeros(a.size, dtype=int)
-    counts = category_counts(kind, labels, 4)
+    counts = counts_by_group(kind, groups, 4)
     weights = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # columns: A, B
     value = ratio(np.mean(counts @ weights / counts.sum(axis=1)[:, None], axis=0))
     reps = ratio(replicates(counts, weights, macro, n_resamples, seed))
