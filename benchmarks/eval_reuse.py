@@ -2,11 +2,14 @@
 models, in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_reuse.py [--model smollm2_135m] [--tasks piqa hellaswag]
-        [--limit 50] [--num-layers 4] [--methods reverse_prune mka] [--batch-size 8]
-        [--profile reuse.pstats]
+        [--limit 50] [--task-limit mmlu=3 ...] [--num-layers 4]
+        [--methods reverse_prune mka reverse_prune+linear] [--batch-size 8] [--profile reuse.pstats]
 
 The grid: the dense model (the reference) and each method removing `--num-layers` layers
-(`conf/method/<m>.yaml` defaults; MKA calibrates on 16 MMLU prompts). The stored layers are
+(`conf/method/<m>.yaml` defaults; the methods calibrate on 16 MMLU prompts); `<method>+linear`
+is that method followed by the linear repair (`conf/repair/linear.yaml` defaults, fitted on the
+same prompts). `--task-limit task=N` gives a task its own limit (one evaluation per limit; the
+table sums them). The stored layers are
 the ones the grid needs: for each variant the deepest k whose fingerprint is the dense model's.
 Both ways evaluate the same grid in the same order with the prefix cache; reuse writes into a
 fresh store. Printed per model and in all: CPU seconds, (tokens x layers) run, bytes stored,
@@ -49,12 +52,18 @@ def variants(loaded, methods: list[str], num_layers: int) -> dict:
     grid = {"dense": loaded.model}
     calib = calibration(loaded.tokenizer, prompts=16, max_length=128, batch_size=8)
     for name in methods:
-        cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
+        method, _, repair = name.partition("+")
+        cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")
         cfg.ratio, cfg.num_layers = None, num_layers
         if "cache" in cfg:
             cfg.cache = None
         model = copy.deepcopy(loaded.model)
-        instantiate(cfg).compress(model, calib)
+        if repair:  # as the pipeline does: the dense copy first, the method, then the fits
+            fixer = instantiate(OmegaConf.load(ROOT / "conf" / "repair" / f"{repair}.yaml"))
+            dense = fixer.prepare(model, calib)
+        stats = instantiate(cfg).compress(model, calib)
+        if repair:
+            fixer.repair(model, calib, stats, dense)
         grid[name] = model
     return grid
 
@@ -76,15 +85,34 @@ def shared_depths(grid: dict) -> tuple[dict, float]:
     return depths, seconds
 
 
+def task_groups(args) -> dict:
+    """`{limit: [tasks]}`: `--task-limit` entries apart, the rest at `--limit`."""
+    own = dict(item.split("=", 1) for item in args.task_limit)
+    groups: dict[int, list[str]] = {}
+    for task in args.tasks:
+        groups.setdefault(int(own.get(task, args.limit)), []).append(task)
+    return groups
+
+
 def evaluate(model, tokenizer, args, **reuse) -> dict:
+    """One evaluation per limit group; CPU time, rows and counters summed over them."""
+    from collections import Counter
+
     from mka_exp.evaluation.hf import HFEvaluation
 
-    backend = HFEvaluation(tasks=args.tasks, limit=args.limit, data_root=DATA_ROOT,
-                           batch_size=args.batch_size, **reuse)  # fmt: skip
-    start = time.process_time()
-    metrics, rows = backend.evaluate(model, tokenizer)
-    return {"cpu": time.process_time() - start, "metrics": metrics, "rows": rows,
-            "stats": dict(backend.last_lm.stats)}  # fmt: skip
+    out = {"cpu": 0.0, "metrics": {}, "rows": [], "stats": Counter()}
+    for limit, tasks in task_groups(args).items():
+        backend = HFEvaluation(tasks=tasks, limit=limit, data_root=DATA_ROOT,
+                               batch_size=args.batch_size, **reuse)  # fmt: skip
+        start = time.process_time()
+        metrics, rows = backend.evaluate(model, tokenizer)
+        out["cpu"] += time.process_time() - start
+        out["metrics"].update(metrics)
+        out["rows"].append(rows)
+        stats = dict(backend.last_lm.stats)
+        out["start"] = stats.pop("reuse_start", 0)  # the same for every group: the model's
+        out["stats"].update(stats)
+    return out
 
 
 def store_bytes(root: Path) -> int:
@@ -92,10 +120,11 @@ def store_bytes(root: Path) -> int:
 
 
 def compare(a, b) -> tuple[bool, float]:
-    same = a["rows"]["pred"].tolist() == b["rows"]["pred"].tolist()
-    worst = 0.0
-    for x, y in zip(a["rows"]["choice_ll"], b["rows"]["choice_ll"], strict=True):
-        worst = max([worst, *(abs(p - q) for p, q in zip(x, y, strict=True))])
+    same, worst = True, 0.0
+    for rows_a, rows_b in zip(a["rows"], b["rows"], strict=True):
+        same = same and rows_a["pred"].tolist() == rows_b["pred"].tolist()
+        for x, y in zip(rows_a["choice_ll"], rows_b["choice_ll"], strict=True):
+            worst = max([worst, *(abs(p - q) for p, q in zip(x, y, strict=True))])
     return same, worst
 
 
@@ -104,6 +133,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--tasks", nargs="+", default=["piqa", "hellaswag"])
     parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--task-limit", nargs="*", default=[], metavar="TASK=N",
+                        help="a task's own limit, e.g. mmlu=3 (per subject)")  # fmt: skip
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=["reverse_prune", "mka"])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -120,7 +151,9 @@ def main() -> None:
     needed = sorted({k for name, k in depths.items() if name != "dense" and k > 0})
     print(f"fingerprints of the dense model ({num_layers(grid['dense'])} layers): "
           f"{fp_seconds:.2f} CPU s; shared depths {depths}; stored layers {needed}")  # fmt: skip
-    warm = argparse.Namespace(**{**vars(args), "limit": 1})  # lm-eval's task index, untimed
+    warm = argparse.Namespace(
+        **{**vars(args), "limit": 1, "task_limit": []}
+    )  # lm-eval's task index, untimed
     evaluate(grid["dense"], loaded.tokenizer, warm)
     plain = {name: evaluate(model, loaded.tokenizer, args) for name, model in grid.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +217,7 @@ def report(grid, depths, plain, reused, stored) -> None:
         macs = (done * layer_w + scored * head_w, full * layer_w + scored * head_w)
         totals = [totals[0] + p["cpu"], totals[1] + r["cpu"], totals[2] + full, totals[3] + done,
                   totals[4] + macs[0], totals[5] + macs[1]]  # fmt: skip
-        print(f"| {name} | {n} | {r['stats']['reuse_start']} | {bound:.3f} | "
+        print(f"| {name} | {n} | {r['start']} | {bound:.3f} | "
               f"{macs[0] / macs[1]:.3f} | {p['cpu']:.1f} | {r['cpu']:.1f} | "
               f"{p['cpu'] / r['cpu']:.2f}x | {full:,} | {done:,} | {scored:,} | "
               f"{stored[name]:,} | {same} | {worst:.2e} |")  # fmt: skip

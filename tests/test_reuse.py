@@ -310,14 +310,14 @@ def test_resumed_curve_skips_recorded_points_and_reuses_the_store(
     same_record(last, want)
 
 
-def grid_in_process(root: str, barrier) -> tuple[list, list, int]:
+def grid_in_process(root: str, barrier, bound: int = 10**8) -> tuple[list, list, int]:
     """One Slurm job's share of a sweep: the reference, then a merged variant, on one store."""
     torch.set_num_threads(1)
     ref = build("llama")
     reqs = few_shot_requests(ref.model)
     barrier.wait()  # both processes write the same entries at once
-    want, _ = evaluate(ref, reqs, Store(root, 10**8), layers=(1, 2))
-    got, stats = evaluate(merged(ref), reqs, Store(root, 10**8), layers=(1, 2))
+    want, _ = evaluate(ref, reqs, Store(root, bound), layers=(1, 2))
+    got, stats = evaluate(merged(ref), reqs, Store(root, bound), layers=(1, 2))
     return want, got, stats["reuse_start"]
 
 
@@ -340,18 +340,23 @@ def entry_problems(root) -> list[str]:
     return problems
 
 
+def two_jobs(root, bound: int) -> list:
+    """Both jobs' (reference answers, variant answers, start), run at once on one store."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            return pool.starmap(grid_in_process, [(str(root), barrier, bound)] * 2)
+
+
 def test_two_processes_share_one_store(tmp_path):
     """Two processes (spawned, as two Slurm jobs on one cache dir) evaluate the reference and a
     variant into one store at the same time: no entry is damaged or left half-written, and both
     get the answers of the models on their own."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
     root = tmp_path / "store"
-    with ctx.Manager() as manager:
-        barrier = manager.Barrier(2)
-        with ctx.Pool(2) as pool:
-            runs = pool.starmap(grid_in_process, [(str(root), barrier)] * 2)
+    runs = two_jobs(root, 10**8)
     ref = build("llama")
     reqs = few_shot_requests(ref.model)
     want, _ = evaluate(ref, reqs)
@@ -363,3 +368,29 @@ def test_two_processes_share_one_store(tmp_path):
     entries = list(root.glob("*/*"))
     assert entries and all(p.name.endswith(".bin") for p in entries)  # no temporary left
     assert entry_problems(root) == []
+
+
+def test_two_processes_evicting_one_store_keep_exact_answers(tmp_path):
+    """The same two jobs on a store a third the size of the grid's entries: each evicts entries
+    the other has planned to read (and reads entries the other is replacing), so calls find
+    entries gone. A missing entry makes its call run every layer: the answers stay exact, no
+    file is damaged, and the store ends within two bounds (each writer keeps the bound at its
+    own next eviction and counts only its own writes since its last scan)."""
+    ref = build("llama")
+    reqs = few_shot_requests(ref.model)
+    alone_root = tmp_path / "alone"
+    want, _ = evaluate(ref, reqs, Store(alone_root, 10**8), layers=(1, 2))
+    sizes = [p.stat().st_size for p in alone_root.glob("*/*")]
+    bound = sum(sizes) // 3
+    assert max(sizes) < bound < sum(sizes)  # entries fit, the grid's do not
+    root = tmp_path / "store"
+    runs = two_jobs(root, bound)
+    alone, _ = evaluate(merged(ref), reqs)
+    for got_ref, got_variant, _ in runs:
+        assert_same_answers(got_ref, want)
+        assert_same_answers(got_variant, alone)
+    entries = list(root.glob("*/*"))
+    assert 0 < len(entries) < len(sizes)  # entries were evicted
+    assert all(p.name.endswith(".bin") for p in entries)
+    assert entry_problems(root) == []
+    assert sum(p.stat().st_size for p in entries) <= 2 * bound
