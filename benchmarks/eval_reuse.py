@@ -71,7 +71,7 @@ def variants(loaded, methods: list[str], num_layers: int) -> dict:
 def shared_depths(grid: dict) -> tuple[dict, float]:
     """Each model's deepest k with the dense model's fingerprint, and the seconds the dense
     model's fingerprints took (hashing every layer once)."""
-    from mka_exp.evaluation.reuse import fingerprints
+    from mka_exp.fingerprints import fingerprints
     from mka_exp.layers import num_layers
 
     dense = grid["dense"]

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
-from mka_exp.evaluation.reuse import Reuse, fingerprints, forward_from, layer_inputs
-from mka_exp.evaluation.reuse_store import Key, Store
+from mka_exp.evaluation.reuse import Reuse, forward_from, layer_inputs
+from mka_exp.fingerprints import fingerprints
 from mka_exp.layers import merge_layers, remove_layers
 from mka_exp.models.loading import LoadedModel
+from mka_exp.state_store import Key, Store
 from tests.test_prefix_cache import assert_same_answers, few_shot_requests
 from tests.test_prefix_cache import build as family_model
 
@@ -325,7 +326,7 @@ def entry_problems(root) -> list[str]:
     """Files of the store that are not a whole entry of the key they name."""
     import json
 
-    from mka_exp.evaluation.reuse_store import MAGIC, checksum, decode
+    from mka_exp.state_store import MAGIC, checksum, decode
 
     problems = []
     for path in sorted(root.glob("*/*")):

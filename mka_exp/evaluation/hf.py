@@ -82,7 +82,7 @@ class HFEvaluation(LMEvalBackend):
         if self.reuse is None or self.reuse is False:
             return None
         from mka_exp.evaluation.reuse import Reuse
-        from mka_exp.evaluation.reuse_store import Store
+        from mka_exp.state_store import Store
 
         start = time.perf_counter()
         reuse = Reuse(model, Store(str(self.reuse), self.reuse_bytes), self.reuse_layers)

@@ -16,16 +16,15 @@ norms and biases, on a KV cache of its upper layers only.
     prints = fingerprints(model, upto=24)          # prints[k]: layers below k
     logits = forward_from(model, k, hidden_k, position_ids=..., attention_mask=...).logits
 
-`Reuse` ties the fingerprints, the stored layers and a `reuse_store.Store` to the prefix cache's
+`Reuse` ties the fingerprints, the stored layers and a `state_store.Store` to the prefix cache's
 tree (`prefix_cache.Run`). May import: torch, `layers`, `evaluation.prefix_tree`,
-`evaluation.reuse_store`.
+`state_store`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -34,77 +33,15 @@ import torch
 from torch import nn
 
 from mka_exp.evaluation.prefix_tree import Node
-from mka_exp.evaluation.reuse_store import Key, Store
+from mka_exp.fingerprints import fingerprints
 from mka_exp.layers import decoder_layers, upper_layers
+from mka_exp.state_store import Key, Store
 
 log = logging.getLogger(__name__)
-
-# config fields that removing layers above k rewrites without changing layers 0..k-1; the
-# per-layer lists are sliced to k instead, and a layer's MLP kind shows in its parameter names
-LAYER_COUNT_FIELDS = ("num_hidden_layers", "decoder_sparse_step", "mlp_only_layers")
-NOT_MODEL_FIELDS = ("_name_or_path", "transformers_version", "architectures")
 
 
 class ReuseMiss(RuntimeError):
     """An entry the run counted on is missing or damaged: the call is recomputed without it."""
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def tensor_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-    digest.update(memoryview(data))
-
-
-def module_digest(module: nn.Module, skip: Sequence[str] = ()) -> str:
-    """Every parameter and buffer (name, dtype, shape, bytes) and every submodule's type."""
-    digest = hashlib.blake2b(digest_size=20)
-    for name, sub in module.named_modules():
-        if not any(name == s or name.startswith(s + ".") for s in skip):
-            digest.update(f"{name}:{type(sub).__qualname__}\n".encode())
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if not any(name.startswith(s + ".") for s in skip):
-            tensor_digest(digest, name, tensor)
-    return digest.hexdigest()
-
-
-def config_view(config: Any, k: int) -> dict[str, Any]:
-    """The config as it bears on layers 0..k-1: per-layer lists sliced, layer counts left out
-    (a variant with fewer layers above k has the same bottom), the attention implementation in."""
-    n = config.num_hidden_layers
-    view = {name: value for name, value in config.to_dict().items()
-            if name not in LAYER_COUNT_FIELDS + NOT_MODEL_FIELDS}  # fmt: skip
-    for name, value in view.items():
-        if isinstance(value, list) and len(value) == n and name != "eos_token_id":
-            view[name] = value[:k]
-    if isinstance(view.get("max_window_layers"), int):
-        view["max_window_layers"] = min(view["max_window_layers"], k)
-    view["_attn_implementation"] = getattr(config, "_attn_implementation", None)
-    return view
-
-
-def fingerprints(model: nn.Module, upto: int) -> list[str]:
-    """`[fingerprint of layers below k for k in 0..upto]`: the stack's own tensors (embedding,
-    rotary buffers; not the final norm), layers 0..k-1, `config_view(k)`, dtype, device kind."""
-    stack, config = model.get_decoder(), model.config.get_text_config(decoder=True)
-    layers = decoder_layers(model)
-    stem = module_digest(stack, skip=("layers", "norm"))
-    device = next(model.parameters()).device.type
-    per_layer = [module_digest(layers[i]) for i in range(upto)]
-    prints = []
-    for k in range(upto + 1):
-        digest = hashlib.blake2b(digest_size=20)
-        head = {"stem": stem, "device": device, "dtype": str(model.dtype), "k": k}
-        digest.update(
-            json.dumps([head, config_view(config, k)], sort_keys=True, default=str).encode()
-        )
-        for layer in per_layer[:k]:
-            digest.update(layer.encode())
-        prints.append(digest.hexdigest())
-    return prints
 
 
 def path_digests(root: Node) -> dict[int, str]:

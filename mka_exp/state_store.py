@@ -11,7 +11,7 @@ the bound drops the least recently used files until it is under 90 % of it. An e
 the bound is not written. Each writer counts its own writes since its last scan of the directory,
 so with several writers the bound holds at each writer's next eviction.
 
-May import: torch. Floor 3 (evaluation).
+May import: torch. Floor 1.
 """
 
 from __future__ import annotations
