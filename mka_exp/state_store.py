@@ -11,7 +11,7 @@ the bound drops the least recently used files until it is under 90 % of it. An e
 the bound is not written. Each writer counts its own writes since its last scan of the directory,
 so with several writers the bound holds at each writer's next eviction.
 
-May import: torch. Floor 1.
+May import: torch, `checks`. Floor 1.
 """
 
 from __future__ import annotations
@@ -23,16 +23,44 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from mka_exp.checks import check_positive, gather, is_int
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"MKA-REUSE 1\n"
 EVICT_TO = 0.9  # of the bound, so that eviction (a scan of the directory) is not on every write
 STALE_TMP_S = 3600  # a temporary file older than this was left by a writer that died
+
+
+def check_settings(prefix: str, where: Any, layers: Any, max_bytes: Any, *more) -> None:
+    """A stage's store settings (`eval.reuse*`, `repair.reuse*`), every problem at once: the
+    store off (null/false) or a directory; the kept layers every n-th (an int >= 1) or listed
+    (ints >= 1); the bound in bytes; `more`: the stage's own checks."""
+
+    def directory() -> None:
+        if where is not None and where is not False and not (isinstance(where, str) and where):
+            raise ValueError(
+                f"{prefix}.reuse={where!r}: allowed null/false (off) or a store directory, "
+                "e.g. ${paths.cache_dir}/reuse"
+            )
+
+    def which() -> None:
+        # a list or Hydra's ListConfig (a Sequence too)
+        listed = isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers)
+        if not (is_int(layers) and layers >= 1) and not (
+            listed and all(is_int(i) and i >= 1 for i in layers)
+        ):
+            raise ValueError(f"{prefix}.reuse_layers={layers!r}: allowed an integer >= 1 (every "
+                             "n-th layer) or a non-empty list of layer indices >= 1")  # fmt: skip
+
+    gather(directory, which, lambda: check_positive(f"{prefix}.reuse_bytes", max_bytes), *more)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mka_exp.checks import check_positive, check_seed, gather, is_int, is_number
+from mka_exp.state_store import check_settings
 
 
 def check_limit(limit: Any) -> int | float | None:
@@ -44,29 +45,15 @@ def check_prefix_cache(cache_tokens: Any, min_shared: Any) -> None:
 
 
 def check_reuse(reuse: Any, layers: Any, max_bytes: Any, share_prefix: Any) -> None:
-    """Reuse across models (`evaluation.reuse`): off (null/false) or a store directory; the
-    stored layers every n (an int >= 1) or listed (ints >= 1); the store's bound in bytes."""
-    on = reuse is not None and reuse is not False
+    """Reuse across models (`evaluation.reuse`): the store's settings (`state_store`), and the
+    prefix cache it rides on."""
 
-    def where() -> None:
-        if on and not (isinstance(reuse, str) and reuse):
-            raise ValueError(
-                f"eval.reuse={reuse!r}: allowed null/false (off) or a store directory, "
-                "e.g. ${paths.cache_dir}/reuse"
-            )
-        if on and share_prefix is not True:
+    def on_the_tree() -> None:
+        if reuse is not None and reuse is not False and share_prefix is not True:
             raise ValueError(f"eval.reuse={reuse!r} needs eval.share_prefix=true (it reuses the "
                              f"prefix cache's tree), got {share_prefix!r}")  # fmt: skip
 
-    def which() -> None:
-        listed = isinstance(layers, (list, tuple)) and layers
-        if not (is_int(layers) and layers >= 1) and not (
-            listed and all(is_int(i) and i >= 1 for i in layers)
-        ):
-            raise ValueError(f"eval.reuse_layers={layers!r}: allowed an integer >= 1 (every n-th "
-                             "layer) or a non-empty list of layer indices >= 1")  # fmt: skip
-
-    gather(where, which, lambda: check_positive("eval.reuse_bytes", max_bytes))
+    check_settings("eval", reuse, layers, max_bytes, on_the_tree)
 
 
 def check_batch_size(batch_size: Any) -> None:

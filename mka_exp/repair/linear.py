@@ -25,7 +25,10 @@ batch of activations, not by the token count (their solution and the ridge choic
 before the method runs); each fit runs, batch by batch, the dense copy up to the end of its span
 (the target L) and the compressed model up to the fitted layer (M, Y). The layers in front of
 the first changed one are the same in both models, so the compressed pass starts there, fed the
-dense pass's hidden state.
+dense pass's hidden state. With `reuse` (a store directory; off by default; not part of the config
+hash) the dense states at every `reuse_layers`-th boundary are kept for later fits on the same
+tokens, which then run the dense model from the highest stored boundary below their cursor, or not
+at all (`dense_states.py`; the record's `dense_layer_tokens` counts what ran).
 
 Held-out tokens: a calibration set with a `heldout` part (`calib=hellaswag_passages`) gives each
 fit's relative residual on tokens the fit never saw, before and after the map
@@ -71,6 +74,7 @@ from mka_exp.layers import (
     swapped_layers,
     with_hidden_input,
 )
+from mka_exp.repair.dense_states import DenseStates
 from mka_exp.repair.fit import (
     RIDGE_SCALES,
     NormalEquations,
@@ -79,6 +83,7 @@ from mka_exp.repair.fit import (
     relative_residual,
     solve_map,
 )
+from mka_exp.state_store import Store, check_settings
 
 POSITIONS = ("all", "skip_first", "last")
 
@@ -95,6 +100,11 @@ class DenseReference:
     picks: torch.Tensor  # [n, 2] (prompt, position) of the fit tokens, sorted
     heldout: CalibrationSet | None = None
     heldout_picks: torch.Tensor | None = None
+    states: DenseStates | None = None  # its boundary states (stored when `reuse` is on)
+
+    def __post_init__(self) -> None:
+        if self.states is None:
+            self.states = DenseStates(self.model)
 
     @property
     def total(self) -> int:
@@ -148,26 +158,6 @@ def _input_of(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def dense_pass(model: nn.Module, batch: dict, cursor: int, end: int) -> tuple:
-    """The dense model's hidden state entering layer `cursor` (None for 0) and at boundary `end`
-    (the output of layer end − 1), [b, T, D] each; the layers after end − 1 do not run."""
-    layers, seen = decoder_layers(model), {}
-
-    def entering(module, args, kwargs):
-        seen["input"] = _input_of(args, kwargs)
-
-    def leaving(module, args, output):
-        seen["target"] = _hidden(output)
-        raise _StopForward
-
-    handles = [layers[end - 1].register_forward_hook(leaving)]
-    if cursor > 0:
-        handles.append(layers[cursor].register_forward_pre_hook(entering, with_kwargs=True))
-    with hooks_removed_after(handles):
-        _run(model, batch)
-    return seen.get("input"), seen["target"]
-
-
 def compressed_pass(model, batch: dict, cursor: int, fed, position: int) -> tuple:
     """(M, Y + M) of kept layer `position` — its MLP output and its output — running only the
     layers cursor..position, layer `cursor` fed `fed` (the dense model's state there)."""
@@ -195,7 +185,7 @@ def compressed_pass(model, batch: dict, cursor: int, fed, position: int) -> tupl
 
 
 def normal_equations(
-    model, dense: nn.Module, calib, picks, position: int, end: int, cursor: int, batch_size
+    model, dense: DenseStates, calib, picks, position: int, end: int, cursor: int, batch_size
 ) -> NormalEquations:
     """The fit of kept layer `position` (current index) towards dense boundary `end` on the
     tokens `picks` of `calib`, streamed batch by batch. Layers before `cursor` must be the same
@@ -203,7 +193,7 @@ def normal_equations(
     eq = None
     with torch.no_grad():
         for batch, rows, cols in _batches(calib, picks, batch_size):
-            fed, target = dense_pass(dense, batch, cursor, end)
+            fed, target = dense.boundaries(batch, cursor, end)
             mlp, out = compressed_pass(model, batch, cursor, fed, position)
             device = mlp.device
             rows, cols = rows.to(device), cols.to(device)
@@ -305,7 +295,15 @@ class LinearRepair:
         max_tokens: int | None = 8192,
         batch_size: int | None = None,
         seed: int = 0,
+        reuse: str | None = None,
+        reuse_layers: int | list[int] = 4,
+        reuse_bytes: int = 16 * 2**30,
     ) -> None:
+        check_settings("repair", reuse, reuse_layers, reuse_bytes)
+        self.reuse, self.reuse_bytes = reuse or None, reuse_bytes
+        self.reuse_layers = (
+            list(reuse_layers) if not isinstance(reuse_layers, int) else reuse_layers
+        )
         self.ridge = _check_ridge(ridge)
         # The held-out choice's grid: None for a fixed α.
         self.scales = {str: RIDGE_SCALES, list: self.ridge}.get(type(self.ridge))
@@ -357,7 +355,9 @@ class LinearRepair:
         if heldout is not None:
             held = fit_positions(heldout.attention_mask, self.positions, None, self.seed)
         dense = copy.deepcopy(model).eval().requires_grad_(False)
-        return DenseReference(dense, picks, heldout, held)
+        store = Store(self.reuse, self.reuse_bytes) if self.reuse else None
+        states = DenseStates(dense, store, self.reuse_layers)
+        return DenseReference(dense, picks, heldout, held, states)
 
     def repair(
         self, model, calib: CalibrationSet, method_stats: dict, dense: DenseReference
@@ -372,6 +372,7 @@ class LinearRepair:
                 f"say {expected}"
             )
         start, fits, same = time.perf_counter(), [], unchanged_prefix(method_stats, total)
+        before = dense.states.stats()
         for item in plan:
             fits.append(self.fit_one(model, calib, dense, item, min(same, item["position"])))
             same = min(same, item["position"])  # its down_proj changes now
@@ -387,17 +388,18 @@ class LinearRepair:
         }
         if dense.heldout is not None:
             stats["heldout_tokens"] = len(dense.heldout_picks)
-        return stats
+        # this repair's share of the dense passes (a curve repairs several points on one)
+        return {**stats, **{k: v - before[k] for k, v in dense.states.stats().items()}}
 
     def fit_one(self, model, calib, dense: DenseReference, item: dict, cursor: int) -> dict:
         """Fit, fold and describe the map of one plan item."""
         position, end = item["position"], item["span"][-1] + 1
         args = (position, end, cursor, self.batch_size)
-        eq = normal_equations(model, dense.model, calib, dense.picks, *args)
+        eq = normal_equations(model, dense.states, calib, dense.picks, *args)
         fit = dict(item)
         held = None
         if dense.heldout is not None:
-            held = normal_equations(model, dense.model, dense.heldout, dense.heldout_picks, *args)
+            held = normal_equations(model, dense.states, dense.heldout, dense.heldout_picks, *args)
         if self.scales is not None:
             ridge, transform, grid = choose_ridge(eq, held, self.diagonal, self.scales)
             fit.update(ridge=ridge, ridge_grid=grid)

@@ -53,6 +53,9 @@ NON_RESULT_KEYS = (
     "eval.reuse",  # same scores with or without (tests/test_reuse.py); where the store is
     "eval.reuse_layers",
     "eval.reuse_bytes",
+    "repair.reuse",  # dense states kept for later fits: same fits (test_repair_dense_states.py)
+    "repair.reuse_layers",
+    "repair.reuse_bytes",
     "data_root",
     "model.pins",
     "model.reseal",  # accepts a local model folder's new files: refuses nothing, computes nothing
