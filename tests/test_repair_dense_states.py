@@ -79,9 +79,10 @@ def test_boundary_states_from_a_pass_a_store_and_a_stored_start(tmp_path):
 
 @pytest.mark.parametrize("heldout", [False, True])
 def test_fits_with_a_store_equal_fits_without_and_later_cuts_run_less(tmp_path, heldout):
-    """Two repaired runs on one store (as two cuts of a grid): the first stores every 2nd
-    boundary while it fits, the second starts its dense pass at a stored boundary; both fold the
-    maps of a run without a store. A rerun of the first reads every state and runs nothing."""
+    """Repaired runs on one store (as the cuts of a grid): the first stores every 2nd boundary
+    while it fits, the second reads its target and runs the dense model from a stored boundary to
+    its cut, the third reads both; all fold the maps of a run without a store. A rerun of the
+    first reads every state and runs nothing."""
     lm = model()
     calib = split_calib(lm.tokenizer) if heldout else calib_of(lm.tokenizer)
     reuse = dict(reuse=str(tmp_path / "dense"), reuse_layers=2)
@@ -89,9 +90,10 @@ def test_fits_with_a_store_equal_fits_without_and_later_cuts_run_less(tmp_path, 
     assert_same_fits(first, repaired(lm, calib, [6, 7]))
     full = first[1]["dense_layer_tokens"]
     assert full > 0 and first[1]["dense_entries_read"] == 0
-    second = repaired(lm, calib, [4, 5, 6, 7], **reuse)  # cursor 3: from stored boundary 2
+    # cursor 3 is not stored, the target (boundary 8) is: layer 2 runs, from stored boundary 2
+    second = repaired(lm, calib, [4, 5, 6, 7], **reuse)
     assert_same_fits(second, repaired(lm, calib, [4, 5, 6, 7]))
-    assert second[1]["dense_layer_tokens"] == full * (LAYERS - 2) // LAYERS
+    assert second[1]["dense_layer_tokens"] == full // LAYERS
     third = repaired(lm, calib, [5, 6, 7], **reuse)  # cursor 4 and end 8 are stored: no pass
     assert_same_fits(third, repaired(lm, calib, [5, 6, 7]))
     assert third[1]["dense_layer_tokens"] == 0

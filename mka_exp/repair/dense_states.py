@@ -85,10 +85,14 @@ class DenseStates:
         fed = self.get(start, digest) if start > 0 else None
         if start > 0 and fed is None:  # gone since `has`: the whole pass
             start = 0
-        seen = self.run(batch, start, fed, end, {*self.keep, *wanted})
+        # With the target stored, the pass need only reach the cursor.
+        stop = cursor if found[end] is not None else end
+        seen = self.run(batch, start, fed, stop, {*self.keep, *wanted})
         for b, state in seen.items():
             self.put(b, digest, state)
-        return seen.get(cursor) if cursor > 0 else None, seen[end]
+        self.read += found[end] is not None
+        target = found[end] if found[end] is not None else seen[end]
+        return seen.get(cursor) if cursor > 0 else None, target
 
     def run(self, batch: dict, start: int, fed, end: int, capture: set[int]) -> dict:
         """`{b: state}` for the boundaries in `capture` within (start, end] (and `start` if
