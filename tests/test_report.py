@@ -996,6 +996,9 @@ def test_select_best_names_the_best_pruning_per_cut_and_writes_it_once(
     assert "chosen    sleb: 0.5000" in out and "runner-up reverse_prune" in out
     assert "mka" not in out.split("written to")[0]  # merging is never a candidate
     assert "experiment=qwen15b_declared_repair method=shortgpt method.num_layers=4" in out
+    for experiment in ("qwen15b_declared_repair", "qwen15b_declared_twin"):  # a short search
+        assert (f"experiment={experiment} method=sleb method.num_layers=7 "
+                "method.search_tokens=5000 $O") in out  # fmt: skip
     text = decl.read_text()
     assert text.startswith(head)  # the declaration above the marker is kept as written
     parsed = declared.parse(yaml.safe_load(text), "compare.yaml")

@@ -223,3 +223,53 @@ def test_seed_cache_from_a_record_lets_another_run_replay_its_search(
     other.write_text(json.dumps({"method": "shortgpt", "config": {"method": method}}))
     with pytest.raises(ValueError, match="method 'shortgpt' is not sleb"):
         seed_cache.main([str(other)])
+
+
+# --------------------------------------------------------------------------- search_tokens
+
+
+def test_search_subset_takes_the_fewest_evenly_spaced_prompts_holding_the_tokens():
+    calib = padded_ids(rows=5)  # prompt lengths 12, 7, 10, 5, 9 (43 tokens)
+    assert sleb.search_subset(calib, None) is calib
+    assert sleb.search_subset(calib, 43) is calib
+    two = sleb.search_subset(calib, 20)  # m = 1: [0] 12 tokens; m = 2: [0, 4] 21 tokens
+    assert torch.equal(two.input_ids, calib.input_ids[[0, 4]])
+    assert int(two.attention_mask.sum()) == 21 and two.batch_size == calib.batch_size
+    three = sleb.search_subset(calib, 22)  # m = 3: [0, 2, 4] 31 tokens
+    assert torch.equal(three.attention_mask, calib.attention_mask[[0, 2, 4]])
+
+
+def test_search_tokens_scores_on_the_subset_and_says_so(tmp_path):
+    """The search with `search_tokens` removes what a search on those prompts alone removes; the
+    record names the prompts and tokens it read, and the cache is of that subset."""
+    lm, calib = trained_with_identity(identity=2)
+    subset = sleb.search_subset(calib, 60)
+    assert 1 < len(subset) < len(calib)
+    fresh = copy.deepcopy(lm.model)
+    got = SLEB(num_layers=2, search_tokens=60, cache=str(tmp_path)).compress(lm.model, calib)
+    want = SLEB(num_layers=2).compress(fresh, subset)
+    assert got["removal_order"] == want["removal_order"]
+    assert got["dense_perplexity"] == pytest.approx(want["dense_perplexity"], rel=1e-6)
+    assert got["search_prompts"] == len(subset)
+    assert got["search_tokens"] == int(subset.attention_mask.sum()) >= 60
+    assert "search_tokens" not in want  # null: the record as before the key
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", True])
+def test_bad_search_tokens_is_one_line_naming_the_key(value):
+    with pytest.raises(ValueError, match=r"method.search_tokens=.*: allowed null .* or an integer"):
+        SLEB(num_layers=1, search_tokens=value)
+
+
+def test_null_search_tokens_keeps_the_hash_of_records_written_before_the_key(tmp_path, data_root):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(
+        compose_config(["method=sleb", "method.num_layers=2"], tmp_path, data_root), resolve=True
+    )
+    assert cfg["method"]["search_tokens"] is None
+    before = copy.deepcopy(cfg)
+    del before["method"]["search_tokens"]
+    assert records.config_hash(cfg) == records.config_hash(before)
+    cfg["method"]["search_tokens"] = 5000
+    assert records.config_hash(cfg) != records.config_hash(before)

@@ -19,11 +19,17 @@ perplexities are kept under a key of the model as it stands at that step and the
 so a second run on the same model and data (another repair, another quantizer) replays the search
 from the cache instead of repeating it.
 
+`search_tokens` (null: the whole calibration set) scores the candidates on evenly spaced prompts
+of the calibration set holding at least that many tokens: a set sized for a repair's fit (200 k
+tokens of `calib=hellaswag_passages`) would make each removal step take days on a CPU. The record
+says which prompts and tokens the search read (`search_prompts`, `search_tokens`).
+
 Example config (`conf/method/sleb.yaml`)::
 
     _target_: mka_exp.methods.sleb.SLEB
     ratio: 0.25
     batch_size: null   # calibration batch size
+    search_tokens: null   # at least this many tokens of evenly spaced prompts; null: all
     cache: ${paths.cache_dir}   # each step's candidate perplexities; null: off
 """
 
@@ -40,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mka_exp.activations import activation_key, load_cache, save_cache
+from mka_exp.calibration import CalibrationSet
+from mka_exp.checks import is_int
 from mka_exp.layers import (
     SkippedLayer,
     decoder_layers,
@@ -138,6 +146,35 @@ def removal_perplexities(model, calib, batch_size=None) -> list[float]:
     return scores
 
 
+def search_subset(calib: CalibrationSet, tokens: int | None) -> CalibrationSet:
+    """The prompts the search scores on: all (null, or a set no larger than `tokens`), or the
+    fewest evenly spaced prompts holding at least `tokens` tokens (evenly spaced: a set ordered by
+    length keeps its spread of lengths)."""
+    lengths = calib.attention_mask.sum(dim=1)
+    if tokens is None or int(lengths.sum()) <= tokens:
+        return calib
+    n = len(calib)
+    for m in range(1, n + 1):
+        picks = torch.linspace(0, n - 1, m).round().long().unique()
+        if int(lengths[picks].sum()) >= tokens:
+            break
+    rows = picks.tolist()
+    return CalibrationSet(
+        f"{calib.name}[sleb search: {len(rows)} prompts]",
+        [calib.texts[i] for i in rows],
+        calib.input_ids[picks],
+        calib.attention_mask[picks],
+        calib.batch_size,
+    )
+
+
+def search_stats(calib: CalibrationSet, tokens: int | None) -> dict:
+    """What the record says of the search set (nothing without `search_tokens`: as before)."""
+    if tokens is None:
+        return {}
+    return {"search_prompts": len(calib), "search_tokens": int(calib.attention_mask.sum())}
+
+
 class SLEB(LayerMethod):
     """Greedy block removal by calibration perplexity, rescored after every removal."""
 
@@ -149,23 +186,30 @@ class SLEB(LayerMethod):
         num_layers: int | None = None,
         batch_size=None,
         cache: str | None = None,
+        search_tokens: int | None = None,
     ) -> None:
         check_amount(ratio, num_layers)
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"method.batch_size={batch_size!r} must be null or an integer >= 1")
+        if search_tokens is not None and not (is_int(search_tokens) and search_tokens >= 1):
+            raise ValueError(
+                f"method.search_tokens={search_tokens!r}: allowed null (the whole calibration set) "
+                "or an integer >= 1"
+            )
         self.ratio, self.num_layers, self.batch_size = ratio, num_layers, batch_size
-        self.cache = cache
+        self.cache, self.search_tokens = cache, search_tokens
 
     def progressive(self, model, calib, counts: list[int]) -> Iterator[tuple[int, dict]]:
         """Remove the cheapest block, rescore, repeat; yield after each count is reached."""
         total = num_layers(model)
         counts = check_counts(counts, total)
+        calib = search_subset(calib, self.search_tokens)
         dense = math.exp(calibration_nll(model, calib, self.batch_size))
         tracker, steps = LayerTracker(total), []
         for count in counts:
             while len(steps) < count:
                 steps.append(self.removal_step(model, calib, tracker))
-            yield count, self.stats(dense, steps)
+            yield count, {**self.stats(dense, steps), **search_stats(calib, self.search_tokens)}
 
     def removal_step(self, model, calib, tracker: LayerTracker) -> dict:
         """Score every remaining block by the perplexity without it; remove the lowest."""
@@ -208,6 +252,7 @@ class SLEB(LayerMethod):
         travel (in git, to another machine) where the cache does not; this rebuilds it from them."""
         if self.cache is None:
             raise ValueError("method.cache=null: seeding needs a cache directory")
+        calib = search_subset(calib, self.search_tokens)
         tracker, paths = LayerTracker(num_layers(model)), []
         for number, step in enumerate(steps, 1):
             layers = [int(layer) for layer, _ in step["candidates"]]

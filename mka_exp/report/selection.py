@@ -138,6 +138,13 @@ def write_choices(path: Path, new: dict) -> dict:
     return merged
 
 
+# Declared with the repair's experiment (before any choice): SLEB's search on the repair's 200 k
+# calibration tokens would take days a step on a CPU, so a chosen SLEB searches on evenly spaced
+# passages of about the default calibration's size (57 MMLU validation prompts, 5,348 tokens),
+# in the repaired run and its twin alike (they cut the same layers); the record says so.
+SLEB_SEARCH_TOKENS = 5000
+
+
 def commands(chosen: dict) -> list[str]:
     """The test phase's runs of the chosen methods (conf/experiment/qwen15b_declared_*.yaml)."""
     lines = []
@@ -145,6 +152,8 @@ def commands(chosen: dict) -> list[str]:
         for cut, choice in cuts.items():
             options = " ".join(f"method.{k}={v}" for k, v in choice.items()
                                if k not in ("method", "selected_on"))  # fmt: skip
+            if choice["method"] == "sleb":
+                options += f" method.search_tokens={SLEB_SEARCH_TOKENS}"
             for experiment in ("qwen15b_declared_repair", "qwen15b_declared_twin"):
                 lines.append(f"python run.py -m experiment={experiment} method={choice['method']} "
                              f"method.num_layers={cut} {options} $O".replace("  ", " "))  # fmt: skip

@@ -65,6 +65,14 @@ NON_RESULT_KEYS = (
 )
 
 
+# Keys added after records existed whose null means what runs did before them: left out of the
+# hash when null, so those records keep their keys.
+NULL_IS_ABSENT = (
+    "calib.seed",  # null: the draw before the key
+    "eval.sample_seed",  # null: the first N examples, as before
+    "method.search_tokens",  # SLEB, null: the search reads the whole calibration set
+)
+
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".txt")
 # conf/eval's default backend: records written before eval had a `_target_` name none, so the
 # hash leaves it out (any other backend's name is hashed: another engine, another result).
@@ -136,14 +144,14 @@ def file_fingerprint(path: str) -> str:
 def comparable_view(config: dict[str, Any]) -> dict[str, Any]:
     """The config as two runs of one experiment share it: without paths and the other keys that
     cannot change a result, and without keys whose default means "as before the key existed"
-    (a null `calib.seed` or `eval.sample_seed`, the default evaluation backend's `_target_`)."""
+    (`NULL_IS_ABSENT` when null, the default evaluation backend's `_target_`)."""
     kept = without_keys(config, NON_RESULT_KEYS)
-    calib = kept.get("calib")
-    if isinstance(calib, dict) and calib.get("seed", 0) is None:  # null: the draw before the key
-        kept["calib"] = {k: v for k, v in calib.items() if k != "seed"}
+    for dotted in NULL_IS_ABSENT:
+        group, key = dotted.split(".")
+        section = kept.get(group)
+        if isinstance(section, dict) and key in section and section[key] is None:
+            kept[group] = {k: v for k, v in section.items() if k != key}
     ev = kept.get("eval")
-    if isinstance(ev, dict) and ev.get("sample_seed", 0) is None:  # null: the first N, as before
-        kept["eval"] = ev = {k: v for k, v in ev.items() if k != "sample_seed"}
     if isinstance(ev, dict) and ev.get("_target_") == DEFAULT_EVAL_BACKEND:  # records before
         kept["eval"] = {k: v for k, v in ev.items() if k != "_target_"}  # the key have none
     return kept
