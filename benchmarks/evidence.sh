@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/evidence.sh NAME [OUT]        NAME: qwen15b_mmlu | qwen05b_tasks | smollm2_tasks
 #                                                       | smollm2_seeds | smollm2_distance
+#                                                       | qwen15b_declared_select
 #   CURVE="[0.13333]" bash benchmarks/evidence.sh smollm2_tasks   only these points of every curve
 #   python -m mka_exp.report OUT --markdown docs/method_comparison.md
 #
@@ -21,6 +22,11 @@
 # smollm2_distance  Distance to dense (issue 27): SmolLM2-135M, piqa and hellaswag 0-shot, the
 #                first 300 each (as smollm2_tasks), per-choice log-likelihoods in every record:
 #                dense, reverse_prune, shortgpt, angular and mka defaults at 4 and 8 of 30 layers.
+# qwen15b_declared_select  Issue 28, phase 1 (conf/experiment/qwen15b_declared_select.yaml, declared
+#                before it ran): every pruning method at 4 and 7 of 28 Qwen2.5-Coder-1.5B layers on
+#                943 MMLU validation questions (20 per subject, sample_seed 28), with eval.reuse
+#                (same scores) and the caches (SLEB's search, the reuse store: ~6 GB) under
+#                CACHE_DIR (default outputs/qwen15b_cache; never under docs/). Then select-best.
 # LANES=1 runs the points one after another (default 2 lanes side by side; a method's points with
 # either repair share a lane, so the second replays the first's cached search or activations).
 # ONLY=REGEX keeps the points whose overrides match it (grep -E), e.g. ONLY=sleb, so two
@@ -83,8 +89,16 @@ case $name in
     c=${CURVE:-"[0.13333,0.26667]"}  # 4 and 8 of 30
     points=("method=none")
     for m in reverse_prune shortgpt angular mka; do points+=("method=$m curve=$c"); done ;;
+  qwen15b_declared_select)
+    cache=${CACHE_DIR:-outputs/qwen15b_cache}
+    common=(experiment=qwen15b_declared_select "paths.cache_dir=$cache" "eval.reuse=$cache/reuse"
+      "eval.reuse_layers=[4,6,8,10,12,14,16,18,20,22,23]" eval.reuse_bytes=20000000000)
+    points=()
+    for m in reverse_prune shortgpt angular sleb; do
+      for k in 4 7; do points+=("method=$m method.num_layers=$k method.ratio=null"); done
+    done ;;
   *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks," \
-      "smollm2_seeds, smollm2_distance)" >&2
+      "smollm2_seeds, smollm2_distance, qwen15b_declared_select)" >&2
     exit 2 ;;
 esac
 if [[ -n ${ONLY:-} ]]; then
@@ -93,18 +107,23 @@ if [[ -n ${ONLY:-} ]]; then
 fi
 mkdir -p "$out"
 lanes=${LANES:-2}
-# A method's points with either repair share a lane, one after the other: the second replays
-# what the first cached (SLEB's search, MKA's activations) instead of computing it at the same time.
+# A method's points (either repair; for qwen15b_declared_select, either cut) share a lane, one
+# after the other: the later replay what the first cached (SLEB's search, MKA's activations)
+# instead of computing it at the same time.
 declare -A lane_of
+key_of() {  # a point's lane key: its method (its cuts and repairs share the method's lane)
+  local key=${1% repair=*}
+  echo "${key% method.num_layers=*}"
+}
 methods=0
 for point in "${points[@]}"; do
-  key=${point% repair=*}
+  key=$(key_of "$point")
   [[ -n ${lane_of[$key]:-} ]] || lane_of[$key]=$((methods++ % lanes + 1))
 done
 lane() {  # lane $1 of $lanes: its methods' points in list order (the dense point in lane 1)
   local i
   for i in "${!points[@]}"; do
-    ((${lane_of[${points[i]% repair=*}]} == $1)) || continue
+    ((${lane_of[$(key_of "${points[i]}")]} == $1)) || continue
     echo "=== $(date +%T) ${points[i]}"
     # shellcheck disable=SC2086  # a point is several overrides
     python run.py ${points[i]} "${common[@]}" "data_root=$data" "paths.output_root=$out" ||
