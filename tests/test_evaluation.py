@@ -251,7 +251,8 @@ def test_seeded_runs_evaluate_the_drawn_examples(tiny, data_root, piqa_mmlu):
 
 
 def test_sample_seed_null_keeps_every_committed_evidence_hash(data_root):
-    """The key arrived after the evidence: null must leave each record's hash its own key."""
+    """The key arrived after the evidence: null must leave each record's hash its own key (and a
+    seeded record's seed is in its hash)."""
     from pathlib import Path
 
     from mka_exp.results.records import config_hash
@@ -261,10 +262,11 @@ def test_sample_seed_null_keeps_every_committed_evidence_hash(data_root):
     for path in paths:
         record = json.loads(path.read_text())
         config = {**record["config"], "data_root": str(data_root)}  # the same mirror, here
-        config["eval"] = {**config["eval"], "sample_seed": None}
+        seed = config["eval"].get("sample_seed")  # a seeded draw (issue 28's records): its own
+        config["eval"] = {**config["eval"], "sample_seed": seed}
         assert config_hash(config) == record["config_hash"], path.name
-        seeded = {**config, "eval": {**config["eval"], "sample_seed": 0}}
-        assert config_hash(seeded) != record["config_hash"]
+        other = {**config, "eval": {**config["eval"], "sample_seed": 0 if seed is None else None}}
+        assert config_hash(other) != record["config_hash"]
 
 
 def test_mmlu_val_evaluates_validation_questions(tiny, data_root):
