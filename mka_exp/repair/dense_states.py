@@ -82,7 +82,8 @@ class DenseStates:
             return found.get(cursor), found[end]
         starts = (b for b in {*self.keep, cursor} if 0 < b <= cursor and self.has(b, digest))
         start = max(starts, default=0)
-        fed = self.get(start, digest) if start > 0 else None
+        # the cursor's state, when stored, was read above: never read an entry twice
+        fed = found.get(start) if start == cursor else self.get(start, digest) if start else None
         if start > 0 and fed is None:  # gone since `has`: the whole pass
             start = 0
         # With the target stored, the pass need only reach the cursor.
