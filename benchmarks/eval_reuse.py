@@ -1,23 +1,26 @@
 """Benchmark (issue 29): a grid of compressed variants evaluated with and without reuse across
-models, in one process.
+models, in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/eval_reuse.py [--model smollm2_135m] [--tasks piqa hellaswag]
         [--limit 50] [--task-limit mmlu=3 ...] [--num-layers 4]
-        [--methods reverse_prune mka reverse_prune+linear] [--batch-size 8] [--profile reuse.pstats]
+        [--methods reverse_prune mka reverse_prune+linear] [--batch-size 8] [--jobs 1]
+        [--profile reuse.pstats]
 
 The grid: the dense model (the reference) and each method removing `--num-layers` layers
 (`conf/method/<m>.yaml` defaults; the methods calibrate on 16 MMLU prompts); `<method>+linear`
 is that method followed by the linear repair (`conf/repair/linear.yaml` defaults, fitted on the
 same prompts). `--task-limit task=N` gives a task its own limit (one evaluation per limit; the
-table sums them). The stored layers are
-the ones the grid needs: for each variant the deepest k whose fingerprint is the dense model's.
-Both ways evaluate the same grid in the same order with the prefix cache; reuse writes into a
-fresh store. Printed per model and in all: CPU seconds, (tokens x layers) run, bytes stored,
-the bound (the fraction of layer x token work that is new in the variant: (n - k) / n), the
-bound with the LM head (which runs on every scored position of every model, reuse or not), the
-measured CPU ratio, and whether predictions are identical and the largest |delta log p|.
-`--profile` then evaluates the first variant once more with reuse (after the timed grid, so the
-table is not slowed) under cProfile, writes the stats there and prints the top functions.
+table sums them). The stored layers are the ones the grid needs: for each variant the deepest k
+whose fingerprint is the dense model's. Both ways evaluate the same grid with the prefix cache;
+reuse writes into a fresh store. `--jobs 2` runs two evaluations at once in forked workers, plain
+and reuse ones interleaved (the reuse variants once the reference has filled the store), each
+timed by its own CPU clock. Printed per model and in all: CPU seconds, (tokens x layers) run,
+bytes stored (with `--jobs` > 1, when that run ended), the bound (the fraction of layer x token
+work that is new in the variant: (n - k) / n), the bound with the LM head (which runs on every
+scored position of every model, reuse or not), the measured CPU ratio, and whether predictions
+are identical and the largest |delta log p|. `--profile` then evaluates the first variant once
+more with reuse (after the timed grid, so the table is not slowed) under cProfile, writes the
+stats there and prints the top functions.
 """
 
 from __future__ import annotations
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["reverse_prune", "mka"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="evaluations at once, in forked workers (CPU time is per worker)")  # fmt: skip
     parser.add_argument("--profile", default=None, help="cProfile stats file of one variant")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -155,17 +160,52 @@ def main() -> None:
         **{**vars(args), "limit": 1, "task_limit": []}
     )  # lm-eval's task index, untimed
     evaluate(grid["dense"], loaded.tokenizer, warm)
-    plain = {name: evaluate(model, loaded.tokenizer, args) for name, model in grid.items()}
     with tempfile.TemporaryDirectory() as tmp:
         on = dict(reuse=tmp, reuse_layers=needed or [1], reuse_bytes=16 * 1024**3)
-        reused, stored = {}, {}
-        for name, model in grid.items():
-            reused[name] = evaluate(model, loaded.tokenizer, args, **on)
-            stored[name] = store_bytes(Path(tmp))
-        report(grid, depths, plain, reused, stored)
+        plain, reused = run_grid(grid, loaded.tokenizer, args, on)
+        report(grid, depths, plain, reused)
         if args.profile and len(grid) > 1:
             name = next(name for name in grid if name != "dense")
             profile(grid[name], loaded.tokenizer, args, on, name)
+
+
+_SHARED: dict = {}  # the grid and tokenizer, inherited by forked workers (never pickled)
+
+
+def one(name: str, args, on: dict) -> tuple[str, bool, dict]:
+    """One evaluation of `name` (with reuse when `on` is given); with reuse, the store's bytes
+    when it ends."""
+    result = evaluate(_SHARED["grid"][name], _SHARED["tokenizer"], args, **on)
+    if on:
+        result["stored"] = store_bytes(Path(on["reuse"]))
+    return name, bool(on), result
+
+
+def run_grid(grid: dict, tokenizer, args, on: dict) -> tuple[dict, dict]:
+    """Every model plain and with reuse; the variants' reuse runs wait for the reference's, which
+    fills the store. `--jobs 1`: in this process, all plain runs first. More: forked workers take
+    the runs in turn, plain and reuse side by side, so both meet the same contention; each worker
+    has one thread and its CPU time is its own."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    _SHARED.update(grid=grid, tokenizer=tokenizer)
+    first = [(name, {}) for name in grid] + [("dense", on)]
+    later = [(name, on) for name in grid if name != "dense"]
+    done: dict = {False: {}, True: {}}
+    if args.jobs == 1:
+        for name, kw in first + later:
+            _, reuse, done[reuse][name] = one(name, args, kw)
+        return done[False], done[True]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
+        pending = {pool.submit(one, name, args, kw) for name, kw in first[-1:] + first[:-1]}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name, reuse, done[reuse][name] = future.result()
+                if reuse and name == "dense":  # the store is full: the variants may start
+                    pending |= {pool.submit(one, n, args, kw) for n, kw in later}
+    return done[False], done[True]
 
 
 def profile(model, tokenizer, args, on: dict, name: str) -> None:
@@ -197,7 +237,7 @@ def weights(model) -> tuple[float, int]:
     return linear / len(layers), model.get_output_embeddings().weight.numel()
 
 
-def report(grid, depths, plain, reused, stored) -> None:
+def report(grid, depths, plain, reused) -> None:
     """The table; "bound + head" adds the LM head on the scored positions (no reuse skips it:
     its input is the variant's own last hidden state) to both sides of the bound."""
     from mka_exp.layers import num_layers
@@ -220,7 +260,7 @@ def report(grid, depths, plain, reused, stored) -> None:
         print(f"| {name} | {n} | {r['start']} | {bound:.3f} | "
               f"{macs[0] / macs[1]:.3f} | {p['cpu']:.1f} | {r['cpu']:.1f} | "
               f"{p['cpu'] / r['cpu']:.2f}x | {full:,} | {done:,} | {scored:,} | "
-              f"{stored[name]:,} | {same} | {worst:.2e} |")  # fmt: skip
+              f"{r['stored']:,} | {same} | {worst:.2e} |")  # fmt: skip
     print(f"| grid | | | {totals[3] / totals[2]:.3f} | {totals[4] / totals[5]:.3f} | "
           f"{totals[0]:.1f} | {totals[1]:.1f} | {totals[0] / totals[1]:.2f}x | {totals[2]:,} | "
           f"{totals[3]:,} | | | | |")  # fmt: skip

@@ -203,8 +203,11 @@ def test_reuse_settings_checked_and_never_hashed(tmp_path, data_root):
         [f"eval.reuse={tmp_path}/r", "eval.reuse_layers=[2,3]", "eval.reuse_bytes=99"],
         tmp_path, data_root,
     )  # fmt: skip
+    off = compose_config(["eval.reuse=null"], tmp_path, data_root)
     check_config(other)
-    hashes = {results.config_hash(OmegaConf.to_container(c, resolve=True)) for c in (good, other)}
+    assert good.eval.reuse == str(tmp_path / "cache" / "reuse")  # on by default, in the cache dir
+    configs = (good, other, off)
+    hashes = {results.config_hash(OmegaConf.to_container(c, resolve=True)) for c in configs}
     assert len(hashes) == 1
 
 
@@ -283,7 +286,7 @@ def test_curve_points_reuse_the_dense_reference(tmp_path, data_root, monkeypatch
     curve = [*CURVE, "curve=[0.25,0.5]"]
     pipeline.run(compose_config([*curve, *on], tmp_path / "on", data_root))
     assert starts.seen == [0, 2, 1]
-    pipeline.run(compose_config(curve, tmp_path / "off", data_root))
+    pipeline.run(compose_config([*curve, "eval.reuse=null"], tmp_path / "off", data_root))
     assert starts.seen == [0, 2, 1]  # no reuse, no start
     from mka_exp.results.records import load_record
 
@@ -307,7 +310,8 @@ def test_resumed_curve_skips_recorded_points_and_reuses_the_store(
     last = pipeline.run(compose_config([*CURVE, "curve=[0.25,0.5]", *on], tmp_path / "on",
                                        data_root))  # fmt: skip
     assert evaluated == [0.5] and starts.seen == [0, 1]
-    want = pipeline.run(compose_config([*CURVE, "method.ratio=0.5"], tmp_path / "off", data_root))
+    off = [*CURVE, "method.ratio=0.5", "eval.reuse=null"]
+    want = pipeline.run(compose_config(off, tmp_path / "off", data_root))
     same_record(last, want)
 
 

@@ -9,7 +9,7 @@ per-example rows), through a backend Hydra builds from `conf/eval/*.yaml` (`_tar
     checks.py    the settings' checks and the benchmark files' check, before the model loads
     rows.py      lm-eval's logged samples as per-example rows
     prefix_cache.py, prefix_tree.py   HFLM that runs each shared token prefix once
-    reuse.py                   hidden states shared across models (`eval.reuse`, off by default)
+    reuse.py                   hidden states shared across models (`eval.reuse`)
 
 A new backend is one module (a subclass of `LMEvalBackend` with its settings and `lm`) and one
 yaml naming it. May import: `checks`, `choices`, `data`, `models` (saving, for vLLM). Imported by
