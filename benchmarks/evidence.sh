@@ -91,8 +91,8 @@ case $name in
     for m in reverse_prune shortgpt angular mka; do points+=("method=$m curve=$c"); done ;;
   qwen15b_declared_select)
     cache=${CACHE_DIR:-outputs/qwen15b_cache}
-    common=(experiment=qwen15b_declared_select "paths.cache_dir=$cache" "eval.reuse=$cache/reuse"
-      "eval.reuse_layers=[4,6,8,10,12,14,16,18,20,22,23]" eval.reuse_bytes=20000000000)
+    # eval.reuse is on by default (under paths.cache_dir); its layers and bound are the yaml's
+    common=(experiment=qwen15b_declared_select "paths.cache_dir=$cache")
     points=()
     for m in reverse_prune shortgpt angular sleb; do
       for k in 4 7; do points+=("method=$m method.num_layers=$k method.ratio=null"); done
