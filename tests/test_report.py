@@ -25,6 +25,7 @@ from mka_exp.report import (
     figures,
     loading,
     sections,
+    selection,
     sensitivity,
     stats,
     tables,
@@ -998,7 +999,7 @@ def test_select_best_names_the_best_pruning_per_cut_and_writes_it_once(
     assert "experiment=qwen15b_declared_repair method=shortgpt method.num_layers=4" in out
     for experiment in ("qwen15b_declared_repair", "qwen15b_declared_twin"):  # a short search
         assert (f"experiment={experiment} method=sleb method.num_layers=7 "
-                "method.search_tokens=5000 $O") in out  # fmt: skip
+                "method.search_tokens=1000 $O") in out  # fmt: skip
     text = decl.read_text()
     assert text.startswith(head)  # the declaration above the marker is kept as written
     parsed = declared.parse(yaml.safe_load(text), "compare.yaml")
@@ -1067,8 +1068,8 @@ def test_the_declared_qwen15b_experiment_composes_and_passes_the_preflight(tmp_p
     from mka_exp import canonical, preflight
     from tests.helpers import CONF, compose_config
 
-    sweeps = {"qwen15b_declared": ("reverse_prune,shortgpt,angular,sleb,laco,mka", "mmlu"),
-              "qwen15b_declared_select": ("reverse_prune,shortgpt,angular,sleb", "mmlu_val"),
+    sweeps = {"qwen15b_declared": ("reverse_prune,shortgpt,angular,laco,mka", "mmlu"),
+              "qwen15b_declared_select": ("reverse_prune,shortgpt,angular", "mmlu_val"),
               "qwen15b_declared_repair": ("mka", "mmlu"), "qwen15b_declared_twin": ("mka", "mmlu")}  # fmt: skip
     for experiment, (methods, task) in sweeps.items():
         from hydra import compose, initialize_config_dir
@@ -1092,6 +1093,13 @@ def test_the_declared_qwen15b_experiment_composes_and_passes_the_preflight(tmp_p
                 cfg = compose_config(point, tmp_path, data_root)
                 canonical.check_known_keys(OmegaConf.to_container(cfg, resolve=True), CONF)
                 preflight.check_config(cfg)
+        if experiment in ("qwen15b_declared", "qwen15b_declared_select"):  # SLEB: its own line
+            point = [f"experiment={experiment}", "method=sleb", "method.search_tokens=1000",
+                     "method.ratio=null", "method.num_layers=7", "model=tiny_llama",
+                     "eval.limit=20", "calib.max_length=64"]  # fmt: skip
+            cfg = compose_config(point, tmp_path, data_root)
+            assert cfg.method.search_tokens == selection.SLEB_SEARCH_TOKENS == 1000
+            preflight.check_config(cfg)
         if experiment == "qwen15b_declared":  # dense (no -m) and MKA's Algorithm 1
             algorithm1 = ["method=mka", "method.pairing=most_similar", "method.lam=paper",
                           "method.scope=all", "method.ratio=null", "method.num_layers=7"]  # fmt: skip

@@ -140,9 +140,10 @@ def write_choices(path: Path, new: dict) -> dict:
 
 # Declared with the repair's experiment (before any choice): SLEB's search on the repair's 200 k
 # calibration tokens would take days a step on a CPU, so a chosen SLEB searches on evenly spaced
-# passages of about the default calibration's size (57 MMLU validation prompts, 5,348 tokens),
-# in the repaired run and its twin alike (they cut the same layers); the record says so.
-SLEB_SEARCH_TOKENS = 5000
+# passages holding 1,000 tokens, as its phase-1 and test runs on the default calibration do
+# (conf/experiment/qwen15b_declared_select.yaml), in the repaired run and its twin alike (they
+# cut the same layers); the record says so.
+SLEB_SEARCH_TOKENS = 1000
 
 
 def commands(chosen: dict) -> list[str]:
