@@ -14,6 +14,10 @@ Rows are "points": every non-pad token (``tokens``, capped at ``max_points`` by 
 that is the same for every layer, so rows align across layers), the last non-pad token of each
 prompt (``last``) or the mean over the non-pad tokens of each prompt (``mean``). Padding never
 enters a point.
+
+With a cache, a capture also keeps its progress beside the cache file (`<file>.partial.pt`,
+every `CHECKPOINT_SECONDS`): at repair scale (200 k tokens on a 1.5B model) one capture is
+longer than a job may run, and a rerun resumes after the saved batches with the same result.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -139,12 +144,14 @@ def _forward_to_last_layer(model: nn.Module, batch: dict, device: torch.device) 
         model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
 
 
-def _run_capture(model, calib, representation, max_points, batch_size, seed) -> torch.Tensor:
-    """[L+1, n, D] float32, written in place: peak memory is the result plus one batch."""
+def _run_capture(model, calib, representation, max_points, batch_size, seed, partial=None):
+    """[L+1, n, D] float32, written in place: peak memory is the result plus one batch. With
+    `partial` (a `_Progress`), resumes after the batches it holds and saves its progress."""
     layers = decoder_layers(model)
     positions = select_token_positions(calib.attention_mask, max_points, seed)
     shape = (len(layers) + 1, num_points(calib, representation, max_points))
     state: dict = {"start": 0}  # the batch being run, read by the hooks; "out" once allocated
+    done = 0 if partial is None else partial.restore(state, shape)
 
     def write(slot: int, hidden: torch.Tensor) -> None:
         points = _reduce(hidden, state["mask"], representation, state["picks"])
@@ -158,18 +165,67 @@ def _run_capture(model, calib, representation, max_points, batch_size, seed) -> 
     try:
         batches = map(_trim_padding, calib.batches(batch_size))
         total = -(-len(calib) // (batch_size or calib.batch_size))
-        for batch in tqdm(batches, total=total, desc="capture activations", leave=False):
+        progress = tqdm(batches, total=total, desc="capture activations", leave=False)
+        for index, batch in enumerate(progress):
             size = len(batch["input_ids"])
-            state.update(
-                mask=batch["attention_mask"], picks=_batch_picks(positions, first_prompt, size)
-            )
-            _forward_to_last_layer(model, batch, device)
-            state["start"] += state["count"]
+            if index >= done:
+                state.update(
+                    mask=batch["attention_mask"], picks=_batch_picks(positions, first_prompt, size)
+                )
+                _forward_to_last_layer(model, batch, device)
+                state["start"] += state["count"]
+                if partial is not None:
+                    partial.keep(state, index + 1)
             first_prompt += size
     finally:
         for handle in handles:
             handle.remove()
     return state["out"]
+
+
+# A capture on repair-scale calibration (200 k tokens) is hours on a CPU, longer than a job may
+# run: with a cache it saves its progress this often, and a rerun resumes after the saved batches.
+CHECKPOINT_SECONDS = 600.0
+
+
+class _Progress:
+    """A cached capture's progress on disk (`<cache file>.partial.pt`): the result so far, the
+    batches done and the next row; checked like a cache entry (key, shape, CRC) before use."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path.with_name(f"{path.stem}.partial.pt"), key
+        self.saved = time.monotonic()
+
+    def restore(self, state: dict, shape: tuple) -> int:
+        """Put the saved result into `state`; the batches it covers (0: none, start over)."""
+        entry = _load_entry(self.path)
+        problem = "unreadable" if entry is None else cache_problem(entry, self.key, (*shape, None))
+        if problem is not None:
+            if self.path.exists():
+                log.warning("partial capture %s is damaged or stale (%s); starting over",
+                            self.path, problem)  # fmt: skip
+            return 0
+        state.update(out=entry["tensor"], start=int(entry["start"]))
+        log.info("capture resumes after %d batches (%s)", entry["batches"], self.path)
+        return int(entry["batches"])
+
+    def keep(self, state: dict, batches: int) -> None:
+        if time.monotonic() - self.saved < CHECKPOINT_SECONDS:
+            return
+        out = state["out"]
+        entry = {"format": CACHE_FORMAT, "key": self.key, "tensor": out, "crc32": tensor_crc(out)}
+        save_atomic({**entry, "batches": batches, "start": state["start"]}, self.path)
+        self.saved = time.monotonic()
+
+    def finished(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _load_entry(path: Path):
+    try:
+        return torch.load(path, weights_only=True) if path.exists() else None
+    except Exception:  # a truncated or garbled file: started over (the caller says so)
+        return None
 
 
 def weight_fingerprint(model: nn.Module) -> str:
@@ -273,7 +329,7 @@ def capture_hidden_states(
     check_representation(representation)
     if max_points < 1:
         raise ValueError(f"max_points={max_points} must be >= 1")
-    path = key = None
+    path = key = partial = None
     if cache is not None:
         key = activation_key(model, calib, representation, max_points, seed)
         path = Path(cache).expanduser() / f"hidden_{key}.pt"
@@ -281,10 +337,12 @@ def capture_hidden_states(
         cached = load_cache(path, key, shape)
         if cached is not None:
             return cached
+        partial = _Progress(path, key)
     with torch.inference_mode():
-        states = _run_capture(model, calib, representation, max_points, batch_size, seed)
+        states = _run_capture(model, calib, representation, max_points, batch_size, seed, partial)
     if path is not None:
         save_cache(states, path, key)
+        partial.finished()
     return states
 
 

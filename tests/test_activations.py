@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mka_exp import activations
 from mka_exp.activations import (
     activation_key,
     capture_hidden_states,
@@ -111,6 +112,66 @@ def test_cache_hit_needs_no_forward_pass(tiny, tmp_path):
     assert calls == [0, 0, 0, 0]
     assert torch.equal(first, second)
     assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob(".*tmp"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(model, batches: int) -> list:
+    """A hook that raises once layer 0 has run `batches` times: a capture killed partway."""
+    seen = [0]
+
+    def hook(*_):
+        seen[0] += 1
+        if seen[0] > batches:
+            raise _Killed
+
+    return [decoder_layers(model)[0].register_forward_pre_hook(hook)]
+
+
+@pytest.mark.parametrize("representation", ["tokens", "mean"])
+def test_a_killed_capture_resumes_where_it_stopped(tiny, tmp_path, monkeypatch, representation):
+    """At repair scale a capture is hours: with a cache it keeps its progress (here after every
+    batch), so a rerun runs only the batches left and returns the same tensor as one pass."""
+    monkeypatch.setattr(activations, "CHECKPOINT_SECONDS", 0.0)
+    calib = calib_of(tiny.tokenizer, batch_size=1)  # 5 batches
+    whole = capture_hidden_states(tiny.model, calib, representation, max_points=11)
+    handles = _kill_after(tiny.model, 3)
+    with pytest.raises(_Killed):
+        capture_hidden_states(tiny.model, calib, representation, max_points=11, cache=tmp_path)
+    for handle in handles:
+        handle.remove()
+    assert len(list(tmp_path.glob("*.partial.pt"))) == 1
+    calls, handles = count_layer_calls(tiny.model)
+    resumed = capture_hidden_states(
+        tiny.model, calib, representation, max_points=11, cache=tmp_path
+    )
+    for handle in handles:
+        handle.remove()
+    assert calls == [2, 2, 2, 2]  # batches 4 and 5 only
+    assert torch.equal(resumed, whole)
+    assert not list(tmp_path.glob("*.partial.pt"))  # the finished capture replaced it
+
+
+def test_a_damaged_or_foreign_partial_capture_is_started_over(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(activations, "CHECKPOINT_SECONDS", 0.0)
+    calib = calib_of(tiny.tokenizer, batch_size=1)
+    whole = capture_hidden_states(tiny.model, calib, "tokens")
+    handles = _kill_after(tiny.model, 2)
+    with pytest.raises(_Killed):
+        capture_hidden_states(tiny.model, calib, "tokens", cache=tmp_path)
+    for handle in handles:
+        handle.remove()
+    (partial,) = tmp_path.glob("*.partial.pt")
+    entry = torch.load(partial, weights_only=True)
+    entry["tensor"][0, 0, 0] += 1.0  # the checksum no longer matches
+    torch.save(entry, partial)
+    calls, handles = count_layer_calls(tiny.model)
+    again = capture_hidden_states(tiny.model, calib, "tokens", cache=tmp_path)
+    for handle in handles:
+        handle.remove()
+    assert calls == [5, 5, 5, 5] and torch.equal(again, whole)
 
 
 def test_cache_key_changes_with_weights_and_settings(tiny, tmp_path):
