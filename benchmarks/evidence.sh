@@ -94,7 +94,8 @@ case $name in
     # eval.reuse is on by default (under paths.cache_dir); its layers and bound are the yaml's
     common=(experiment=qwen15b_declared_select "paths.cache_dir=$cache")
     points=()
-    for m in reverse_prune shortgpt angular sleb; do
+    # SLEB searches on 1,000 of the calibration's tokens (the yaml's own command line for it)
+    for m in reverse_prune shortgpt angular "sleb method.search_tokens=1000"; do
       for k in 4 7; do points+=("method=$m method.num_layers=$k method.ratio=null"); done
     done ;;
   *) echo "evidence.sh: unknown NAME '$name' (qwen15b_mmlu, qwen05b_tasks, smollm2_tasks," \
