@@ -397,9 +397,9 @@ def declare(root: Path, text: str) -> analysis.Stats:
     (root / "compare.yaml").write_text(text)
     try:
         table, _ = loading.load_table(root)
-        decl = declared.load_declaration([root], loading.load_records(root))
+        decl = declared.load_declarations([root], loading.load_records(root))
         return analysis.compute_stats(loading.prepare(table), root, boot=analysis.Boot(200),
-                                      declaration=decl)  # fmt: skip
+                                      declarations=decl)  # fmt: skip
     finally:
         (root / "compare.yaml").unlink()
 
@@ -431,6 +431,49 @@ def test_declared_comparisons_are_holm_adjusted_within_each_family(sweep):
     assert len(perfect) == 4 and perfect["significant"].any()
     vs_reverse = perfect[perfect["comparison"].str.contains("reverse_prune")]
     assert len(vs_reverse) == 2 and (vs_reverse["b_only"] == 0).all()
+
+
+RETRO = MKA_VS_PRUNING.replace("before the runs", "retrospective")
+BEFORE = """declared: before the runs
+alpha: 0.01
+primary:
+  - a: {method: mka, lam: code, pairing: adjacent_back, scope: linear}
+    b: {method: reverse_prune, keep_final: false}
+"""
+
+
+def test_each_declaration_governs_its_own_records_and_holm_families(sweep, tmp_path):
+    """Older evidence declared retrospectively beside a grid declared before its runs (issue 28's
+    test phase): each compare.yaml governs its own dir's records, side B comes from the same
+    dir, Holm runs within each declaration's families at its own alpha, and the method paragraph
+    says which declaration is which. One record under two different declarations is refused."""
+    root, runs = sweep
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(root / "records", old / "records")
+    (old / "compare.yaml").write_text(RETRO)
+    (new / "records").mkdir(parents=True)
+    (new / "compare.yaml").write_text(BEFORE)
+    rp = next(r for r in loading.load_records(root).values()
+              if r["method"] == "reverse_prune" and r["layers_after"] == 3)  # fmt: skip
+    rp_new = planted(new, rp, "reverse_prune", samples.read_samples(root, rp), grid="new")
+    perfect = runs["perfect"]
+    mka_new = planted(new, perfect, "mka", samples.read_samples(root, perfect), grid="new")
+    with contextlib.redirect_stdout(io.StringIO()):
+        st = cli.build_report([old, new], out=tmp_path / "out", resamples=200).stats
+    primary = st.primary
+    mine = primary[primary["config_hash"] == mka_new["config_hash"]]
+    assert len(mine) == 2 and set(mine["baseline_hash"]) == {rp_new["config_hash"]}
+    assert (mine["family_size"] == 2).all()
+    assert (mine["significant"] == (mine["p_holm"] < 0.01)).all()
+    older = primary[primary["config_hash"] != mka_new["config_hash"]]
+    assert len(older) > 2 and rp_new["config_hash"] not in set(older["baseline_hash"])
+    assert set(older["declaration"]) == {str(old / "compare.yaml")}
+    text = document.declaration_text(st)
+    assert "declared before the runs" in text and "declared retrospectively" in text
+    assert text.index(str(old / "compare.yaml")) < text.index("declared retrospectively")
+    shutil.copy(old / "records" / f"{rp['config_hash']}.json", new / "records")
+    with pytest.raises(loading.ReportError, match=rf"record {rp['config_hash']}: .* declare"):
+        cli.build_report([old, new], out=tmp_path / "out2", resamples=200)
 
 
 def test_declaration_errors_are_one_line_with_suggestions(sweep):
@@ -865,9 +908,9 @@ EVIDENCE = Path(__file__).resolve().parent.parent / "docs" / "evidence"
 def evidence_stats(name: str, seed: int) -> analysis.Stats:
     root = EVIDENCE / name
     table, _ = loading.load_table(root)
-    decl = declared.load_declaration([root], loading.load_records(root))
+    decl = declared.load_declarations([root], loading.load_records(root))
     return analysis.compute_stats(loading.prepare(table), root, boot=analysis.Boot(1000, seed),
-                                  declaration=decl)  # fmt: skip
+                                  declarations=decl)  # fmt: skip
 
 
 def test_marks_on_the_committed_evidence_do_not_move_with_the_bootstrap_seed():

@@ -76,7 +76,7 @@ class Stats:
     one_answer: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `one_answer_runs`
     baselines: pd.DataFrame = field(default_factory=pd.DataFrame)
     primary: pd.DataFrame = field(default_factory=pd.DataFrame)
-    declaration: declared.Declaration | None = None
+    declarations: list[declared.Declaration] = field(default_factory=list)
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # per-example rows per run
     merging: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `merging_vs_pruning`
     distance: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `distance.dense_distances`
@@ -113,7 +113,7 @@ def compute_stats(
     root: Path,
     baseline: str | None = None,
     boot: Boot = Boot(),
-    declaration: declared.Declaration | None = None,
+    declarations: list[declared.Declaration] | None = None,
 ) -> Stats:
     """Intervals, paired differences against the baseline, repair effects, the declared
     comparisons (Holm within each family), distance to the dense model and calibration
@@ -129,13 +129,13 @@ def compute_stats(
     repair = repair_effects(accuracy, sets, records, boot)
     pair = partial(paired_cells, boot=boot)
     primary, more3 = declared.primary_comparisons(
-        declaration, accuracy, sets, composites, repair, records, pair
+        declarations or [], accuracy, sets, composites, repair, records, pair
     )
     dist, per_example = distance.dense_distances(accuracy, frames, boot.resamples, boot.seed)
     notes = pd.DataFrame(notes + more + more2 + more3, columns=NOTE_COLUMNS).drop_duplicates()
     st = Stats(accuracy, differences, notes, calibration_sensitivity(df, records),
                chance_levels(sets), baseline or BEST_PRUNING, repair, one_answer_runs(df, frames),
-               baselines, primary, declaration, frames, distance=dist)  # fmt: skip
+               baselines, primary, declarations or [], frames, distance=dist)  # fmt: skip
     if not baseline:  # a --baseline METHOD answers another question
         st.merging = merging_vs_pruning(accuracy, sets, composites, boot)
     st.distance_pairs = distance.declared_distances(primary, per_example, boot.resamples, boot.seed)

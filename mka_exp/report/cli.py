@@ -15,7 +15,7 @@ import pandas as pd
 
 from mka_exp.report import selection, stats
 from mka_exp.report.analysis import PRUNING_METHODS, Boot, Stats, compute_stats
-from mka_exp.report.declared import load_declaration
+from mka_exp.report.declared import load_declarations
 from mka_exp.report.document import methods_text, write_comparison_doc
 from mka_exp.report.figures import curve_plots, heatmaps
 from mka_exp.report.loading import ReportError, load_records, load_table, prepare
@@ -126,9 +126,9 @@ def build_report(
     report.out.mkdir(parents=True, exist_ok=True)
     df, paper = prepare(table), load_paper()
     if source.is_dir():
-        declaration = load_declaration([s for s in sources if s.is_dir()], load_records(root))
+        declarations = load_declarations([s for s in sources if s.is_dir()], load_records(root))
         boot = Boot(resamples, seed)
-        report.stats = compute_stats(df, root, baseline, boot, declaration)
+        report.stats = compute_stats(df, root, baseline, boot, declarations)
         report.statistics = stats_markdown(report.stats, load_records(root))
         write_stats(report.stats, report.statistics, report.out)
     elif baseline:

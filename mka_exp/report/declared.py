@@ -19,8 +19,12 @@ report says which), the comparisons it stands behind. It lives in the run config
 
 A side matches the runs of its method whose options (the registry's variant keys) have the given
 values (and, with `calib`, whose calibration source is that `mka_exp.calibration` builder); B is
-taken with A's repair, and with A's calibration source where that singles out one run. A family is one model × quantizer × layer count: every declared
-comparison there, over every task, is one Holm family. Only these comparisons carry marks.
+taken with A's repair, and with A's calibration source where that singles out one run. A family is
+one model × quantizer × layer count: every declared comparison there, over every task, is one Holm
+family. Only these comparisons carry marks. Several outputs dirs may carry different declarations
+(older evidence declared retrospectively beside a grid declared before its runs): each governs its
+own records (both sides of its comparisons and its families, at its own alpha); one record under
+two different declarations is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ import yaml
 from mka_exp.choices import did_you_mean
 from mka_exp.methods import registry
 from mka_exp.report import stats
-from mka_exp.report.loading import GROUP, ReportError, align, note, repair_name, run_label
+from mka_exp.report.loading import (
+    GROUP,
+    ReportError,
+    align,
+    load_records,
+    note,
+    repair_name,
+    run_label,
+)
 
 BEST = "best_pruning"
 CHOSEN = "chosen_pruning"
@@ -72,9 +84,11 @@ class Declaration:
     primary: tuple[tuple[Side, Side], ...]
     source: str = ""
     chosen: tuple[tuple[tuple[str, int], Side], ...] = ()  # (model, layers removed) -> side
+    covers: frozenset[str] = frozenset()  # the config hashes of the records it governs
 
     def same_as(self, other: Declaration) -> bool:
-        return {**self.__dict__, "source": ""} == {**other.__dict__, "source": ""}
+        mine = {**self.__dict__, "source": "", "covers": None}
+        return mine == {**other.__dict__, "source": "", "covers": None}
 
 
 def bad(source: str, key: str, value: object, allowed: str) -> ReportError:
@@ -160,24 +174,40 @@ def option_text(value: object) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def load_declaration(sources: list[Path], records: dict[str, dict]) -> Declaration | None:
-    """The declaration of these outputs dirs (their compare.yaml) and records (`compare` in the
-    config); None when there is none; an error when two disagree."""
+def load_declarations(sources: list[Path], records: dict[str, dict]) -> list[Declaration]:
+    """The declarations of these outputs dirs (their compare.yaml: the dir's records) and records
+    (`compare` in the config: that record), equal ones merged; an error when one record falls
+    under two that differ."""
     found = []
     for source in sources:
         path = Path(source) / FILE
         if path.is_file():
-            found.append(parse(yaml.safe_load(path.read_text()), str(path)))
+            covers = frozenset(load_records(Path(source)))
+            found.append(replace(parse(yaml.safe_load(path.read_text()), str(path)), covers=covers))
     for key, record in sorted(records.items()):
         block = (record.get("config") or {}).get("compare")
         if block:
-            found.append(parse(block, f"record {key} (config.compare)"))
-    for other in found[1:]:
-        if not other.same_as(found[0]):
-            raise ReportError(f"{found[0].source} and {other.source} declare different comparisons")
-    if not found:
-        return None
-    return replace(found[0], source=", ".join(dict.fromkeys(d.source for d in found)))
+            found.append(replace(parse(block, f"record {key} (config.compare)"), covers={key}))
+    merged: list[Declaration] = []
+    for decl in found:
+        same = next((i for i, m in enumerate(merged) if m.same_as(decl)), None)
+        if same is None:
+            merged.append(decl)
+        else:
+            kept = merged[same]
+            sources = ", ".join(dict.fromkeys([*kept.source.split(", "), decl.source]))
+            merged[same] = replace(kept, source=sources, covers=kept.covers | decl.covers)
+    refuse_overlaps(merged)
+    return merged
+
+
+def refuse_overlaps(decls: list[Declaration]) -> None:
+    for i, one in enumerate(decls):
+        for other in decls[i + 1 :]:
+            both = sorted(one.covers & other.covers)
+            if both:
+                raise ReportError(f"record {both[0]}: {one.source} and {other.source} declare "
+                                  "different comparisons for it; keep one")  # fmt: skip
 
 
 def matches(config: dict, wanted: Side) -> bool:
@@ -199,7 +229,7 @@ Pair = Callable[[pd.DataFrame, str], dict]
 
 
 def primary_comparisons(
-    decl: Declaration | None,
+    decls: list[Declaration],
     accuracy: pd.DataFrame,
     sets: dict,
     composites: dict,
@@ -207,9 +237,21 @@ def primary_comparisons(
     records: dict[str, dict],
     pair: Pair,
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Every declared comparison, with Holm's adjusted p within its family and the mark."""
-    if decl is None:
-        return pd.DataFrame(), []
+    """Every declared comparison, with Holm's adjusted p within its family and the mark; each
+    declaration on its own records (column `declaration`: its source)."""
+    frames, notes = [], []
+    for decl in decls:
+        mine = accuracy[accuracy["config_hash"].isin(decl.covers)]
+        twins = repair[repair["config_hash"].isin(decl.covers)] if not repair.empty else repair
+        rows, more = declared_rows(decl, mine, sets, composites, twins, records, pair)
+        frame = holm_within_families(pd.DataFrame(rows), decl.alpha)
+        frames += [] if frame.empty else [frame.assign(declaration=decl.source)]
+        notes += more
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
+
+
+def declared_rows(decl, accuracy, sets, composites, repair, records, pair) -> tuple[list, list]:
+    """One declaration's comparisons (before Holm) and the notes on those it could not make."""
     rows, notes = [], []
     wanted = accuracy[accuracy["removed"] > 0]
     wanted = wanted[wanted["metric"].str.removesuffix("_macro").isin(decl.metrics)]
@@ -236,7 +278,7 @@ def primary_comparisons(
             name = f"{run_label(row)} − same without repair"
             rows.append(identity(row) | {"comparison": name, "kind": "repair",
                                          "baseline_hash": row["baseline_hash"]} | fields)  # fmt: skip
-    return holm_within_families(pd.DataFrame(rows), decl.alpha), notes
+    return rows, notes
 
 
 def chosen_side(decl: Declaration, run: pd.Series, b_side: Side) -> tuple[Side, str]:

@@ -16,7 +16,10 @@ from mka_exp.report.sections import retained_section
 from mka_exp.results.files import write_bytes_atomic
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mka_exp.report.cli import Report
+    from mka_exp.report.declared import Declaration
 
 
 def methods_text(st: Stats | None, boot_resamples: int = stats.N_RESAMPLES) -> str:
@@ -63,17 +66,31 @@ def baseline_text(st: Stats | None) -> str:
 
 
 def declaration_text(st: Stats | None) -> str:
-    decl = None if st is None else st.declaration
-    if decl is None:
+    decls = [] if st is None else st.declarations
+    if not decls:
         return ("Declared comparisons: none (no `compare.yaml` beside the records, no `compare` in "
                 "their configs), so every comparison is exploratory: unadjusted, and no cell is "
                 "marked.")  # fmt: skip
+    texts = [one_declaration_text(d, declared_part(st.primary, d)) for d in decls]
+    head = "" if len(decls) == 1 else (
+        f"{len(decls)} declarations, each over its own records (both sides of its comparisons, "
+        "its families and its α). ")  # fmt: skip
+    return head + " ".join(texts) + (" Every other comparison is exploratory: unadjusted p, no "
+                                     "mark.")  # fmt: skip
+
+
+def declared_part(primary: pd.DataFrame, decl: Declaration) -> pd.DataFrame:
+    if primary.empty or "declaration" not in primary:
+        return primary
+    return primary[primary["declaration"] == decl.source]
+
+
+def one_declaration_text(decl: Declaration, primary: pd.DataFrame) -> str:
     when = ("declared before the runs" if decl.when == "before the runs" else
             "declared retrospectively, after the data had been seen: they are not pre-registered, "
             "and a reader should weigh them as chosen with the results in view")  # fmt: skip
     pairs = "; ".join(f"{a.label()} − {b.label()}" for a, b in decl.primary) or "none"
     twins = " and each repaired run against its unrepaired twin" if decl.repair_twins else ""
-    counts = mark_counts(st.primary)
     files = ", ".join(f"`{s}`" for s in decl.source.split(", "))
     return (f"Declared comparisons ({files}; {when}): {pairs}{twins}, on "
             f"{', '.join(decl.metrics)} (MMLU: its macro average). A family is one model × "
@@ -81,8 +98,7 @@ def declaration_text(st: Stats | None) -> str:
             f"step-down correction holds the family-wise error at α = {decl.alpha:g} within each. "
             f"Only these cells carry a mark (`{MARK}` = Holm-adjusted p < {decl.alpha:g}; the "
             "mark uses McNemar's exact p only, so it has no seed); the unadjusted and adjusted "
-            f"p stand beside each other. {counts} Every other comparison is exploratory: "
-            "unadjusted p, no mark.")  # fmt: skip
+            f"p stand beside each other. {mark_counts(primary)}")  # fmt: skip
 
 
 def distance_text(st: Stats | None) -> str:
