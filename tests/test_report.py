@@ -471,6 +471,7 @@ def test_each_declaration_governs_its_own_records_and_holm_families(sweep, tmp_p
     text = document.declaration_text(st)
     assert "declared before the runs" in text and "declared retrospectively" in text
     assert text.index(str(old / "compare.yaml")) < text.index("declared retrospectively")
+    assert "Of the 2 declared comparisons in 1 families" in text  # the new grid's own count
     shutil.copy(old / "records" / f"{rp['config_hash']}.json", new / "records")
     with pytest.raises(loading.ReportError, match=rf"record {rp['config_hash']}: .* declare"):
         cli.build_report([old, new], out=tmp_path / "out2", resamples=200)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mka_exp.report import stats
+from mka_exp.report import declared, stats
 from mka_exp.report.analysis import BEST_PRUNING, MARK, PRUNING_METHODS, Stats
 from mka_exp.report.comparisons import detected
 from mka_exp.report.loading import ReportError, load_records
@@ -119,9 +119,8 @@ def mark_counts(primary) -> str:
     if primary.empty:
         return "No declared comparison has records here."
     unadjusted = int((primary["p_value"] < 0.05).sum())
-    families = primary.groupby(["model", "quantizer", "removed"]).ngroups
-    return (f"Of the {len(primary)} declared comparisons in {families} families, {unadjusted} have "
-            f"unadjusted p < 0.05 and {int(primary['significant'].sum())} stay marked after "
+    return (f"Of the {len(primary)} declared comparisons in {families(primary)} families, "
+            f"{unadjusted} have unadjusted p < 0.05 and {int(primary['significant'].sum())} stay marked after "
             "Holm's correction.")  # fmt: skip
 
 
@@ -185,7 +184,7 @@ def declared_counts(st: Stats, model: str) -> str:
         return "No declared comparison."
     mde = 100 * rows["mde"].dropna()
     span = f"; their MDE {mde.min():.1f}–{mde.max():.1f} points" if len(mde) else ""
-    return (f"{len(rows)} declared comparisons in {rows.groupby(FAMILY_KEYS).ngroups} families: "
+    return (f"{len(rows)} declared comparisons in {families(rows)} families: "
             f"{int(rows['significant'].sum())} marked after Holm ({int((rows['p_value'] < 0.05).sum())}"
             f" with unadjusted p < 0.05){span}.")  # fmt: skip
 
@@ -209,7 +208,13 @@ def one_answer_counts(st: Stats, model: str) -> str:
     return f"Runs giving one answer to at least 90 % of a task's examples: {counts}."
 
 
-FAMILY_KEYS = ["model", "quantizer", "removed"]
+FAMILY_KEYS = declared.FAMILY
+
+
+def families(primary: pd.DataFrame) -> int:
+    """Holm families: one model × quantizer × layer count within one declaration."""
+    keys = FAMILY_KEYS + (["declaration"] if "declaration" in primary else [])
+    return primary.groupby(keys).ngroups
 
 
 def kept_part(path: Path) -> str:
