@@ -99,7 +99,24 @@ def check_config(cfg: DictConfig) -> None:
         lambda: check_dtype(model.get("dtype", "auto"), DTYPES),
         lambda: check_built(cfg.method),
         lambda: check_curve_methods(cfg, c.get("curve")),
+        lambda: check_eval_none(group_choice("eval"), ev.get("tasks")),
     )
+
+
+def group_choice(group: str) -> str | None:
+    """The option Hydra composed for `group` (None outside a Hydra run, e.g. the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def check_eval_none(choice: str | None, tasks: Any) -> None:
+    """`eval=none` means no evaluation; but keys set after the group (an experiment's `eval:`
+    block) still land, so `experiment=X eval=none` would evaluate X's tasks."""
+    if choice == "none" and tasks:
+        raise ValueError(f"eval=none, but eval.tasks={list(tasks)!r} (set after the group, e.g. by "
+                         "an experiment): pass eval.tasks=[] to skip evaluation, or choose an eval "
+                         "option that evaluates")  # fmt: skip
 
 
 def check_built(node: DictConfig) -> None:

@@ -154,3 +154,20 @@ def test_an_unquoted_non_ascii_value_gets_the_quoting_hint():
     )  # fmt: skip
     assert done.returncode == 2 and "LexerNoViableAlt" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"ERROR: ConfigError: {line}"]
+
+
+def test_eval_none_under_an_experiment_that_names_tasks_is_refused_before_the_model(
+    tmp_path, data_root
+):
+    """`experiment=X eval=none` where X sets eval.tasks: Hydra applies the experiment's keys after
+    the group, so the run evaluated X's tasks regardless (issue 28: a preparation run meant to
+    fill caches reached MMLU's test questions). One line, exit 2, before the model loads."""
+    args = [sys.executable, "run.py", "experiment=qwen15b_declared", "model=tiny_llama",
+            "logger=none", "eval=none", f"data_root={data_root}",
+            f"paths.output_root={tmp_path}"]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stdout[-3000:]
+    (line,) = [x for x in done.stdout.strip().splitlines() if "ERROR" in x]
+    assert "eval=none" in line and "eval.tasks=['mmlu']" in line and "eval.tasks=[]" in line
+    assert "stage load" not in done.stdout
