@@ -41,15 +41,7 @@ import yaml
 from mka_exp.choices import did_you_mean
 from mka_exp.methods import registry
 from mka_exp.report import stats
-from mka_exp.report.loading import (
-    GROUP,
-    ReportError,
-    align,
-    load_records,
-    note,
-    repair_name,
-    run_label,
-)
+from mka_exp.report.loading import GROUP, ReportError, align, note, repair_name, run_label
 
 BEST = "best_pruning"
 CHOSEN = "chosen_pruning"
@@ -182,7 +174,10 @@ def load_declarations(sources: list[Path], records: dict[str, dict]) -> list[Dec
     for source in sources:
         path = Path(source) / FILE
         if path.is_file():
-            covers = frozenset(load_records(Path(source)))
+            # its records are already read (`records`): name them by file, no second parse
+            covers = frozenset(p.stem for p in (Path(source) / "records").glob("*.json")) & set(
+                records
+            )
             found.append(replace(parse(yaml.safe_load(path.read_text()), str(path)), covers=covers))
     for key, record in sorted(records.items()):
         block = (record.get("config") or {}).get("compare")
