@@ -1099,6 +1099,14 @@ def test_chosen_pruning_is_side_b_per_cut(tmp_path):
     row = st.primary.iloc[0]
     assert row["baseline_hash"] == runs[1]["config_hash"]  # the chosen one, on MKA's calibration
     assert "chosen beforehand" in row["comparison"] and row["difference"] == pytest.approx(0.2)
+    both = text.replace(
+        "primary:\n",
+        "primary:\n  - a: {method: mka, calib: mmlu_prompts}\n"
+        "    b: {method: shortgpt, representation: tokens}\n",
+    )
+    st = declare(root, both)  # the chosen pruning is the other declared B: one test, not two
+    assert len(st.primary) == 1 and st.primary.iloc[0]["family_size"] == 1
+    assert "also the pruning chosen beforehand" in st.primary.iloc[0]["comparison"]
     st = declare(root, text.replace("4: {", "7: {"))
     assert st.primary.empty
     assert st.notes["text"].str.contains("no pruning method chosen for qwen25_coder_15b at 4").any()

@@ -264,7 +264,7 @@ def declared_rows(decl, accuracy, sets, composites, repair, records, pair) -> tu
                 b_name = b_side.label() if b_side.method == BEST else got.pop("b")
                 b_name = f"{b_name} (chosen beforehand)" if b_side.method == CHOSEN else b_name
                 name = f"{run_label(run)} − {b_name}"
-                rows.append(identity(run) | {"comparison": name, "kind": "pair"} | got)
+                rows = add_pair(rows, identity(run) | {"comparison": name, "kind": "pair"} | got)
     if decl.repair_twins and not repair.empty:
         twins = repair[repair["metric"].str.removesuffix("_macro").isin(decl.metrics)]
         for _, row in twins.iterrows():
@@ -274,6 +274,19 @@ def declared_rows(decl, accuracy, sets, composites, repair, records, pair) -> tu
             rows.append(identity(row) | {"comparison": name, "kind": "repair",
                                          "baseline_hash": row["baseline_hash"]} | fields)  # fmt: skip
     return rows, notes
+
+
+def add_pair(rows: list[dict], row: dict) -> list[dict]:
+    """`rows` with `row`, unless two declared comparisons name the same pair of runs (the chosen
+    pruning is the other declared B): then it is one hypothesis, counted once by Holm."""
+    key = ("config_hash", "baseline_hash", "column", "metric")
+    for seen in rows:
+        if all(seen[k] == row[k] for k in key):
+            b_name = row["comparison"].rsplit(" − ", 1)[-1]
+            chosen = b_name.endswith("(chosen beforehand)")
+            seen["comparison"] += f" (also {'the pruning chosen beforehand' if chosen else b_name})"
+            return rows
+    return [*rows, row]
 
 
 def chosen_side(decl: Declaration, run: pd.Series, b_side: Side) -> tuple[Side, str]:
