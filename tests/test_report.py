@@ -969,6 +969,23 @@ def test_the_compare_group_declares_without_changing_the_config_hash(tmp_path, d
     assert decl.primary[1][1].method == declared.BEST
 
 
+def test_a_chosen_pruning_carried_in_a_record_parses_as_committed():
+    """A record's `config.compare` went through JSON, where the layer counts of `chosen:` are
+    strings: it declares the same choices as the committed yaml."""
+    path = Path(__file__).parents[1] / "conf" / "compare" / "qwen15b_declared.yaml"
+    committed = yaml.safe_load(path.read_text())
+    carried = json.loads(json.dumps(committed))
+    assert "4" in carried["chosen"]["qwen25_coder_15b"]
+    parsed = declared.parse(carried, "config.compare")
+    assert parsed.chosen == declared.parse(committed, "compare.yaml").chosen
+    assert [cut for (_, cut), _ in parsed.chosen] == [4, 7]
+    carried["chosen"]["qwen25_coder_15b"]["four"] = carried["chosen"]["qwen25_coder_15b"]["4"]
+    with pytest.raises(
+        loading.ReportError, match=r"chosen\.qwen25_coder_15b='four' is not allowed; a layer count"
+    ):
+        declared.parse(carried, "config.compare")
+
+
 def test_repair_twins_pair_across_the_eval_target_key():
     """A record written before evaluation had a `_target_` and one written after (the default
     backend's name in its config) are the same experiment: the hash says so, so must the twin

@@ -123,9 +123,11 @@ def parse_chosen(obj: object, where: str) -> tuple[tuple[tuple[str, int], Side],
     out = []
     for model, cuts in obj.items():
         for cut, choice in (cuts or {}).items() if isinstance(cuts, dict) else [(None, cuts)]:
-            if not isinstance(cut, int) or isinstance(cut, bool):
-                raise bad(where, f"{model}.{cut}", choice, "a layer count (an integer) per model")
-            out.append(((str(model), cut), chosen_entry(choice, f"{where}.{model}.{cut}")))
+            # a record's copy went through JSON, whose keys are strings: "4" is the layer count 4
+            count = int(cut) if isinstance(cut, str) and cut.isdigit() else cut
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise bad(where, f"chosen.{model}", cut, "a layer count (an integer) per model")
+            out.append(((str(model), count), chosen_entry(choice, f"{where}.{model}.{count}")))
     return tuple(sorted(out, key=lambda item: item[0]))
 
 
