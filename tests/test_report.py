@@ -477,6 +477,18 @@ def test_each_declaration_governs_its_own_records_and_holm_families(sweep, tmp_p
         cli.build_report([old, new], out=tmp_path / "out2", resamples=200)
 
 
+def test_a_declaration_carried_by_many_records_is_named_once():
+    """Every record of a declared grid carries the same `config.compare`: the paragraph counts
+    them instead of listing each."""
+    many = ", ".join(f"record {h} (config.compare)" for h in ("aa11", "bb22", "cc33"))
+    assert document.source_names(many) == "`config.compare` of 3 records (aa11, bb22, cc33)"
+    both = "/x/compare.yaml, " + ", ".join(f"record {i:04d} (config.compare)" for i in range(9))
+    assert document.source_names(both) == (
+        "`/x/compare.yaml`, `config.compare` of 9 records (0000, 0001, 0002, ...)"
+    )
+    assert document.source_names("record aa11 (config.compare)") == "`record aa11 (config.compare)`"
+
+
 def test_declaration_errors_are_one_line_with_suggestions(sweep):
     root, _ = sweep
     with pytest.raises(loading.ReportError, match=r"method='mk' is not a method.*did you mean mka"):

@@ -91,8 +91,7 @@ def one_declaration_text(decl: Declaration, primary: pd.DataFrame) -> str:
             "and a reader should weigh them as chosen with the results in view")  # fmt: skip
     pairs = "; ".join(f"{a.label()} − {b.label()}" for a, b in decl.primary) or "none"
     twins = " and each repaired run against its unrepaired twin" if decl.repair_twins else ""
-    files = ", ".join(f"`{s}`" for s in decl.source.split(", "))
-    return (f"Declared comparisons ({files}; {when}): {pairs}{twins}, on "
+    return (f"Declared comparisons ({source_names(decl.source)}; {when}): {pairs}{twins}, on "
             f"{', '.join(decl.metrics)} (MMLU: its macro average). A family is one model × "
             "quantizer × layer count: all declared comparisons there, over all tasks; Holm's "
             f"step-down correction holds the family-wise error at α = {decl.alpha:g} within each. "
@@ -101,14 +100,27 @@ def one_declaration_text(decl: Declaration, primary: pd.DataFrame) -> str:
             f"p stand beside each other. {mark_counts(primary)}")  # fmt: skip
 
 
+def source_names(source: str) -> str:
+    """A merged declaration's sources; the records that each carry it (`config.compare`, one
+    per run of a declared grid) counted, not listed."""
+    names = source.split(", ")
+    carried = [n.split()[1] for n in names if n.startswith("record ") and "(config.compare)" in n]
+    if len(carried) < 2:
+        return ", ".join(f"`{n}`" for n in names)
+    files = [f"`{n}`" for n in names if not (n.startswith("record ") and "config.compare" in n)]
+    shown = ", ".join(carried[:3]) + (", ..." if len(carried) > 3 else "")
+    return ", ".join([*files, f"`config.compare` of {len(carried)} records ({shown})"])
+
+
 def distance_text(st: Stats | None) -> str:
     """Whether the distance-to-dense sections exist, and why not."""
     runs = 0 if st is None or st.distance.empty else st.distance["config_hash"].nunique()
     total = 0 if st is None else st.accuracy["config_hash"].nunique()
     if runs:
+        removing = st.accuracy.loc[st.accuracy["removed"] > 0, "config_hash"].nunique()
         return (f"Distance to the dense model (flips, KL, gold log-probability): {runs} of the "
-                f"{total} runs keep per-choice log-likelihoods (`choice_ll`); each model's "
-                "section shows them.")  # fmt: skip
+                f"{removing} runs that remove layers keep per-choice log-likelihoods "
+                "(`choice_ll`) and have a dense run that does; each model's section shows them.")  # fmt: skip
     return (f"Distance to the dense model (flips, KL over the choices, gold log-probability): none "
             f"of these {total} runs keeps per-choice log-likelihoods (`choice_ll` in the "
             "per-example records; older evaluations did not write them), so this document has no "
