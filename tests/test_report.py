@@ -1270,3 +1270,45 @@ def test_the_retained_section_labels_the_literature_as_other_models(swept):
     assert "other models" in section and "not a reproduction" in section
     assert "| ReplaceMe | Llama-2-7B |" in section and "| 91.9 |" in section
     assert "| MKA paper | Llama-3-8B | MKA | 25 % | mmlu | 64.28 | 66.29 | 97.0 |" in section
+
+
+# ---------------------------------------------------------------- how well a repair's maps fit
+
+
+def test_repair_fits_give_each_runs_residuals_on_fit_and_held_out_tokens():
+    """The mean and range over a run's fits, the kept ridge's grid scale and the least-squares
+    (s = 0) held-out residual, from `repair_stats`; a run without fits has no row."""
+    from mka_exp.report import repair_fits
+
+    def fit(before, after, held_before, held_after, ridge, grid):
+        return {"residual_before": before, "residual_after": after, "ridge": ridge,
+                "heldout_residual_before": held_before, "heldout_residual_after": held_after,
+                "ridge_grid": [{"scale": s, "ridge": r, "heldout_residual": h} for s, r, h in grid]}  # fmt: skip
+
+    repaired = make_record("qwen25_coder_15b", "mka", 28, 21, {})
+    repaired["config_hash"] = "r"
+    repaired["repair_stats"] = {"tokens": 200_037, "heldout_tokens": 20_010, "ridge": "auto",
+                                "fits": [fit(1.0, 0.4, 0.98, 0.50, 2.0, [(0, 0, 0.6), (0.01, 2.0, 0.5)]),
+                                         fit(0.8, 0.2, 0.90, 0.70, 0.0, [(0, 0, 0.7), (0.01, 3.0, 0.75)])]}  # fmt: skip
+    plain = make_record("qwen25_coder_15b", "mka", 28, 21, {})
+    plain["config_hash"] = "p"
+    accuracy = pd.DataFrame([
+        {"config_hash": h, "model": "qwen25_coder_15b", "quantizer": "none", "method": "mka",
+         "variant": "", "layers_before": 28, "layers_after": 21, "removed": 7, "column": c}
+        for h in ("r", "p") for c in ("mmlu acc_macro", "mmlu acc")])  # fmt: skip
+    rows = repair_fits.fit_rows(accuracy, {"r": repaired, "p": plain})
+    assert list(rows["config_hash"]) == ["r"]
+    row = rows.iloc[0]
+    assert row["fits"] == 2 and row["scales"] == [0, 0.01]
+    assert row["residual_after"] == pytest.approx(0.3) and row["heldout_residual_after_max"] == 0.7
+    assert row["heldout_least_squares"] == pytest.approx(0.65)
+    table = repair_fits.fit_table(rows).iloc[0]
+    assert table["fit tokens"] == "200,037" and table["held-out tokens"] == "20,010"
+    assert table["held-out: before → after"] == "0.940 (0.900–0.980) → 0.600 (0.500–0.700)"
+    assert table["held-out, least squares (s = 0)"] == "0.650 (0.600–0.700)"
+    del repaired["repair_stats"]["fits"][1]
+    for key in ("heldout_residual_before", "heldout_residual_after", "ridge_grid"):
+        del repaired["repair_stats"]["fits"][0][key]  # fitted without held-out tokens
+    table = repair_fits.fit_table(repair_fits.fit_rows(accuracy, {"r": repaired})).iloc[0]
+    assert table["fit tokens: before → after"] == "1.000 → 0.400"
+    assert table["held-out: before → after"] == "not measured"

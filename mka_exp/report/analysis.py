@@ -18,7 +18,7 @@ import pandas as pd
 
 from mka_exp.choices import did_you_mean
 from mka_exp.methods import registry
-from mka_exp.report import crossfit, declared, distance, retained, stats
+from mka_exp.report import crossfit, declared, distance, repair_fits, retained, stats
 from mka_exp.report.loading import (
     GROUP,
     ReportError,
@@ -83,6 +83,7 @@ class Stats:
     distance_pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # declared pairs in KL
     retained: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `retained.retained_rows`
     retained_notes: list[str] = field(default_factory=list)  # runs with no dense run to pair
+    repair_fits: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `repair_fits.fit_rows`
 
 
 def accuracy_interval(outcomes: pd.DataFrame, metric: str, boot: Boot) -> stats.Interval:
@@ -138,6 +139,7 @@ def compute_stats(
                baselines, primary, declarations or [], frames, distance=dist)  # fmt: skip
     if not baseline:  # a --baseline METHOD answers another question
         st.merging = merging_vs_pruning(accuracy, sets, composites, boot)
+    st.repair_fits = repair_fits.fit_rows(accuracy, records)
     st.distance_pairs = distance.declared_distances(primary, per_example, boot.resamples, boot.seed)
     st.retained, st.retained_notes = retained.retained_rows(
         accuracy, sets, boot.resamples, boot.seed

@@ -151,6 +151,7 @@ def write_stats(st: Stats, text: str, out: Path) -> None:
     st.one_answer.to_csv(out / "one_answer.csv", index=False)
     st.primary.to_csv(out / "declared_comparisons.csv", index=False)
     st.retained.to_csv(out / "retained.csv", index=False)
+    st.repair_fits.to_csv(out / "repair_fits.csv", index=False)
     flat = (
         st.distance.map(lambda v: getattr(v, "value", v)) if not st.distance.empty else st.distance
     )

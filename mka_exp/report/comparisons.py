@@ -10,6 +10,7 @@ import pandas as pd
 from mka_exp.report.analysis import BEST_PRUNING, MARK, MERGING_METHODS, Stats
 from mka_exp.report.cells import of_model, p_text, percent, pivot
 from mka_exp.report.loading import column_order
+from mka_exp.report.repair_fits import fit_table
 from mka_exp.report.sensitivity import ONE_ANSWER_SHARE
 from mka_exp.report.tables import markdown
 
@@ -119,7 +120,14 @@ def repair_section(st: Stats, model: str, quant: str) -> list[str]:
         cells, heading = effects.apply(exploratory_cell, axis=1), REPAIR_HEADING + EXPLORATORY
     wide = pivot(effects, pd.Series(cells, index=effects.index),
                  ["config_hash", "method", "variant", "removed"])  # fmt: skip
-    return [heading, markdown(wide.drop(columns="run"))]
+    return [heading, markdown(wide.drop(columns="run")), *fits_part(st, model, quant)]
+
+
+def fits_part(st: Stats, model: str, quant: str) -> list[str]:
+    rows = of_model(st.repair_fits, model, quant) if not st.repair_fits.empty else st.repair_fits
+    if rows.empty:
+        return []
+    return [FITS_TEXT, markdown(fit_table(rows.sort_values(["removed", "method"])))]
 
 
 def merging_section(st: Stats, model: str, quant: str) -> list[str]:
@@ -191,6 +199,14 @@ same examples: difference in points, 95 % paired interval, McNemar exact p"""
 REPAIR_DECLARED = f""", Holm's p in the
 declared family (see above) and `{MARK}` where it is < 0.05. Columns outside the declared metrics
 are exploratory (no Holm p, no mark).
+"""
+FITS_TEXT = """
+How well the repaired runs' maps fit (`repair_stats`): the relative residual
+‖MT − (L − Y)‖/‖L − Y‖ of each fitted span before the map (the cut alone) and after it, on the
+tokens it was fitted on and on held-out tokens it never saw; with `ridge=auto`, the grid scale s
+it kept and the least-squares (s = 0) held-out residual. A run with several fits shows their mean
+(min–max). A held-out "after" well below "before" says the map explains that share of the cut's
+effect on text it did not see; far above the fit tokens' "after", that it overfits.
 """
 EXPLORATORY = """; exploratory
 (nothing declared): unadjusted and unmarked.
