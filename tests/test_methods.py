@@ -152,6 +152,28 @@ def test_mka_merged_weights_follow_the_formula(tiny, pairing, scope):
     assert method.artifacts["similarity_after"].shape == (3, 3)
 
 
+def test_mka_similarity_after_off_skips_the_capture_pass_and_merges_the_same(tiny):
+    """The after-merge heatmap is a full capture pass (an hour on 200 k calibration tokens of the
+    1.5B): `similarity_after=False` skips it, with the same merges and weights."""
+    calib = calib_of(tiny.tokenizer)
+    other = build_random_model("llama", num_layers=4, hidden_size=64, device="cpu").model
+    other.load_state_dict(tiny.model.state_dict())
+    on = MKA(num_layers=2, pairing="most_similar")
+    off = MKA(num_layers=2, pairing="most_similar", similarity_after=False)
+    captures = []
+    real = MKA.similarity_matrix
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MKA, "similarity_matrix",
+                      lambda self, *a: captures.append(self) or real(self, *a))  # fmt: skip
+        stats_on, stats_off = on.compress(tiny.model, calib), off.compress(other, calib)
+    assert captures.count(on) == 2 and captures.count(off) == 1
+    assert stats_off["merges"] == stats_on["merges"] and set(off.artifacts) == {"similarity_before"}
+    for a, b in zip(tiny.model.state_dict().values(), other.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="similarity_after='no' must be true or false"):
+        MKA(num_layers=1, similarity_after="no")
+
+
 def test_mka_differs_from_pruning(tiny):
     calib = calib_of(tiny.tokenizer)
     pruned = build_random_model("llama", num_layers=4, hidden_size=64, device="cpu").model

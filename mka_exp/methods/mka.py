@@ -185,8 +185,11 @@ class MKA(LayerMethod):
         batch_size: int | None = None,
         cache: str | None = None,
         seed: int = 0,
+        similarity_after: bool = True,
     ) -> None:
         _check_choice("pairing", pairing, PAIRINGS)
+        if not isinstance(similarity_after, bool):
+            raise ValueError(f"similarity_after={similarity_after!r} must be true or false")
         check_lam(lam)
         _check_choice("merge scope", scope, SCOPES)
         _check_choice("similarity mode", similarity, SIMILARITY_MODES)
@@ -200,7 +203,7 @@ class MKA(LayerMethod):
         self.ratio, self.num_layers = ratio, num_layers
         self.pairing, self.lam, self.scope, self.similarity = pairing, lam, scope, similarity
         self.bandwidth, self.embedding_dim, self.alpha = bandwidth, embedding_dim, alpha
-        self.knn = knn
+        self.knn, self.similarity_after = knn, similarity_after
         self.artifacts: dict = {}
 
     def options(self) -> dict:
@@ -233,9 +236,10 @@ class MKA(LayerMethod):
                     sim = self.similarity_matrix(model, calib)
                 merges.append(self.merge_step(model, sim, tracker))
                 sim, stale = drop_layer(sim, merges[-1]["drop_position"]), True
-            # S after merging costs a capture pass: only for the final heatmap, or when the
-            # next merge needs it anyway (recompute).
-            if index == len(counts) - 1 or self.similarity == "recompute":
+            # S after merging costs a capture pass: only for the final heatmap (unless
+            # similarity_after is off), or when the next merge needs it anyway (recompute).
+            last = index == len(counts) - 1 and self.similarity_after
+            if last or self.similarity == "recompute":
                 after = self.similarity_matrix(model, calib)
                 self.artifacts["similarity_after"] = after.cpu().numpy()
                 if self.similarity == "recompute":

@@ -47,6 +47,7 @@ NON_RESULT_KEYS = (
     "hydra",
     "resume",
     "method.cache",
+    "method.similarity_after",  # a heatmap's capture pass; same merges (test_methods.py)
     "eval.share_prefix",
     "eval.prefix_cache_tokens",
     "eval.prefix_min_shared",
