@@ -767,6 +767,25 @@ def test_variant_shows_a_task_list_compactly(tmp_path):
     assert list(read["config.eval.tasks"]) == ["piqa", "piqa+boolq"]
 
 
+def test_variant_names_the_calibration_source_first():
+    """A twin on another calibration source (issue 28: 200 k passages, not MMLU prompts) says
+    which source, before its other differing keys, by the builder's name."""
+    many = {f"config.calib.k{i}": [1, 2] for i in range(5)}  # more than MAX_VARIANT_KEYS differ
+    table = pd.DataFrame({
+        "config_hash": ["a", "b"], "model": "m", "quantizer": "none", "method": "mka",
+        "layers_before": 8, "layers_after": 6, **many,
+        "config.calib._target_": ["mka_exp.calibration.mmlu_prompts",
+                                  "mka_exp.calibration.hellaswag_passages"],
+    })  # fmt: skip
+    labels = dict(
+        zip(*[loading.prepare(table)[c] for c in ("config_hash", "variant")], strict=True)
+    )
+    assert labels["a"].startswith("calib=mmlu_prompts, calib.k0=1")
+    assert labels["b"].startswith("calib=hellaswag_passages, calib.k0=2")
+    one = loading.prepare(table.assign(**{"config.calib._target_": "x.calibration.mmlu_prompts"}))
+    assert not one["variant"].str.contains("calib=").any()  # the same source labels nothing
+
+
 def test_the_report_names_damaged_records_and_leaves_them_in_place(sweep, tmp_path):
     root, runs = sweep
     copy = tmp_path / "damaged"

@@ -110,6 +110,7 @@ def compression_ratio(df: pd.DataFrame) -> pd.Series:
 def variants(df: pd.DataFrame) -> pd.Series:
     """A label per run from the config keys that differ among runs of its model/method/quant."""
     keys = [c for c in df if c.startswith("config.") and is_variant_key(c[len("config.") :])]
+    keys = [CALIB_SOURCE] * (CALIB_SOURCE in df) + keys  # which calibration source comes first
     labels = pd.Series("", index=df.index)
     for (_, method, _), group in df.groupby(["model", "method", "quantizer"]):
         # Keys only some runs have (a repair's options) tell runs apart only by their values.
@@ -138,6 +139,8 @@ def repair_name(target: object) -> object:
 
 def label_cell(value: object) -> str:
     """A variant's value: a list (a task list) as `a+b`, anything else as in a table cell."""
+    if isinstance(value, str) and value.startswith("mka_exp.calibration."):
+        return value.rsplit(".", 1)[-1]  # the builder, as `calib=` takes it
     return "+".join(map(str, value)) if isinstance(value, list | tuple) else cell(value)
 
 
@@ -159,6 +162,8 @@ def is_variant_key(key: str) -> bool:
 
 
 SHORT_KEYS = {"repair.name": "repair", "eval.tasks": "tasks"}  # config key -> variant label
+SHORT_KEYS["calib._target_"] = "calib"
+CALIB_SOURCE = "config.calib._target_"  # a `_target_`, yet it names what a run calibrated on
 
 
 def short_key(column_name: str) -> str:
