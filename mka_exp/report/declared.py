@@ -30,6 +30,7 @@ two different declarations is refused.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -184,7 +185,7 @@ def load_declarations(sources: list[Path], records: dict[str, dict]) -> list[Dec
     for key, record in sorted(records.items()):
         block = (record.get("config") or {}).get("compare")
         if block:
-            found.append(replace(parse(block, f"record {key} (config.compare)"), covers={key}))
+            found.append(replace(parse(block, record_source(key)), covers={key}))
     merged: list[Declaration] = []
     for decl in found:
         same = next((i for i, m in enumerate(merged) if m.same_as(decl)), None)
@@ -196,6 +197,17 @@ def load_declarations(sources: list[Path], records: dict[str, dict]) -> list[Dec
             merged[same] = replace(kept, source=sources, covers=kept.covers | decl.covers)
     refuse_overlaps(merged)
     return merged
+
+
+def record_source(key: str) -> str:
+    """The source name of a declaration carried in record `key`'s config."""
+    return f"record {key} (config.compare)"
+
+
+def carried_record(source: str) -> str | None:
+    """The record key of a `record_source` name; None for a file."""
+    found = re.fullmatch(r"record (\S+) \(config\.compare\)", source)
+    return found[1] if found else None
 
 
 def refuse_overlaps(decls: list[Declaration]) -> None:

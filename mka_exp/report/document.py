@@ -104,10 +104,10 @@ def source_names(source: str) -> str:
     """A merged declaration's sources; the records that each carry it (`config.compare`, one
     per run of a declared grid) counted, not listed."""
     names = source.split(", ")
-    carried = [n.split()[1] for n in names if n.startswith("record ") and "(config.compare)" in n]
+    carried = [k for k in map(declared.carried_record, names) if k is not None]
     if len(carried) < 2:
         return ", ".join(f"`{n}`" for n in names)
-    files = [f"`{n}`" for n in names if not (n.startswith("record ") and "config.compare" in n)]
+    files = [f"`{n}`" for n in names if declared.carried_record(n) is None]
     shown = ", ".join(carried[:3]) + (", ..." if len(carried) > 3 else "")
     return ", ".join([*files, f"`config.compare` of {len(carried)} records ({shown})"])
 

@@ -161,8 +161,8 @@ def is_variant_key(key: str) -> bool:
     return not key.startswith(NOT_VARIANT) and key.rsplit(".", 1)[-1] not in NOT_VARIANT_LEAVES
 
 
-SHORT_KEYS = {"repair.name": "repair", "eval.tasks": "tasks"}  # config key -> variant label
-SHORT_KEYS["calib._target_"] = "calib"
+# config key -> variant label
+SHORT_KEYS = {"repair.name": "repair", "eval.tasks": "tasks", "calib._target_": "calib"}
 CALIB_SOURCE = "config.calib._target_"  # a `_target_`, yet it names what a run calibrated on
 
 
