@@ -63,6 +63,19 @@ def config_view(config: Any, k: int) -> dict[str, Any]:
     return view
 
 
+def model_digest(model: nn.Module) -> str:
+    """The whole model: every parameter and buffer with its name, dtype and module type, the
+    config (all of it that bears on the forward), dtype and device kind."""
+    config = model.config
+    view = {name: value for name, value in config.to_dict().items() if name not in NOT_MODEL_FIELDS}
+    view["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    head = {"device": next(model.parameters()).device.type, "dtype": str(model.dtype)}
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(json.dumps([head, view], sort_keys=True, default=str).encode())
+    digest.update(module_digest(model).encode())
+    return digest.hexdigest()
+
+
 def fingerprints(model: nn.Module, upto: int) -> list[str]:
     """`[fingerprint of layers below k for k in 0..upto]`: the stack's own tensors (embedding,
     rotary buffers; not the final norm), layers 0..k-1, `config_view(k)`, dtype, device kind."""

@@ -10,6 +10,7 @@ per-example rows), through a backend Hydra builds from `conf/eval/*.yaml` (`_tar
     rows.py      lm-eval's logged samples as per-example rows
     prefix_cache.py, prefix_tree.py   HFLM that runs each shared token prefix once
     reuse.py                   hidden states shared across models (`eval.reuse`)
+    answers.py                 each model's answers kept as they come (`eval.answer_cache`)
 
 A new backend is one module (a subclass of `LMEvalBackend` with its settings and `lm`) and one
 yaml naming it. May import: `checks`, `choices`, `data`, `models` (saving, for vLLM). Imported by

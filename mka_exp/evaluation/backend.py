@@ -13,9 +13,10 @@ in one `ConfigError`, one line each; the benchmark files are read by `check_data
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pandas as pd
@@ -25,6 +26,11 @@ from mka_exp.data import check_data_root, offline_datasets
 from mka_exp.evaluation import checks, harness
 from mka_exp.evaluation.rows import from_lm_eval
 from mka_exp.shims.lm_eval import quiet_lm_eval
+
+log = logging.getLogger(__name__)
+
+# settings that choose which requests are asked, not how one is answered
+ASKED = ("tasks", "limit", "sample_seed", "num_fewshot", "data_root", "seed", "answer_cache")
 
 
 def plain(value: Any) -> Any:
@@ -44,6 +50,8 @@ class LMEvalBackend:
     draw of `limit` of them per task (`harness.draw_examples`), the same for the same seed.
     `num_fewshot`: per-task shots; tasks not named use their lm-eval default (0 for ours).
     `data_root`: offline mirror to read instead of the hub. `seed`: lm-eval's seeds.
+    `answer_cache`: a directory where each model's answers are kept as they come
+    (`evaluation.answers`; None = off): a killed evaluation resumes there.
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -53,6 +61,7 @@ class LMEvalBackend:
     num_fewshot: dict[str, int] | None = None
     data_root: str | None = None
     seed: int = 1234
+    answer_cache: str | None = None
 
     def __post_init__(self) -> None:
         self.tasks, self.num_fewshot = plain(self.tasks), plain(self.num_fewshot)
@@ -66,6 +75,7 @@ class LMEvalBackend:
             lambda: checks.check_sample_seed(self.sample_seed, self.limit),
             lambda: checks.check_batch_size(self.batch_size),
             lambda: checks.check_fewshot(self.num_fewshot),
+            lambda: checks.check_answer_cache(self.answer_cache),
         ]
 
     def check_data(self) -> None:
@@ -89,6 +99,23 @@ class LMEvalBackend:
         # each leaf's `doc_to_choice`: lm-eval's acc_norm divides by the lengths of its strings
         choices = {name: task.doc_to_choice for name, task in task_dict.get("tasks", {}).items()}
         return flat, from_lm_eval(results, owners, choices)
+
+    def kept(self, lm: Any, model: Any, tokenizer: Any) -> contextlib.AbstractContextManager[Any]:
+        """`lm` with its answers kept in `answer_cache` under this model's key, or `lm` itself."""
+        if self.answer_cache is None:
+            return contextlib.nullcontext(lm)
+        from mka_exp.evaluation import answers
+
+        start = time.perf_counter()
+        key = answers.answer_key(model, tokenizer, self.scoring_settings())
+        log.info("answer cache key %s in %.1f s", key, time.perf_counter() - start)
+        return answers.cached(lm, str(self.answer_cache), key)
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """The settings that shape an answer, as against which requests are asked (those are
+        the requests themselves, lm-eval's key within the file)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ASKED}
+        return {"backend": type(self).__qualname__, **settings}
 
     def scores(self, model: Any, tokenizer: Any) -> dict[str, float]:
         """`evaluate`'s flat metrics alone (lm-eval logs no per-example records)."""
@@ -124,7 +151,7 @@ class LMEvalBackend:
             draw = None
             if self.sample_seed is not None:
                 draw = harness.draw_examples(task_dict, limit, self.sample_seed)
-            with self.lm(model, tokenizer) as lm:
+            with self.lm(model, tokenizer) as engine, self.kept(engine, model, tokenizer) as lm:
                 try:
                     results = evaluator.evaluate(lm, task_dict, limit=None if draw else limit,
                                                  samples=draw, log_samples=log_samples)  # fmt: skip

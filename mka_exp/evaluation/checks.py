@@ -8,6 +8,7 @@ tasks, which read every file they use; the built tasks are kept for the evaluati
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mka_exp.checks import check_positive, check_seed, gather, is_int, is_number
@@ -54,6 +55,15 @@ def check_reuse(reuse: Any, layers: Any, max_bytes: Any, share_prefix: Any) -> N
                              f"prefix cache's tree), got {share_prefix!r}")  # fmt: skip
 
     check_settings("eval", reuse, layers, max_bytes, on_the_tree)
+
+
+def check_answer_cache(directory: Any) -> None:
+    """Null, or a directory path (made when missing) that is not an existing file."""
+    if directory is None:
+        return
+    if not isinstance(directory, str) or not directory or Path(directory).is_file():
+        raise ValueError(f"eval.answer_cache={directory!r}: allowed null (off) or a directory "
+                         "path, where each model's answers are kept as they come")  # fmt: skip
 
 
 def check_batch_size(batch_size: Any) -> None:

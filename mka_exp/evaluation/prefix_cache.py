@@ -99,8 +99,6 @@ class PrefixCacheHFLM(HFLM):
             self.reuse.index(root)  # type: ignore[union-attr]  # the new tree's keys (stores)
             run = self.run_tree(Run(self, requests, rows), root, disable_tqdm)
         answers = run.answers()
-        for i, ans in answers.items():
-            self.cache_hook.add_partial("loglikelihood", requests[i][0], ans)
         if run.fallback:
             todo = sorted(run.fallback)
             log.info(
@@ -169,11 +167,17 @@ class Run:
         self.bar: Any = None
 
     def answers(self) -> dict[int, tuple[float, bool]]:
-        return {
-            i: (float(torch.stack(parts).sum()), self.greedy[i])
-            for i, parts in self.scores.items()
-            if i not in self.fallback
-        }
+        return {i: self.answer(i) for i in self.scores if i not in self.fallback}
+
+    def answer(self, i: int) -> tuple[float, bool]:
+        return float(torch.stack(self.scores[i]).sum()), self.greedy[i]
+
+    def done(self, i: int) -> None:
+        """Request `i` is scored whole: handed to lm-eval's cache hook at once (with
+        `eval.answer_cache` it is on disk before the next batch runs), and counted."""
+        if i not in self.fallback:
+            self.lm.cache_hook.add_partial("loglikelihood", self.requests[i][0], self.answer(i))
+        self.bar.update(1)
 
     def level(self, nodes: list[Node], budget: int) -> None:
         """Run `nodes` (their parents' KV kept) in chunks whose kept KV fits half of `budget`,
@@ -298,7 +302,7 @@ class Run:
                 self.scores.setdefault(i, []).append(part)
                 self.greedy[i] = self.greedy.get(i, True) and greedy
                 if node.tail or len(cont) == 1:
-                    self.bar.update(1)
+                    self.done(i)
 
 
 def wanted_positions(batch: list[Node]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,7 @@ NON_RESULT_KEYS = (
     "eval.reuse",  # same scores with or without (tests/test_reuse.py); where the store is
     "eval.reuse_layers",
     "eval.reuse_bytes",
+    "eval.answer_cache",  # where answers are kept as they come; same scores (test_answers.py)
     "repair.reuse",  # dense states kept for later fits: same fits (test_repair_dense_states.py)
     "repair.reuse_layers",
     "repair.reuse_bytes",
