@@ -967,7 +967,7 @@ def test_the_hand_written_reading_quotes_the_one_answer_counts_of_the_records():
     mmlu = re.search(r"MMLU for (\d+) Qwen-1\.5B runs", doc)
     assert said and mmlu, "the reading no longer states the one-answer counts: update this test"
     counted = {}
-    for name in ("qwen05b_tasks", "smollm2_tasks", "smollm2_seeds", "qwen15b_mmlu"):
+    for name in ("qwen05b_tasks", "smollm2_tasks", "smollm2_seeds", "qwen15b_declared"):
         root = EVIDENCE / name
         table, _ = loading.load_table(root)
         df = loading.prepare(table)
