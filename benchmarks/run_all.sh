@@ -12,6 +12,7 @@ t=(--threads "$threads")
 python benchmarks/activation_capture.py "${t[@]}" --prompts 8 --max-length 64
 python benchmarks/compression_curve.py "${t[@]}" --points 4 --limit 10
 python benchmarks/eval_throughput.py "${t[@]}" --limit 20
+python benchmarks/laco_search.py "${t[@]}" --prompts 8 --max-length 64
 if [ "$threads" -gt 0 ]; then
   python benchmarks/similarity.py --points 512 --threads "$threads"
 else

@@ -60,12 +60,13 @@ def count_layer_forwards(model) -> tuple[dict, list]:
     return counter, [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
 
 
-def measure(name: str, model, calib, batch_size: int, repeats: int) -> dict:
+def measure(name: str, score, model, repeats: int) -> dict:
+    """`score()` timed (wall and CPU, the fastest of `repeats`) with its decoder-layer forwards."""
     best = None
     for _ in range(repeats):
         counter, handles = count_layer_forwards(model)
         wall, cpu = time.perf_counter(), time.process_time()
-        scores = VARIANTS[name](model, calib, batch_size)
+        scores = score()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         for handle in handles:
             handle.remove()
@@ -74,8 +75,20 @@ def measure(name: str, model, calib, batch_size: int, repeats: int) -> dict:
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_rows(rows: list[dict]) -> None:
+    """The variants' table, each against the first (the baseline)."""
+    print("| variant | layer forwards | wall s | CPU s | speed-up over full_pass (wall) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        ratio = rows[0]["wall"] / row["wall"]
+        print(
+            f"| {row['variant']} | {row['layers']} | {row['wall']:.1f} | {row['cpu']:.1f} "
+            f"| {ratio:.2f} |"
+        )
+
+
+def search_setup(parser: argparse.ArgumentParser) -> tuple:
+    """The options a search benchmark shares, parsed; the model and its calibration set loaded."""
     parser.add_argument("--random-model", action="store_true", help="a small random Llama")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
@@ -88,18 +101,19 @@ def main() -> None:
     calib = calibration(lm.tokenizer, args.prompts, args.max_length, args.batch_size)
     tokens = int(calib.attention_mask.sum())
     print(f"{num_layers(lm.model)} layers, {len(calib)} prompts, {tokens} tokens")
+    return args, lm, calib
+
+
+def main() -> None:
+    args, lm, calib = search_setup(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     with torch.no_grad():
-        rows = [measure(n, lm.model, calib, args.batch_size, args.repeats) for n in VARIANTS]
+        rows = [
+            measure(name, lambda f=f: f(lm.model, calib, args.batch_size), lm.model, args.repeats)
+            for name, f in VARIANTS.items()
+        ]
     base, ours = rows
     diff = max(abs(a - b) / b for a, b in zip(ours["scores"], base["scores"], strict=True))
-    print("| variant | layer forwards | wall s | CPU s | speed-up over full_pass (wall) |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        ratio = base["wall"] / row["wall"]
-        print(
-            f"| {row['variant']} | {row['layers']} | {row['wall']:.1f} | {row['cpu']:.1f} "
-            f"| {ratio:.2f} |"
-        )
+    print_rows(rows)
     print(f"largest relative difference of the {len(base['scores'])} perplexities: {diff:.2e}")
     if diff > 1e-5:
         sys.exit("the walk's perplexities differ from the full passes'")

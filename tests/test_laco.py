@@ -10,7 +10,7 @@ import torch
 
 from mka_exp import pipeline
 from mka_exp.calibration import tokenize
-from mka_exp.layers import decoder_layers, num_layers
+from mka_exp.layers import decoder_layers, num_layers, swapped_layers
 from mka_exp.methods import laco
 from mka_exp.methods.laco import LaCo, rdsc_merge
 from mka_exp.models.toy import build_random_model
@@ -110,14 +110,19 @@ def test_fallback_takes_the_most_similar_merge_and_is_recorded(caplog, monkeypat
     lm = model_of(5)
     calib = calib_of(lm.tokenizer)
     strict = copy.deepcopy(lm.model)
-    passes = []
-    real = laco.final_states
-    monkeypatch.setattr(laco, "final_states", lambda *a: passes.append(len(a[1])) or real(*a))
+    passes, starts = [], []
+    full, part = laco.final_states, laco.final_states_from
+    monkeypatch.setattr(laco, "final_states", lambda *a: passes.append(len(a[1])) or full(*a))
+    monkeypatch.setattr(
+        laco,
+        "final_states_from",
+        lambda m, b, s: starts.append((len(b[0][0]["input_ids"]), s)) or part(m, b, s),
+    )
     with caplog.at_level(logging.WARNING):
         stats = LaCo(num_layers=1, m=1, threshold=1.0, num_prompts=3).compress(lm.model, calib)
-    # The dense pass and the four candidates 3, 2, 1, 0, on the first 3 prompts; the fallback
-    # reuses their scores instead of scoring them again.
-    assert passes == [3] * 5
+    # One full pass (dense, on the first 3 prompts), then the candidates 3, 2, 1, 0 from their
+    # first layer up on those prompts; the fallback reuses their scores instead of scoring again.
+    assert passes == [3] and starts == [(3, 3), (3, 2), (3, 1), (3, 0)]
     (merge,) = stats["merges"]
     assert merge["accepted"] is False and stats["fallback_merges"] == 1
     best = max(stats["candidates"], key=lambda c: c[2])  # every start was tried top-down
@@ -125,6 +130,24 @@ def test_fallback_takes_the_most_similar_merge_and_is_recorded(caplog, monkeypat
     assert "no merge reaches threshold" in caplog.text
     with pytest.raises(RuntimeError, match="lower the threshold or set method.fallback=true"):
         LaCo(num_layers=1, m=1, threshold=1.0, fallback=False).compress(strict, calib)
+
+
+def test_a_candidate_scored_from_the_kept_layer_inputs_equals_a_full_pass():
+    """A candidate runs only its own layers and those above, from the inputs the unchanged
+    layers below gave in one full pass; its final states equal a full pass of the merged model
+    (prompts of different lengths, so padded batches)."""
+    lm = model_of(6)
+    calib = calib_of(lm.tokenizer)
+    _, kept = laco.final_states(lm.model, calib, None)
+    layers = decoder_layers(lm.model)
+    for start in range(5):
+        merged = rdsc_merge(layers[start], [layers[start + 1]])
+        with swapped_layers(lm.model, {start: merged, start + 1: None}):
+            full, _ = laco.final_states(lm.model, calib, None)
+            fast = laco.final_states_from(lm.model, kept, start)
+        assert fast.shape == full.shape
+        torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+        assert not torch.allclose(full, laco.final_states(lm.model, calib, None)[0])  # merged
 
 
 def test_m_must_be_smaller_than_the_layer_count(tiny):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 
 from mka_exp.evaluation.prefix_tree import Node
 from mka_exp.fingerprints import fingerprints
-from mka_exp.layers import decoder_layers, upper_layers
+from mka_exp.layers import decoder_layers, layer_inputs, upper_layers
 from mka_exp.state_store import Key, Store
 
 log = logging.getLogger(__name__)
@@ -58,24 +58,6 @@ def path_digests(root: Node) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------- exactness core
-
-
-@contextlib.contextmanager
-def layer_inputs(model: nn.Module, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """`{i: hidden states entering decoder layer i}` of the forwards run in the block."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in indices:
-
-        def grab(_module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
-            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        handles.append(decoder_layers(model)[i].register_forward_pre_hook(grab, with_kwargs=True))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def forward_from(model: nn.Module, start: int, hidden: torch.Tensor, **kwargs: Any) -> Any:

@@ -13,8 +13,11 @@ model's. The search is top-down: it starts with the last layers (l = L−1−m) 
 one after a rejected merge and by `min_interval` after an accepted one (so no layer is merged
 again right away), until the target number of layers is gone. The last merge takes only as many
 layers as are still missing, so any target count can be reached.
-Each candidate costs one forward pass over the calibration prompts (`num_prompts` takes only the
-first n; the paper scores a few sentences); a candidate is scored once per state of the model.
+Each candidate runs the layers from its first one up over the calibration prompts (`num_prompts`
+takes only the first n; the paper scores a few sentences): the layers below it are unchanged, so
+it starts from their outputs, kept from one full pass per state of the model (memory: the inputs
+to every layer, layers x calibration tokens x hidden size floats). A candidate is scored once per
+state of the model.
 
 The official code updates its copies in place, so its merge reduces to dropping layers (its
 repository's issues #4 and #5); here the merged weights follow the formula (`tests/test_laco.py`).
@@ -60,11 +63,13 @@ from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import (
     decoder_layers,
     final_hidden_states,
+    layer_inputs,
     mergeable_tensors,
     num_layers,
     remove_layers,
     swapped_layers,
     trimmed_batch,
+    upper_layers,
 )
 from mka_exp.methods.base import (
     LayerMethod,
@@ -101,15 +106,34 @@ def first_prompts(calib: CalibrationSet, n: int | None) -> CalibrationSet:
     )
 
 
-def final_states(model, calib, batch_size: int | None) -> torch.Tensor:
-    """Final hidden states of every non-pad calibration token, [n, D] float32 (model's device)."""
+# per calibration batch: the batch and {i: the hidden states entering decoder layer i}
+Batches = list[tuple[dict, dict[int, torch.Tensor]]]
+
+
+def final_states(model, calib, batch_size: int | None) -> tuple[torch.Tensor, Batches]:
+    """Final hidden states of every non-pad calibration token, [n, D] float32 (model's device),
+    and what `final_states_from` restarts from: each batch's inputs to every decoder layer."""
     device = model.get_input_embeddings().weight.device
-    rows = []
+    rows, batches = [], []
     with torch.no_grad():
         for batch in calib.batches(batch_size):
             batch = trimmed_batch(batch, device)
-            hidden = final_hidden_states(model, batch)
+            with layer_inputs(model, range(num_layers(model))) as seen:
+                hidden = final_hidden_states(model, batch)
             rows.append(hidden[batch["attention_mask"].bool()].float())
+            batches.append((batch, dict(seen)))
+    return torch.cat(rows), batches
+
+
+def final_states_from(model, batches: Batches, start: int) -> torch.Tensor:
+    """`final_states` of a model whose layers below `start` are those of the pass that kept
+    `batches`: only layers start..n-1 run, from the kept inputs to layer `start`."""
+    rows = []
+    with torch.no_grad(), upper_layers(model, start):
+        for batch, seen in batches:
+            mask = batch["attention_mask"]
+            out = model.base_model(inputs_embeds=seen[start], attention_mask=mask, use_cache=False)
+            rows.append(out.last_hidden_state[mask.bool()].float())
     return torch.cat(rows)
 
 
@@ -147,6 +171,7 @@ class LaCo(LayerMethod):
         self.m, self.threshold, self.min_interval = m, float(threshold), min_interval
         self.fallback, self.num_prompts, self.batch_size = fallback, num_prompts, batch_size
         self._scores: dict[tuple[int, int], float] = {}  # (start, k) -> similarity, this model
+        self._inputs: Batches | None = None  # this model's inputs to each layer (calibration)
 
     def options(self) -> dict:
         names = ("m", "threshold", "min_interval", "fallback", "num_prompts")
@@ -164,7 +189,7 @@ class LaCo(LayerMethod):
         self.check_m(total)
         counts = check_counts(counts, total)
         calib = first_prompts(calib, self.num_prompts)
-        dense = final_states(model, calib, self.batch_size)
+        dense, self._inputs = final_states(model, calib, self.batch_size)
         tracker, merges, tried = LayerTracker(total), [], []
         self._scores = {}
         start = total - 1 - self.m  # the top-down search position (current index)
@@ -188,14 +213,18 @@ class LaCo(LayerMethod):
 
     def similarity(self, model, calib, dense: torch.Tensor, start: int, k: int) -> float:
         """Mean token cosine of the final states with layers start..start+k merged vs dense
-        (each candidate once per state of the model: the fallback reuses the search's scores)."""
+        (each candidate once per state of the model: the fallback reuses the search's scores).
+        Layers below `start` are unchanged, so the pass starts at `start` from the inputs kept
+        by one full pass of this state of the model."""
         if (start, k) in self._scores:
             return self._scores[start, k]
+        if self._inputs is None:  # the model changed since its inputs were kept
+            _, self._inputs = final_states(model, calib, self.batch_size)
         layers = decoder_layers(model)
         merged = rdsc_merge(layers[start], [layers[start + i] for i in range(1, k + 1)])
         swap = {start: merged, **dict.fromkeys(range(start + 1, start + k + 1))}
         with swapped_layers(model, swap):
-            states = final_states(model, calib, self.batch_size)
+            states = final_states_from(model, self._inputs, start)
         score = float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
         log.info("LaCo candidate: layers %d..%d, similarity %.4f", start, start + k, score)
         self._scores[start, k] = score
@@ -205,7 +234,7 @@ class LaCo(LayerMethod):
         layers = decoder_layers(model)
         layers[start] = rdsc_merge(layers[start], [layers[start + i] for i in range(1, k + 1)])
         remove_layers(model, list(range(start + 1, start + k + 1)))
-        self._scores = {}  # the model changed
+        self._scores, self._inputs = {}, None  # the model changed
         keep, merged = tracker[start], [tracker.remove(start + 1) for _ in range(k)]
         log.info("LaCo merges layers %s into %d (similarity %.4f)", merged, keep, similarity)
         return {"keep": keep, "merged": merged, "similarity": similarity, "accepted": accepted}
