@@ -29,7 +29,9 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,24 @@ CACHE_FORMAT = 1
 
 class _StopForward(Exception):
     """Raised by the last layer's hook: nothing after the decoder stack is needed."""
+
+
+@contextlib.contextmanager
+def layer_inputs(model: nn.Module, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """`{i: hidden states entering decoder layer i}` of the forwards run in the block."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in indices:
+
+        def grab(_module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handles.append(decoder_layers(model)[i].register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_representation(representation: str) -> None:

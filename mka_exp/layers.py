@@ -35,8 +35,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import operator
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -370,24 +369,6 @@ def swapped_layers(model, replacements: dict[int, nn.Module | None]) -> Iterator
     finally:
         for position, module in saved.items():
             layers[position] = module
-
-
-@contextlib.contextmanager
-def layer_inputs(model: nn.Module, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """`{i: hidden states entering decoder layer i}` of the forwards run in the block."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in indices:
-
-        def grab(_module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
-            seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        handles.append(decoder_layers(model)[i].register_forward_pre_hook(grab, with_kwargs=True))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ norms and biases, on a KV cache of its upper layers only.
     logits = forward_from(model, k, hidden_k, position_ids=..., attention_mask=...).logits
 
 `Reuse` ties the fingerprints, the stored layers and a `state_store.Store` to the prefix cache's
-tree (`prefix_cache.Run`). May import: torch, `layers`, `evaluation.prefix_tree`,
+tree (`prefix_cache.Run`). May import: torch, `activations`, `layers`, `evaluation.prefix_tree`,
 `state_store`.
 """
 
@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_exp.activations import layer_inputs
 from mka_exp.evaluation.prefix_tree import Node
 from mka_exp.fingerprints import fingerprints
-from mka_exp.layers import decoder_layers, layer_inputs, upper_layers
+from mka_exp.layers import decoder_layers, upper_layers
 from mka_exp.state_store import Key, Store
 
 log = logging.getLogger(__name__)

@@ -59,11 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mka_exp.activations import layer_inputs
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import (
     decoder_layers,
     final_hidden_states,
-    layer_inputs,
     mergeable_tensors,
     num_layers,
     remove_layers,
