@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,36 +34,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from sleb_search import measure, print_rows, search_setup  # noqa: E402
 
 from mka_exp.layers import decoder_layers, num_layers, swapped_layers  # noqa: E402
-from mka_exp.methods.laco import final_states, final_states_from, rdsc_merge  # noqa: E402
+from mka_exp.methods.laco import LaCo, final_states, mean_cosine, rdsc_merge  # noqa: E402
 
 
-def candidates(model, m: int, states) -> list[float]:
-    """The similarity of every merge start 0..L-1-m, each pass given by `states(start)`."""
+def full_pass(model, calib, batch_size, m, dense) -> list[float]:
+    """Every candidate merged in and scored by a whole forward pass (the way before 2026-12-07)."""
     layers, scores = decoder_layers(model), []
     for start in range(num_layers(model) - m):
         merged = rdsc_merge(layers[start], [layers[start + i] for i in range(1, m + 1)])
         swap = {start: merged, **dict.fromkeys(range(start + 1, start + m + 1))}
         with swapped_layers(model, swap):
-            scores.append(states(start))
+            scores.append(mean_cosine(final_states(model, calib, batch_size)[0], dense))
     return scores
 
 
-def full_pass(model, calib, batch_size, m, dense) -> list[float]:
-    def states(_start):
-        return cosine(final_states(model, calib, batch_size)[0], dense)
-
-    return candidates(model, m, states)
-
-
 def kept(model, calib, batch_size, m, dense) -> list[float]:
-    _, inputs = final_states(model, calib, batch_size)
-    return candidates(
-        model, m, lambda start: cosine(final_states_from(model, inputs, start), dense)
-    )
-
-
-def cosine(states, dense) -> float:
-    return float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
+    """LaCo's own scoring (`LaCo.similarity`): one full pass keeps the layer inputs, then each
+    candidate runs from its first layer up."""
+    method = LaCo(num_layers=1, m=m, batch_size=batch_size)
+    return [method.similarity(model, calib, dense, s, m) for s in range(num_layers(model) - m)]
 
 
 VARIANTS = {"full_pass": full_pass, "kept": kept}

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mka_exp.calibration import CalibrationSet
-from mka_exp.layers import decoder_layers, num_layers
+from mka_exp.layers import decoder_layers, num_layers, upper_layers
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ def layer_inputs(model: nn.Module, indices: Iterable[int]) -> Iterator[dict[int,
     finally:
         for handle in handles:
             handle.remove()
+
+
+def forward_from(model: nn.Module, start: int, hidden: torch.Tensor, **kwargs: Any) -> Any:
+    """The model's output from the hidden states entering layer `start` (`kwargs`: position
+    ids, attention mask, a KV cache of the layers from `start` up), equal to the full forward's."""
+    with upper_layers(model, start):
+        return model(inputs_embeds=hidden, **kwargs)
 
 
 def check_representation(representation: str) -> None:

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
+from mka_exp.activations import forward_from, layer_inputs
 from mka_exp.evaluation.prefix_cache import PrefixCacheHFLM
-from mka_exp.evaluation.reuse import Reuse, forward_from, layer_inputs
+from mka_exp.evaluation.reuse import Reuse
 from mka_exp.fingerprints import fingerprints
 from mka_exp.layers import merge_layers, remove_layers
 from mka_exp.models.loading import LoadedModel

@@ -14,7 +14,7 @@ model's own forward (`layers.upper_layers`): its masks, sliding windows, rotary 
 norms and biases, on a KV cache of its upper layers only.
 
     prints = fingerprints(model, upto=24)          # prints[k]: layers below k
-    logits = forward_from(model, k, hidden_k, position_ids=..., attention_mask=...).logits
+    logits = forward_from(model, k, hidden_k, position_ids=..., attention_mask=...).logits  # activations
 
 `Reuse` ties the fingerprints, the stored layers and a `state_store.Store` to the prefix cache's
 tree (`prefix_cache.Run`). May import: torch, `activations`, `layers`, `evaluation.prefix_tree`,
@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -59,13 +58,6 @@ def path_digests(root: Node) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------- exactness core
-
-
-def forward_from(model: nn.Module, start: int, hidden: torch.Tensor, **kwargs: Any) -> Any:
-    """The model's output from the hidden states entering layer `start` (`kwargs`: position
-    ids, attention mask, a KV cache of the layers from `start` up), equal to the full forward's."""
-    with upper_layers(model, start):
-        return model(inputs_embeds=hidden, **kwargs)
 
 
 # --------------------------------------------------------------------------- the prefix tree

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mka_exp.activations import layer_inputs
+from mka_exp.activations import forward_from, layer_inputs
 from mka_exp.calibration import CalibrationSet
 from mka_exp.layers import (
     decoder_layers,
@@ -69,7 +69,6 @@ from mka_exp.layers import (
     remove_layers,
     swapped_layers,
     trimmed_batch,
-    upper_layers,
 )
 from mka_exp.methods.base import (
     LayerMethod,
@@ -129,12 +128,19 @@ def final_states_from(model, batches: Batches, start: int) -> torch.Tensor:
     """`final_states` of a model whose layers below `start` are those of the pass that kept
     `batches`: only layers start..n-1 run, from the kept inputs to layer `start`."""
     rows = []
-    with torch.no_grad(), upper_layers(model, start):
+    with torch.no_grad():
         for batch, seen in batches:
             mask = batch["attention_mask"]
-            out = model.base_model(inputs_embeds=seen[start], attention_mask=mask, use_cache=False)
+            out = forward_from(
+                model.base_model, start, seen[start], attention_mask=mask, use_cache=False
+            )
             rows.append(out.last_hidden_state[mask.bool()].float())
     return torch.cat(rows)
+
+
+def mean_cosine(states: torch.Tensor, dense: torch.Tensor) -> float:
+    """The mean over tokens of the cosine of each token's states to the dense model's."""
+    return float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
 
 
 class LaCo(LayerMethod):
@@ -225,7 +231,7 @@ class LaCo(LayerMethod):
         swap = {start: merged, **dict.fromkeys(range(start + 1, start + k + 1))}
         with swapped_layers(model, swap):
             states = final_states_from(model, self._inputs, start)
-        score = float(F.cosine_similarity(states.double(), dense.double(), dim=-1).mean())
+        score = mean_cosine(states, dense)
         log.info("LaCo candidate: layers %d..%d, similarity %.4f", start, start + k, score)
         self._scores[start, k] = score
         return score
